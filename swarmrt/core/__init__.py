@@ -1,0 +1,1 @@
+"""Pure core: no network, process or clock code. Time and randomness are passed in."""

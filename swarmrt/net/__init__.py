@@ -1,0 +1,1 @@
+"""Network layer: gRPC stage service, tensor wire format, DHT records, averaging."""

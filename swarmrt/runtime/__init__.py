@@ -1,0 +1,1 @@
+"""Runtime loops: stage peer, trainer, demo, signals."""

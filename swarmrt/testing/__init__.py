@@ -1,0 +1,1 @@
+"""Local swarms and fault injection, for users' tests and ours."""
