@@ -1,0 +1,278 @@
+"""The run config: one file (TOML or YAML) a user can read.
+
+Every section is a small frozen dataclass with a docstring under each field and
+validation in ``__post_init__`` (torchtitan's habit). Unknown keys are an error
+that names the key; a bad value is an error that names the field. Parsing the
+file lives in :func:`load_config`; everything else is plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import tomllib
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the offending key."""
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    id: str = "swarmrt"
+    """Name of the run; peers and trainers of one run share it. Letters, digits, '-' and '_'."""
+    seed: int = 0
+    """Seed for model initialisation and data order."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.id) and all(c.isalnum() or c in "-_" for c in self.id), "run.id",
+               f"must be letters, digits, '-' or '_', got {self.id!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    factory: str = "swarmrt.models:tiny_llama"
+    """``package.module:function`` returning a standard ``nn.Module``."""
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments passed to the factory."""
+    stages: int = 3
+    """Number of pipeline stages to cut the model into (ignored when ``layer_ranges`` is set)."""
+    layer_ranges: tuple[tuple[int, int], ...] | None = None
+    """Explicit ``[start, end)`` layer ranges, one per stage, covering every layer in order."""
+
+    def __post_init__(self) -> None:
+        _check(":" in self.factory and all(self.factory.split(":", 1)), "model.factory",
+               f"must look like 'package.module:function', got {self.factory!r}")
+        _check(isinstance(self.kwargs, Mapping), "model.kwargs", "must be a table of keyword arguments")
+        if self.layer_ranges is not None:
+            ranges = tuple(tuple(r) for r in self.layer_ranges)
+            object.__setattr__(self, "layer_ranges", ranges)
+            _check(len(ranges) >= 1, "model.layer_ranges", "needs at least one range")
+            for i, r in enumerate(ranges):
+                _check(len(r) == 2 and all(isinstance(x, int) for x in r) and r[0] < r[1],
+                       f"model.layer_ranges[{i}]", f"must be [start, end) with start < end, got {list(r)}")
+            _check(ranges[0][0] == 0, "model.layer_ranges[0]", "must start at layer 0")
+            for i in range(1, len(ranges)):
+                _check(ranges[i][0] == ranges[i - 1][1], f"model.layer_ranges[{i}]",
+                       f"must start where the previous range ends ({ranges[i - 1][1]}), got {ranges[i][0]}")
+            object.__setattr__(self, "stages", len(ranges))
+        _check(isinstance(self.stages, int) and self.stages >= 1, "model.stages", f"must be an integer >= 1, got {self.stages!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    kind: str = "text"
+    """``text``: byte-level language modelling; ``regression``: seeded random features -> targets."""
+    path: str | None = None
+    """Text file to train on; default: the Python standard library's own source, present on every install."""
+    max_bytes: int = 4_000_000
+    """Cap on how much text is read."""
+    seq_len: int = 64
+    """Tokens per sample (text)."""
+    features: int = 16
+    """Input width (regression)."""
+    targets: int = 1
+    """Output width (regression)."""
+    batch_size: int = 16
+    """Samples per optimizer step of the trainer."""
+    microbatch_size: int = 4
+    """Samples per microbatch; each microbatch takes its own route."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("text", "regression"), "data.kind", f"must be 'text' or 'regression', got {self.kind!r}")
+        for name in ("max_bytes", "seq_len", "features", "targets", "batch_size", "microbatch_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"data.{name}", f"must be an integer >= 1, got {value!r}")
+        _check(self.batch_size % self.microbatch_size == 0, "data.batch_size",
+               f"must be a multiple of data.microbatch_size ({self.microbatch_size}), got {self.batch_size}")
+
+    @property
+    def microbatches_per_step(self) -> int:
+        return self.batch_size // self.microbatch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    name: str = "adamw"
+    """Inner optimizer of each stage peer: ``adamw`` or ``sgd``."""
+    lr: float = 1e-3
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    momentum: float = 0.0
+    """Momentum (sgd only)."""
+    samples_per_step: int = 16
+    """A stage peer steps its optimizer after accumulating gradients of this many samples."""
+    max_grad_norm: float | None = None
+    """Clip the accumulated gradient to this norm before a step (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("adamw", "sgd"), "optimizer.name", f"must be 'adamw' or 'sgd', got {self.name!r}")
+        _check(isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr), "optimizer.lr",
+               f"must be a positive number, got {self.lr!r}")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        _check(0 <= self.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {self.momentum!r}")
+        _check(isinstance(self.samples_per_step, int) and self.samples_per_step >= 1, "optimizer.samples_per_step",
+               f"must be an integer >= 1, got {self.samples_per_step!r}")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "optimizer.max_grad_norm",
+               f"must be > 0, got {self.max_grad_norm!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSection:
+    host: str = "127.0.0.1"
+    """Address stage peers listen on and announce."""
+    heartbeat_s: float = 1.0
+    """How often a peer re-announces itself in the DHT."""
+    record_ttl_s: float = 4.0
+    """How long an announcement lives without a heartbeat; a dead peer vanishes after this."""
+    forward_timeout_s: float = 10.0
+    """Deadline of one Forward call."""
+    backward_timeout_s: float = 10.0
+    """Deadline of one Backward call."""
+    max_retries: int = 6
+    """How many times one hop is retried on other peers before the microbatch gives up and restarts."""
+    ban_after_failures: int = 2
+    """Consecutive failures after which a trainer stops routing to a peer for ``ban_s``."""
+    ban_s: float = 10.0
+    """How long a failing peer is banned before it is tried again."""
+    max_tensor_mb: int = 256
+    """Largest tensor message accepted (MiB); gRPC's 4 MiB default is raised to this deliberately."""
+    context_ttl_s: float = 30.0
+    """How long a peer keeps a forward's autograd context for the backward."""
+    context_max_mb: int = 512
+    """Memory cap on kept autograd contexts; the oldest are evicted (then recomputed from inputs)."""
+    no_peers_timeout_s: float = 120.0
+    """How long a trainer waits for a stage with no peers before failing the run."""
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_s", "record_ttl_s", "forward_timeout_s", "backward_timeout_s", "ban_s",
+                     "context_ttl_s", "no_peers_timeout_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, f"network.{name}", f"must be > 0, got {value!r}")
+        _check(self.record_ttl_s > self.heartbeat_s, "network.record_ttl_s",
+               f"must exceed network.heartbeat_s ({self.heartbeat_s}), got {self.record_ttl_s}")
+        for name in ("max_retries", "ban_after_failures", "max_tensor_mb", "context_max_mb"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"network.{name}", f"must be an integer >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionSection:
+    activations: str = "none"
+    """Codec for activations sent forward."""
+    gradients: str = "none"
+    """Codec for activation gradients sent backward."""
+    pseudo_gradients: str = "fp16"
+    """Codec for the pseudo-gradients averaged within a stage group."""
+    state: str = "none"
+    """Codec for state downloads."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDSection:
+    inner_steps: int = 0
+    """H: inner optimizer steps between outer averaging rounds; 0 disables averaging."""
+    outer_lr: float = 0.7
+    """Outer (Nesterov SGD) learning rate."""
+    outer_momentum: float = 0.9
+    """Outer momentum."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.inner_steps, int) and self.inner_steps >= 0, "local_sgd.inner_steps",
+               f"must be an integer >= 0, got {self.inner_steps!r}")
+        _check(self.outer_lr > 0, "local_sgd.outer_lr", f"must be > 0, got {self.outer_lr!r}")
+        _check(0 <= self.outer_momentum < 1, "local_sgd.outer_momentum", f"must be in [0, 1), got {self.outer_momentum!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSection:
+    skip_ratio: float = 0.0
+    """Fraction of stages a microbatch skips (never the first or last); 0 = full pipeline."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.skip_ratio < 1, "routing.skip_ratio", f"must be in [0, 1), got {self.skip_ratio!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = dataclasses.field(default_factory=RunSection)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    network: NetworkSection = dataclasses.field(default_factory=NetworkSection)
+    compression: CompressionSection = dataclasses.field(default_factory=CompressionSection)
+    local_sgd: LocalSGDSection = dataclasses.field(default_factory=LocalSGDSection)
+    routing: RoutingSection = dataclasses.field(default_factory=RoutingSection)
+
+    @property
+    def num_stages(self) -> int:
+        return self.model.stages
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def digest(self) -> str:
+        """Short hash of the whole config, to tell runs apart."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig` from nested dicts; unknown sections or keys are errors naming them."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a table of sections")
+    sections: dict[str, Any] = {}
+    for section_name, values in raw.items():
+        field = next((f for f in dataclasses.fields(RunConfig) if f.name == section_name), None)
+        if field is None:
+            raise ConfigError(f"{source}: unknown section [{section_name}]; known: {', '.join(_SECTIONS)}")
+        cls = field.default_factory  # the section dataclass
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section_name}: must be a table of keys")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{section_name}.{key}: unknown key; known: {', '.join(sorted(known))}")
+        try:
+            sections[section_name] = cls(**values)
+        except TypeError as e:  # pragma: no cover - guarded by the key check above
+            raise ConfigError(f"{section_name}: {e}") from None
+    return RunConfig(**sections)
+
+
+def load_config(path: str | pathlib.Path) -> RunConfig:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run config."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = tomllib.loads(text)
+    except Exception as e:  # parse errors of either format
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def with_overrides(config: RunConfig, **sections: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``config`` with some keys of some sections replaced (validated again)."""
+    raw = config.to_dict()
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)

@@ -1,0 +1,105 @@
+"""Training data that is present offline on every machine.
+
+``text``: byte-level language modelling (vocabulary 256) on a text file, or by
+default on the Python standard library's own source files, which every Python
+install carries: real, varied text, no download. ``regression``: a seeded
+random linear-plus-tanh teacher, for ``nn.Sequential`` examples.
+
+Batches are a pure function of ``(seed, stream, step)``, so a trainer's data
+position is just its step counter (resume = start at that step).
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sysconfig
+
+import torch
+
+from swarmrt.core.config import ConfigError, DataSection
+
+
+@functools.lru_cache(maxsize=4)
+def load_text(path: str | None, max_bytes: int) -> torch.Tensor:
+    """The corpus as a uint8 tensor of bytes."""
+    if path is not None:
+        file = pathlib.Path(path)
+        if not file.is_file():
+            raise ConfigError(f"data.path: file not found: {path}")
+        raw = file.read_bytes()[:max_bytes]
+    else:
+        stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        chunks, total = [], 0
+        for file in sorted(stdlib.glob("*.py")):
+            data = file.read_bytes()
+            chunks.append(data)
+            total += len(data)
+            if total >= max_bytes:
+                break
+        raw = b"".join(chunks)[:max_bytes]
+    if len(raw) < 1024:
+        raise ConfigError(f"data: the corpus has only {len(raw)} bytes; need at least 1024")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+class Batches:
+    """Deterministic batches: ``batch(step)`` -> ``(inputs, targets)``.
+
+    ``stream`` separates trainers of one run (each gets its own sample order).
+    The last 5% of the text is held out for :meth:`eval_batch`.
+    """
+
+    def __init__(self, data: DataSection, seed: int, stream: int = 0):
+        self.data = data
+        self.seed = seed
+        self.stream = stream
+        if data.kind == "text":
+            corpus = load_text(data.path, data.max_bytes)
+            split = int(len(corpus) * 0.95)
+            self.train, self.held_out = corpus[:split], corpus[split:]
+            if len(self.held_out) <= data.seq_len + 1:
+                raise ConfigError(f"data.seq_len: {data.seq_len} is too long for a corpus of {len(corpus)} bytes")
+        else:
+            g = torch.Generator().manual_seed(seed + 7919)
+            self.teacher = torch.randn(data.features, data.targets, generator=g) / data.features ** 0.5
+
+    def _generator(self, step: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.seed, self.stream, step, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def _text(self, corpus: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.data.seq_len
+        starts = torch.randint(0, len(corpus) - L - 1, (n,), generator=g)
+        windows = torch.stack([corpus[s:s + L + 1] for s in starts.tolist()]).long()
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self._generator(step)
+        n = self.data.batch_size
+        if self.data.kind == "text":
+            return self._text(self.train, n, g)
+        x = torch.randn(n, self.data.features, generator=g)
+        return x, torch.tanh(x @ self.teacher)
+
+    def eval_batch(self, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self._generator(-1, salt=1)
+        if self.data.kind == "text":
+            return self._text(self.held_out, n, g)
+        x = torch.randn(n, self.data.features, generator=g)
+        return x, torch.tanh(x @ self.teacher)
+
+
+def sample_input(data: DataSection) -> torch.Tensor:
+    """A one-sample input of the right dtype and shape (used to infer stage input specs)."""
+    if data.kind == "text":
+        return torch.zeros(1, min(data.seq_len, 8), dtype=torch.long)
+    return torch.zeros(1, data.features)
+
+
+def loss_sum(data: DataSection, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of each sample's mean loss (cross-entropy per token, or MSE)."""
+    if data.kind == "text":
+        per_token = torch.nn.functional.cross_entropy(
+            output.reshape(-1, output.shape[-1]).float(), targets.reshape(-1), reduction="none")
+        return per_token.view(targets.shape).mean(dim=1).sum()
+    return ((output.float() - targets) ** 2).mean(dim=tuple(range(1, output.dim()))).sum()

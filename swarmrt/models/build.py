@@ -1,0 +1,68 @@
+"""Build the model a run config names and cut it into stage modules."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+
+import torch
+from torch import nn
+
+from swarmrt.core.config import ConfigError, RunConfig
+from swarmrt.core.partition import balanced_ranges, validate_ranges
+from swarmrt.models.layers import as_layers, layer_costs
+
+
+def resolve_factory(spec: str):
+    """Import ``package.module:function``; a clear :class:`ConfigError` when it is not there."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"model.factory: cannot import module {module_name!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"model.factory: {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def build_layers(config: RunConfig) -> list[nn.Module]:
+    """Call the factory with the run's seed (every peer gets the same init) and flatten it."""
+    factory = resolve_factory(config.model.factory)
+    torch.manual_seed(config.run.seed)
+    try:
+        model = factory(**dict(config.model.kwargs))
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs: {config.model.factory} rejected them: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory: {config.model.factory} returned {type(model).__name__}, not an nn.Module")
+    try:
+        return as_layers(model)
+    except TypeError as e:
+        raise ConfigError(f"model.factory: {e}") from None
+
+
+def stage_ranges(config: RunConfig, layers: list[nn.Module]) -> list[tuple[int, int]]:
+    try:
+        if config.model.layer_ranges is not None:
+            return validate_ranges(config.model.layer_ranges, len(layers))
+        return balanced_ranges(layer_costs(layers), config.model.stages)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def build_stage(config: RunConfig, stage: int) -> nn.Sequential:
+    """The ``nn.Sequential`` of the layers that stage ``stage`` serves."""
+    if not 0 <= stage < config.num_stages:
+        raise ConfigError(f"stage {stage} does not exist: the run has stages 0..{config.num_stages - 1}")
+    layers = build_layers(config)
+    start, end = stage_ranges(config, layers)[stage]
+    return nn.Sequential(*layers[start:end])
+
+
+def partition_hash(config: RunConfig) -> str:
+    """Short hash of what each stage holds (factory, kwargs, ranges): checkpoints and joiners check it."""
+    layers = build_layers(config)
+    ranges = stage_ranges(config, layers)
+    text = repr((config.model.factory, sorted(dict(config.model.kwargs).items()), ranges))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,1 @@
+"""Generated from proto/swarmrt.proto by swarmrt.net.protogen; do not edit."""
