@@ -81,6 +81,7 @@ class _Context:
     created: float
     nbytes: int
     forward_s: float
+    version: int
 
 
 def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
@@ -156,7 +157,7 @@ class StageWorker:
             old = self.contexts.pop(microbatch_id, None)
             if old is not None:
                 self.context_bytes -= old.nbytes
-            self.contexts[microbatch_id] = _Context(x_in, out, self.clock(), nbytes, elapsed)
+            self.contexts[microbatch_id] = _Context(x_in, out, self.clock(), nbytes, elapsed, self.version)
             self.context_bytes += nbytes
             self._evict(self.clock())
         return out.detach()
@@ -173,8 +174,13 @@ class StageWorker:
         forward_s = 0.0
         if ctx is not None:
             self.context_bytes -= ctx.nbytes
+            if x is None:
+                x = ctx.input.detach()
+        if ctx is not None and ctx.version == self.version:
             x_in, out, forward_s = ctx.input, ctx.output, ctx.forward_s
         elif x is not None:
+            # recompute: the forward ran elsewhere, its context was evicted, or an optimizer
+            # step since then changed the weights its autograd graph saved
             self.spec.check(x, "input")
             x_in = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad():

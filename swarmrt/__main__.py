@@ -1,0 +1,5 @@
+import sys
+
+from swarmrt.cli import main
+
+sys.exit(main())
