@@ -106,7 +106,6 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         server, port = await start_server(servicer, net.host, options.port, net.max_tensor_mb)
         address = f"{net.host}:{port}"
         note = await _download_state(worker, config, dht, stage, peer_id)
-        logger.info("stage %d (layers %d..%d) at %s: %s", stage, start, end, address, note)
 
         def record(state: str) -> dht_records.StageRecord:
             stats = worker.stats()
@@ -122,7 +121,7 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
             path = pathlib.Path(options.ready_file)
             path.with_suffix(".tmp").write_text(f"{stage} {address} {peer_id}\n")
             path.with_suffix(".tmp").rename(path)
-        print(f"serving stage {stage} at {address} as {peer_id}", flush=True)
+        print(f"serving stage {stage} (layers {start}..{end - 1}) at {address} as {peer_id}; {note}", flush=True)
 
         while not stop.is_set():
             try:

@@ -1,0 +1,46 @@
+import pytest
+
+from swarmrt.core.config import ConfigError, RunConfig, config_from_dict, load_config, with_overrides
+
+
+def test_defaults_are_valid_and_digest_is_stable():
+    assert RunConfig().digest() == RunConfig().digest()
+    assert RunConfig().digest() != with_overrides(RunConfig(), optimizer={"lr": 0.5}).digest()
+
+
+@pytest.mark.parametrize("raw, names", [
+    ({"modle": {}}, "[modle]"),
+    ({"model": {"stagez": 3}}, "model.stagez"),
+    ({"data": {"batch_size": 6, "microbatch_size": 4}}, "data.batch_size"),
+    ({"optimizer": {"lr": -1}}, "optimizer.lr"),
+    ({"optimizer": {"name": "lamb"}}, "optimizer.name"),
+    ({"network": {"heartbeat_s": 5, "record_ttl_s": 2}}, "network.record_ttl_s"),
+    ({"model": {"factory": "nocolon"}}, "model.factory"),
+    ({"model": {"layer_ranges": [[0, 2], [3, 5]]}}, "model.layer_ranges[1]"),
+    ({"routing": {"skip_ratio": 1.5}}, "routing.skip_ratio"),
+    ({"run": {"id": "has space"}}, "run.id"),
+])
+def test_bad_values_name_the_field(raw, names):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    assert names in str(e.value)
+
+
+def test_layer_ranges_set_the_stage_count():
+    config = config_from_dict({"model": {"layer_ranges": [[0, 2], [2, 5], [5, 6]]}})
+    assert config.num_stages == 3
+    assert config.model.layer_ranges == ((0, 2), (2, 5), (5, 6))
+
+
+def test_toml_and_yaml_load_the_same(tmp_path):
+    (tmp_path / "a.toml").write_text('[model]\nstages = 4\n[optimizer]\nlr = 0.01\n')
+    (tmp_path / "a.yaml").write_text('model:\n  stages: 4\noptimizer:\n  lr: 0.01\n')
+    assert load_config(tmp_path / "a.toml") == load_config(tmp_path / "a.yaml")
+
+
+def test_missing_and_unparsable_files_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[model\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(tmp_path / "bad.toml")
