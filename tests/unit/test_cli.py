@@ -1,0 +1,54 @@
+"""The CLI's error contract: one clear line naming the problem, exit code 2, no traceback."""
+
+import pytest
+
+from swarmrt.cli import main
+
+
+def run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["peer", "--config", "x.toml"], "--initial-peers"),
+    (["train", "--config", "x.toml", "--initial-peers", "m", "--steps", "many"], "--steps"),
+    (["train", "--config", "x.toml", "--initial-peers", "m", "--steps", "0"], "--steps must be >= 1"),
+    (["frobnicate"], "frobnicate"),
+    (["demo", "--peers-per-stage", "0"], "--peers-per-stage must be >= 1"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_config_values_exit_2_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "run.toml"
+    bad.write_text("[optimizer]\nlr = -1\n")
+    code, err = run(["peer", "--config", str(bad), "--initial-peers", "/ip4/127.0.0.1/tcp/1"], capsys)
+    assert code == 2 and "optimizer.lr" in err and len(err.splitlines()) == 1
+    bad.write_text("[model]\nstages = 3\nfoo = 1\n")
+    code, err = run(["train", "--config", str(bad), "--initial-peers", "m", "--steps", "1"], capsys)
+    assert code == 2 and "model.foo: unknown key" in err
+    code, err = run(["peer", "--config", str(tmp_path / "missing.toml"), "--initial-peers", "m"], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_stage_out_of_range_is_a_usage_error(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model]\nstages = 2\n")
+    code, err = run(["peer", "--config", str(cfg), "--initial-peers", "m", "--stage", "5"], capsys)
+    assert code == 2 and "--stage 5" in err
+
+
+def test_every_command_has_help(capsys):
+    for command in ("bootstrap", "peer", "train", "status", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert "usage: swarmrt " + command in capsys.readouterr().out
