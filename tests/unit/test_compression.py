@@ -404,6 +404,26 @@ def test_error_feedback_refuses_integer_tensors():
         ErrorFeedback().compress("ids", torch.arange(4), "topk")
 
 
+def test_pure_core_modules_import_no_io_code():
+    """swarmrt/core must not import network, process, thread or clock code (DESIGN.md)."""
+    import ast
+    import pathlib
+
+    banned = {"grpc", "hivemind", "asyncio", "socket", "subprocess", "multiprocessing", "threading", "time", "concurrent"}
+    core = pathlib.Path(compression.__file__).parent
+    for name in ("compression.py", "local_sgd.py"):
+        tree = ast.parse((core / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] not in banned, f"{name} imports {module}"
+
+
 def test_codec_names_are_all_reachable():
     assert compression.CODEC_NAMES == ("none", "fp16", "bf16", "int8", "int8_blockwise", "topk")
     for name in CODEC_NAMES:
