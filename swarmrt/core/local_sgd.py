@@ -217,6 +217,55 @@ class DiLoCo:
         self.steps_since_sync = 0
         self.steps_since_attempt = 0
 
+    def export_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The state as ``(metadata, tensors)`` for a flat transport such as hivemind's state
+        download: tensors are the global params, then (once the outer optimizer has momentum)
+        one momentum buffer per param; metadata is a small msgpack-able dict."""
+        buffers = [self.outer_optimizer.state.get(p, {}).get("momentum_buffer") for p in self.global_params]
+        has_momentum = all(b is not None for b in buffers)
+        tensors = [g.detach().clone() for g in self.global_params]
+        if has_momentum:
+            tensors += [b.detach().clone() for b in buffers]
+        metadata = {
+            "round": self.round,
+            "num_params": len(self.global_params),
+            "has_momentum": has_momentum,
+            "outer_lr": self.config.outer_lr,
+            "outer_momentum": self.config.outer_momentum,
+            "nesterov": self.config.nesterov,
+        }
+        return metadata, tensors
+
+    def import_state(self, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
+        """Adopt the state made by :meth:`export_state` on another replica (see
+        :meth:`load_state_dict`, which it calls; same errors)."""
+        if not isinstance(metadata, dict):
+            raise ValueError(f"DiLoCo state metadata must be a dict, got {type(metadata).__name__}")
+        missing = [k for k in ("round", "num_params", "has_momentum", "outer_lr", "outer_momentum", "nesterov") if k not in metadata]
+        if missing:
+            raise ValueError(f"DiLoCo state metadata lacks {missing}")
+        tensors = list(tensors)
+        count = len(self.global_params)
+        expected = count * (2 if metadata["has_momentum"] else 1)
+        if metadata["num_params"] != count or len(tensors) != expected:
+            raise ValueError(
+                f"DiLoCo state has {metadata['num_params']} params and {len(tensors)} tensors, "
+                f"this replica expects {count} params and {expected} tensors"
+            )
+        groups = self.outer_optimizer.state_dict()["param_groups"]
+        groups = [
+            {**group, "lr": metadata["outer_lr"], "momentum": metadata["outer_momentum"], "nesterov": metadata["nesterov"]}
+            for group in groups
+        ]
+        momentum = {i: {"momentum_buffer": t} for i, t in enumerate(tensors[count:])}
+        self.load_state_dict(
+            {
+                "round": metadata["round"],
+                "global_params": tensors[:count],
+                "outer_optimizer": {"state": momentum, "param_groups": groups},
+            }
+        )
+
     def params_hash(self) -> str:
         """16 hex digits over the global params and the outer-optimizer momentum (bytes,
         dtypes and shapes): equal on every peer after a successful round. The round number

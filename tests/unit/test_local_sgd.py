@@ -296,3 +296,33 @@ def test_load_state_dict_refuses_mismatches():
         other_lr.load_state_dict(state)
     with pytest.raises(ValueError, match="lacks 'round'"):
         diloco.load_state_dict({"global_params": [], "outer_optimizer": {}})
+
+
+def test_export_import_state_for_flat_transport():
+    model, _ = make_model_and_data(seed=0)
+    veteran = DiLoCo(model.parameters(), DiLoCoConfig(inner_steps=1))
+    joiner_model, _ = make_model_and_data(seed=3)
+    joiner = DiLoCo(joiner_model.parameters(), DiLoCoConfig(inner_steps=1))
+
+    metadata, tensors = veteran.export_state()  # before any round: no momentum yet
+    assert metadata["has_momentum"] is False and len(tensors) == 4
+    joiner.import_state(metadata, tensors)
+    assert joiner.params_hash() == veteran.params_hash()
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    veteran.apply(veteran.pseudo_gradient())
+    metadata, tensors = veteran.export_state()
+    assert metadata["has_momentum"] is True and metadata["round"] == 1 and len(tensors) == 8
+    joiner.import_state(metadata, [t.clone() for t in tensors])
+    assert joiner.params_hash() == veteran.params_hash() and joiner.round == 1
+    for a, b in zip(joiner_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ValueError, match="has 4 params and 7 tensors, this replica expects 4 params and 8 tensors"):
+        joiner.import_state(metadata, tensors[:7])
+    with pytest.raises(ValueError, match=r"outer optimizer momentum is \[0.5\]"):
+        joiner.import_state({**metadata, "outer_momentum": 0.5}, tensors)
+    with pytest.raises(ValueError, match=r"lacks \['nesterov'\]"):
+        joiner.import_state({k: v for k, v in metadata.items() if k != "nesterov"}, tensors)
