@@ -18,7 +18,10 @@ the raw averager lacks for this use:
   error of different deltas, float rounding): DiLoCo replicas would drift
   apart. Here the reducers send the averaged part itself, and the reducer's
   own copy goes through the same codec, so every peer of a successful round
-  holds the same bytes and applies the same outer step. This changes two
+  holds the same bytes and applies the same outer step. Measured, 2 peers,
+  300,561 values: stock hivemind left 79,517 values different between the
+  peers with no codec (max 2.4e-7), 300,528 with fp16 (max 2.4e-3) and
+  300,552 with int8 (max 1.67); this class: 0 in all three. This changes two
   methods of hivemind 1.1.12's ``AllReduceRunner`` and one of
   ``DecentralizedAverager`` (pinned version; hivemind still does the
   matchmaking, the butterfly partitioning, the streaming and the timeouts).
