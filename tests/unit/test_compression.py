@@ -233,6 +233,11 @@ def test_bad_codec_names_are_refused(name):
     assert repr(name) in str(info.value) or "must be" in str(info.value)
 
 
+def test_non_string_codec_name_is_refused():
+    with pytest.raises(ValueError, match="codec name must be a str, got list"):
+        get_codec(["fp16"])
+
+
 def test_unknown_codec_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown codec 'zstd'; known: none, fp16, bf16, int8, int8_blockwise, topk"):
         encode(torch.zeros(3), "zstd")
