@@ -353,7 +353,7 @@ class Int8BlockwiseCodec(Codec):
         blocks = flat.view(nblocks, block)
         absmax = blocks.abs().amax(dim=1) if nblocks else torch.empty(0)
         if nblocks and not bool(torch.isfinite(absmax).all()):
-            _finite_or_raise(self.name, math.nan)
+            raise ValueError(f"codec {self.name!r} cannot encode a tensor holding nan or inf values")
         inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
         codes = (blocks * inv.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8).view(-1)[:numel]
         data = _raw_bytes(absmax) + _raw_bytes(codes.contiguous())
@@ -451,7 +451,6 @@ class TopKCodec(Codec):
 _SIMPLE = {"none": NoneCodec, "fp16": Fp16Codec, "bf16": Bf16Codec, "int8": Int8Codec}
 
 
-@functools.lru_cache(maxsize=128)
 def get_codec(name: str) -> Codec:
     """The codec for ``name`` (``"int8"``, ``"topk:0.05"``, ``"int8_blockwise:1024"``...).
 
@@ -459,6 +458,11 @@ def get_codec(name: str) -> Codec:
     """
     if not isinstance(name, str):
         raise ValueError(f"codec name must be a str, got {type(name).__name__}")
+    return _make_codec(name)
+
+
+@functools.lru_cache(maxsize=128)
+def _make_codec(name: str) -> Codec:
     base, sep, param = name.partition(":")
     known = ", ".join(CODEC_NAMES)
     if base not in CODEC_NAMES:
