@@ -103,6 +103,11 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         worker = StageWorker(module, config, stage, spec, compute_delay_s=options.compute_delay_s,
                              slowdown=options.slowdown, ledger_path=options.ledger)
         servicer = StageServicer(worker, config.run.id, peer_id, net.max_tensor_mb * 2**20)
+        if config.local_sgd.inner_steps > 0:  # before the gRPC server starts: the averager forks a process
+            from swarmrt.runtime.outer import OuterSync
+
+            worker.outer = OuterSync(worker, dht, config, submit_to_compute=servicer.executor.submit,
+                                     log=lambda line: print(f"stage {stage}: {line}", flush=True))
         server, port = await start_server(servicer, net.host, options.port, net.max_tensor_mb)
         address = f"{net.host}:{port}"
         note = await _download_state(worker, config, dht, stage, peer_id)
