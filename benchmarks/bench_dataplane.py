@@ -1,8 +1,9 @@
 """Data plane: a 64 MiB float32 activation forward between two processes.
 
-Side by side in one run:
-- swarmrt: the runtime's own path (StageClient -> gRPC -> StageServicer -> an
-  identity stage -> back), codec ``none``: 64 MiB out, 64 MiB back;
+Side by side in one run, interleaved so both see the same machine load:
+- swarmrt: the runtime's own path (tensor -> protobuf -> StageClient -> gRPC ->
+  StageServicer -> an identity stage -> back -> tensor), codec ``none``:
+  64 MiB out, 64 MiB back;
 - raw TCP: a socket echo server in another process: 64 MiB out, 64 MiB back.
 
 Prints the median seconds of each and the ratio raw/swarmrt (1.0 = as fast as raw TCP).
@@ -29,48 +30,48 @@ def _grpc_server(port_queue, mib: int) -> None:
     from swarmrt.runtime.proc import new_event_loop
     from swarmrt.runtime.stage import InputSpec, StageWorker
 
-    config = config_from_dict({"network": {"max_tensor_mb": mib * 2 + 16}})
+    limit_mb = mib * 2 + 16
+    config = config_from_dict({"network": {"max_tensor_mb": limit_mb}})
     worker = StageWorker(torch.nn.Sequential(torch.nn.Identity()), config, 0,
                          InputSpec(torch.float32, 1, (mib * 2**20 // 4,)))
 
-    async def main():
-        servicer = StageServicer(worker, config.run.id, "bench", (mib * 2 + 16) * 2**20)
+    async def serve():
+        servicer = StageServicer(worker, config.run.id, "bench", limit_mb * 2**20)
         servicer.state = "serving"
-        server, port = await start_server(servicer, "127.0.0.1", 0, mib * 2 + 16)
+        server, port = await start_server(servicer, "127.0.0.1", 0, limit_mb)
         port_queue.put(port)
         await server.wait_for_termination()
 
-    loop = new_event_loop()
-    loop.run_until_complete(main())
+    new_event_loop().run_until_complete(serve())
 
 
-def _tcp_echo(port_queue) -> None:
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    port_queue.put(srv.getsockname()[1])
-    conn, _ = srv.accept()
-    while True:
-        header = _recv_exact(conn, 8)
-        if not header:
-            return
-        (n,) = struct.unpack("!Q", header)
-        data = _recv_exact(conn, n)
-        conn.sendall(header)
-        conn.sendall(data)
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def _recv_exact(conn: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
         k = conn.recv_into(view[got:], n - got)
         if k == 0:
-            return b""
+            raise ConnectionError("peer closed")
         got += k
-    return bytes(buf)
+    return buf
+
+
+def _tcp_echo(port_queue) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port_queue.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    try:
+        while True:
+            header = _recv_exact(conn, 8)
+            (n,) = struct.unpack("!Q", header)
+            data = _recv_exact(conn, n)
+            conn.sendall(header)
+            conn.sendall(data)
+    except ConnectionError:
+        return
 
 
 class TcpEcho:
@@ -96,7 +97,6 @@ class GrpcForward:
         self.address, self.codec = f"127.0.0.1:{port}", codec
 
     def round_trip(self, tensor: torch.Tensor) -> float:
-        """Tensor -> wire -> peer's stage -> wire -> tensor, as the trainer does it."""
         from swarmrt.net.proto import swarmrt_pb2 as pb
         from swarmrt.net.tensors import from_proto, to_proto
 
@@ -112,83 +112,6 @@ class GrpcForward:
         return time.perf_counter() - t0
 
 
-def main():
-        servicer = StageServicer(worker, config.run.id, "bench", (mib * 2 + 16) * 2**20)
-        servicer.state = "serving"
-        server, port = await start_server(servicer, "127.0.0.1", 0, mib * 2 + 16)
-        port_queue.put(port)
-        await server.wait_for_termination()
-
-    loop = new_event_loop()
-    loop.run_until_complete(main())
-
-
-def _tcp_echo(port_queue) -> None:
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    port_queue.put(srv.getsockname()[1])
-    conn, _ = srv.accept()
-    while True:
-        header = _recv_exact(conn, 8)
-        if not header:
-            return
-        (n,) = struct.unpack("!Q", header)
-        data = _recv_exact(conn, n)
-        conn.sendall(header)
-        conn.sendall(data)
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = conn.recv_into(view[got:], n - got)
-        if k == 0:
-            return b""
-        got += k
-    return bytes(buf)
-
-
-def bench_tcp(port: int, payload: bytes, repeats: int) -> list[float]:
-    conn = socket.create_connection(("127.0.0.1", port))
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        conn.sendall(struct.pack("!Q", len(payload)))
-        conn.sendall(payload)
-        (n,) = struct.unpack("!Q", _recv_exact(conn, 8))
-        back = _recv_exact(conn, n)
-        times.append(time.perf_counter() - t0)
-        assert len(back) == len(payload)
-    conn.close()
-    return times[1:]  # first round warms up
-
-
-def bench_grpc(port: int, tensor: torch.Tensor, repeats: int, codec: str, mib: int) -> list[float]:
-    from swarmrt.net.client import StageClient
-    from swarmrt.net.proto import swarmrt_pb2 as pb
-    from swarmrt.net.tensors import from_proto, to_proto
-
-    async def main():
-        client = StageClient(mib * 2 + 16)
-        times = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            request = pb.ForwardRequest(run_id="swarmrt", stage=0, microbatch_id=str(i), input=to_proto(tensor, codec),
-                                        output_codec=codec)
-            response = await client.forward(f"127.0.0.1:{port}", request, timeout=60)
-            out = from_proto(response.output)
-            times.append(time.perf_counter() - t0)
-            assert out.shape == tensor.shape
-        await client.close()
-        return times[1:]
-
-    return asyncio.run(main())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=64)
@@ -198,27 +121,26 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     tensor = torch.randn(1, args.mib * 2**20 // 4)
     q1, q2 = ctx.Queue(), ctx.Queue()
-    grpc_proc = ctx.Process(target=_grpc_server, args=(q1, args.mib), daemon=True)
-    tcp_proc = ctx.Process(target=_tcp_echo, args=(q2,), daemon=True)
-    grpc_proc.start()
-    tcp_proc.start()
+    procs = [ctx.Process(target=_grpc_server, args=(q1, args.mib), daemon=True),
+             ctx.Process(target=_tcp_echo, args=(q2,), daemon=True)]
+    for p in procs:
+        p.start()
     try:
-        grpc_port, tcp_port = q1.get(timeout=120), q2.get(timeout=60)
-        tcp, rpc = TcpEcho(tcp_port), GrpcForward(grpc_port, args.mib, args.codec)
+        tcp, rpc = TcpEcho(q2.get(timeout=60)), GrpcForward(q1.get(timeout=120), args.mib, args.codec)
         payload = tensor.numpy().tobytes()
         tcp.round_trip(payload), rpc.round_trip(tensor)  # warm up both paths
         tcp_times, grpc_times = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        for _ in range(args.repeats):
             tcp_times.append(tcp.round_trip(payload))
             grpc_times.append(rpc.round_trip(tensor))
     finally:
-        grpc_proc.terminate()
-        tcp_proc.terminate()
+        for p in procs:
+            p.terminate()
     t_tcp, t_grpc = statistics.median(tcp_times), statistics.median(grpc_times)
-    mib_moved = 2 * args.mib
-    print(f"payload {args.mib} MiB each way, codec {args.codec}, {args.repeats} repeats (median)")
-    print(f"raw TCP echo      : {t_tcp:.3f} s  ({mib_moved / t_tcp:7.1f} MiB/s)")
-    print(f"swarmrt Forward   : {t_grpc:.3f} s  ({mib_moved / t_grpc:7.1f} MiB/s)")
+    moved = 2 * args.mib
+    print(f"payload {args.mib} MiB each way, codec {args.codec}, median of {args.repeats}")
+    print(f"raw TCP echo      : {t_tcp:.3f} s  ({moved / t_tcp:7.1f} MiB/s)")
+    print(f"swarmrt Forward   : {t_grpc:.3f} s  ({moved / t_grpc:7.1f} MiB/s)")
     print(f"ratio swarmrt/raw : {t_tcp / t_grpc:.2f}  (target >= 0.5)")
 
 

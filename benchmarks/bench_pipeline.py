@@ -7,7 +7,7 @@ A peer with delay d serves a microbatch of m samples in 2d seconds (forward +
 backward), so stage s can do at most sum_p m / (2 d_p) samples/s and the
 pipeline at most the minimum of that over stages. Prints achieved/ideal.
 
-    python benchmarks/bench_pipeline.py [--delay 0.1] [--steps 40] [--trainers 2]
+    python benchmarks/bench_pipeline.py [--delay 0.1] [--steps 40] [--trainers 4]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.1, help="fast peers' seconds per forward (and per backward)")
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--trainers", type=int, default=2)
+    parser.add_argument("--trainers", type=int, default=4)
     parser.add_argument("--microbatch", type=int, default=4)
     parser.add_argument("--microbatches-per-step", type=int, default=8)
     args = parser.parse_args()

@@ -103,7 +103,7 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         worker = StageWorker(module, config, stage, spec, compute_delay_s=options.compute_delay_s,
                              slowdown=options.slowdown, ledger_path=options.ledger)
         servicer = StageServicer(worker, config.run.id, peer_id, net.max_tensor_mb * 2**20)
-        if config.local_sgd.inner_steps > 0:  # before the gRPC server starts: the averager forks a process
+        if config.local_sgd.inner_steps > 0 and worker.params:  # before the gRPC server starts: the averager forks a process
             from swarmrt.runtime.outer import OuterSync
 
             worker.outer = OuterSync(worker, dht, config, submit_to_compute=servicer.executor.submit,

@@ -103,7 +103,7 @@ class StageWorker:
         self.compute_delay_s = compute_delay_s
         self.slowdown = slowdown
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, config)
+        self.optimizer = make_optimizer(self.params, config) if self.params else None  # a stage may hold no weights
         self.contexts: collections.OrderedDict[str, _Context] = collections.OrderedDict()
         self.context_bytes = 0
         self.applied: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -231,8 +231,9 @@ class StageWorker:
                 p.grad.mul_(scale)
         if self.config.optimizer.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.params_changed()
         with self._lock:
             self.samples_pending = 0
@@ -247,7 +248,7 @@ class StageWorker:
     # -- state for joiners and checkpoints ------------------------------------------------------
     def state_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                     "version": self.version, "samples_applied": self.samples_applied,
                     "outer": self.outer.state_dict() if self.outer is not None else None}, buffer)
         return buffer.getvalue()
@@ -257,7 +258,8 @@ class StageWorker:
         if state.get("stage") != self.stage:
             raise StageError(f"state is for stage {state.get('stage')}, this peer serves stage {self.stage}")
         self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.params_changed()
         if self.outer is not None and state.get("outer") is not None:
             self.outer.load_state_dict(state["outer"])  # global params + outer momentum; local := global
