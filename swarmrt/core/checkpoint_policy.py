@@ -19,13 +19,12 @@ import json
 import math
 from typing import Any, Iterable, Mapping
 
+from swarmrt.core.config import ConfigError
 
-class CheckpointConfigError(ValueError):
-    """A ``[checkpoint]`` section that cannot be used; the message names the field.
 
-    (A ValueError like ``swarmrt.core.config.ConfigError``; once the section is
-    part of ``RunConfig``, ``config_from_dict`` may re-raise it as a ConfigError.)
-    """
+class CheckpointConfigError(ConfigError):
+    """A ``[checkpoint]`` section that cannot be used; the message names the field. A
+    ConfigError, so the CLI reports it like any bad config value (one line, exit 2)."""
 
 
 def _check(cond: bool, field: str, message: str) -> None:
@@ -98,7 +97,12 @@ def checkpoint_due(step: int, last_step: int, now: float, last_time: float,
                           f"checkpoint.every_minutes={section.every_minutes:g}")
     if not every and not section.every_minutes:
         return False, "no periodic checkpoints (checkpoint.every_steps and every_minutes are 0)"
-    return False, "not due yet"
+    waits = []
+    if every:
+        waits.append(f"next at step {(last_step // every + 1) * every}")
+    if section.every_minutes:
+        waits.append(f"or in {(section.every_minutes * 60 - (now - last_time)) / 60:.1f} min")
+    return False, "not due yet: " + " ".join(waits).removeprefix("or ")
 
 
 def is_checkpoint_writer(self_id: str, live_peer_ids: Iterable[str]) -> tuple[bool, str]:
