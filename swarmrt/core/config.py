@@ -239,6 +239,45 @@ class RoutingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    location: str | None = None
+    """Where checkpoints go: a local directory, or an fsspec URL (``s3://bucket/runs``,
+    ``gs://...``; needs ``fsspec`` and the scheme's package). None: no checkpoints."""
+    every_steps: int = 0
+    """Write when a stage's step (optimizer version, or outer step with local SGD) crosses a
+    multiple of this; 0: not by steps."""
+    every_minutes: float = 0.0
+    """Write when this many minutes passed since the last checkpoint of this peer; 0: not by time."""
+    keep: int = 3
+    """Keep the newest this many checkpoints per stage; older ones are deleted after a write."""
+    on_leave: bool = True
+    """A peer that drains (SIGTERM/SIGINT) while no other peer serves its stage writes a
+    checkpoint before it leaves, so the next peer of the stage can resume from it."""
+
+    def __post_init__(self) -> None:
+        _check(self.location is None or (isinstance(self.location, str) and self.location.strip() != ""),
+               "checkpoint.location", f"must be a directory or URL, got {self.location!r}")
+        _check(isinstance(self.every_steps, int) and not isinstance(self.every_steps, bool)
+               and self.every_steps >= 0, "checkpoint.every_steps",
+               f"must be an integer >= 0, got {self.every_steps!r}")
+        _check(isinstance(self.every_minutes, (int, float)) and not isinstance(self.every_minutes, bool)
+               and math.isfinite(self.every_minutes) and self.every_minutes >= 0, "checkpoint.every_minutes",
+               f"must be a number >= 0, got {self.every_minutes!r}")
+        _check(isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 1,
+               "checkpoint.keep", f"must be an integer >= 1, got {self.keep!r}")
+        _check(isinstance(self.on_leave, bool), "checkpoint.on_leave", f"must be true or false, got {self.on_leave!r}")
+        if self.location is None:
+            for name in ("every_steps", "every_minutes"):
+                _check(not getattr(self, name), f"checkpoint.{name}",
+                       "is set but checkpoint.location is not: say where checkpoints go")
+
+    @property
+    def enabled(self) -> bool:
+        """True when checkpoints have somewhere to go."""
+        return self.location is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     run: RunSection = dataclasses.field(default_factory=RunSection)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -248,6 +287,7 @@ class RunConfig:
     compression: CompressionSection = dataclasses.field(default_factory=CompressionSection)
     local_sgd: LocalSGDSection = dataclasses.field(default_factory=LocalSGDSection)
     routing: RoutingSection = dataclasses.field(default_factory=RoutingSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
 
     @property
     def num_stages(self) -> int:
