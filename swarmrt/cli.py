@@ -14,6 +14,7 @@ import sys
 import time
 
 from swarmrt.core.config import ConfigError, load_config
+from swarmrt.runtime.checkpoint import CheckpointError
 
 EXIT_USAGE = 2
 
@@ -72,7 +73,7 @@ def cmd_peer(args) -> int:
         raise ConfigError(f"--stage {args.stage}: the run has stages 0..{config.num_stages - 1}")
     options = PeerOptions(initial_peers=tuple(args.initial_peers), stage=args.stage, port=args.port,
                           grace_s=args.grace, ready_file=args.ready_file, ledger=args.ledger,
-                          compute_delay_s=args.compute_delay, slowdown=args.slowdown)
+                          compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume)
     return run(serve_peer(config, options))
 
 
@@ -80,25 +81,26 @@ def cmd_peer(args) -> int:
 def cmd_train(args) -> int:
     from swarmrt.net.dht import start_dht
     from swarmrt.runtime.proc import install_stop_handlers, run
+    from swarmrt.runtime.checkpoint import load_data_position
     from swarmrt.runtime.trainer import Trainer
 
     config = load_config(args.config)
 
     async def main() -> int:
         stop = asyncio.Event()
-        install_stop_handlers(asyncio.get_running_loop(), stop)
+        install_stop_handlers(asyncio.get_running_loop(), stop,
+                              on_first=lambda _: print("trainer: stopping after the step in flight", file=sys.stderr))
+        start_step = 0
+        if args.resume:
+            if config.checkpoint.location is None:
+                raise ConfigError("--resume needs [checkpoint] location in the run config")
+            start_step = load_data_position(config.checkpoint.location, config.run.id, args.stream) or 0
+            print(f"trainer: resuming stream {args.stream} at step {start_step}", file=sys.stderr)
         dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
         try:
             trainer = Trainer(config, dht, stream=args.stream, metrics_path=args.metrics_file,
                               progress=args.progress if args.progress is not None else sys.stderr.isatty())
-            task = asyncio.create_task(trainer.run(args.steps))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                task.cancel()
-                print("trainer: stopped by signal", file=sys.stderr)
-                return 0
-            summary = task.result()
+            summary = await trainer.run(args.steps, start_step=start_step, stop=stop)
             text = json.dumps(summary, indent=1)
             if args.summary_file:
                 pathlib.Path(args.summary_file).write_text(text)
@@ -171,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", help="append every applied microbatch id to this file")
     p.add_argument("--compute-delay", type=float, default=0.0, help="emulated extra seconds per forward/backward")
     p.add_argument("--slowdown", type=float, default=1.0, help="multiply compute time by this factor")
+    p.add_argument("--resume", action="store_true",
+                   help="load the stage's newest checkpoint ([checkpoint] location) even if other peers serve it")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("train", help="feed data and drive microbatches through the swarm")
@@ -179,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-file", help="append one JSON object per step here")
     p.add_argument("--summary-file", help="write the final summary JSON here")
     p.add_argument("--stream", type=int, default=0, help="data stream of this trainer (several trainers: 0, 1, ...)")
+    p.add_argument("--resume", action="store_true",
+                   help="start at the data position saved under [checkpoint] location (default: step 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_train)
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"swarmrt {args.command}: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        print(f"swarmrt {args.command}: checkpoint error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -53,6 +53,8 @@ class Role:
     address: str | None = None
     peer_id: str | None = None
     ledger: pathlib.Path | None = None
+    stragglers: bool = False
+    """Set by LocalSwarm.stop_role: some of its processes outlived the main one and had to be killed."""
 
     @property
     def pgid(self) -> int:
@@ -62,9 +64,18 @@ class Role:
         return self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        """Signal the role's whole process group (its DHT child and p2pd too)."""
+        """Deliver ``sig`` the way the real world does.
+
+        SIGTERM and SIGINT (a preemption notice, Ctrl-C) go to the role's main process
+        only, as a container runtime delivers them, so it can drain and shut its DHT
+        down in order. Everything else (SIGKILL: the machine is gone; SIGSTOP/SIGCONT:
+        it hangs) hits the whole process group, hivemind's DHT child and p2pd included.
+        """
         try:
-            os.killpg(self.pgid, sig)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                os.kill(self.proc.pid, sig)
+            else:
+                os.killpg(self.pgid, sig)
         except ProcessLookupError:
             pass
 
@@ -210,6 +221,12 @@ class LocalSwarm:
         except subprocess.TimeoutExpired:
             role.signal(signal.SIGKILL)
             role.proc.wait(timeout=10)
+        # children (DHT process, p2pd) get a few seconds to finish on their own ...
+        deadline = time.monotonic() + 5
+        while _alive_group(role.pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        role.stragglers = _alive_group(role.pgid)
+        # ... then whatever is left is killed
         deadline = time.monotonic() + 10
         while _alive_group(role.pgid) and time.monotonic() < deadline:
             role.signal(signal.SIGKILL)
