@@ -254,6 +254,9 @@ class Policy:
         """
         k = self.k if count is None else count
         live = self._live_stages(exclude)
+        for s in self._tail():
+            if s not in live:
+                return [], f"stage {s} (the last stage) has no live peer"
         middle = [s for s in self.rules.middle_stages if s > after and s in live]
         if len(middle) < k:
             return [], (f"only {len(middle)} middle stages after stage {after} have live peers, "
