@@ -729,6 +729,7 @@ class SkipScheduler(Policy):
         sets, note = self.stage_sets(rng)
         if not sets:
             return None, note
+        self._note_foreign_load(now)
         info = self.table.get(origin)
         start = self.timeline.forward_start(origin, ready, info.forward_s, info.memory_microbatches, now,
                                             info.backward_s)
@@ -752,11 +753,22 @@ class SkipScheduler(Policy):
                f"from now (best of {len(candidates)} routes over {len(sets)} stage sets)")
         return r, why + (f"; {note}" if note else "")
 
+    def _note_foreign_load(self, now: float) -> None:
+        """Peers whose announced in-flight load exceeds what this scheduler booked there are busy with
+        other trainers' microbatches: each such microbatch is taken to need one backward there first."""
+        busy = {}
+        for info in self.table:
+            extra = self.table.in_flight(info.peer) - self.timeline.holds(info.peer)
+            if extra > 0:
+                busy[info.peer] = now + extra * info.backward_s
+        self.timeline.busy_until = busy
+
     def _replan_peers(self, route: Route, position: int, stages: Sequence[int], dead: set,
                       now: float, rng: random.Random) -> tuple[list | None, str]:
         fwd = route.hops[:-1] if self.rules.first_stage_is_also_last else route.hops
         prefix = tuple(h.peer for h in fwd[:position])
         self.timeline.release(route.microbatch)
+        self._note_foreign_load(now)
         beams = self._search(prefix, now, stages, now, rng, exclude=dead)
         if not beams:
             return None, f"no live peers for stages {tuple(stages)}"

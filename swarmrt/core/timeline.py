@@ -60,6 +60,8 @@ class Timeline:
         self._booked: dict[Hashable, Forecast] = {}
         self.load_s: dict[PeerId, float] = {}
         """Seconds of compute booked on each peer and not yet trimmed (a quick load figure)."""
+        self.busy_until: dict[PeerId, float] = {}
+        """Peers busy with work this timeline did not book (other trainers' microbatches), until when."""
 
     def copy(self) -> "Timeline":
         """An independent copy (for trial plans)."""
@@ -69,6 +71,8 @@ class Timeline:
 
     def compute_start(self, peer: PeerId, ready: float, duration: float) -> float:
         """Earliest start >= ``ready`` of a free gap of ``duration`` on ``peer``."""
+        if self.busy_until:
+            ready = max(ready, self.busy_until.get(peer, ready))
         starts = self._starts.get(peer)
         if not starts:
             return ready

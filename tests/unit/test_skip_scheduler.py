@@ -312,3 +312,15 @@ def test_config_errors_name_the_field():
         SchedulerConfig(peer_share_slack=-1.0)
     with pytest.raises(ValueError, match="unknown policy 'gpipe'"):
         make_policy("gpipe", PathRules(3), hand_table(3, [(0, 1, 1), (1, 1, 1), (2, 1, 1)]))
+
+
+def test_load_announced_by_other_trainers_steers_routes_away():
+    rules = PathRules(stages=3, skip_ratio=0.0)
+    table = hand_table(3, [(0, 1.0, 3), (1, 1.0, 3), (1, 1.0, 3), (2, 1.0, 3)])
+    sched = SkipScheduler(rules, table)
+    assert sched.route(0, 0.0, random.Random(0))[0].path[1] in (1, 2)
+    table.set_in_flight(1, 6)  # six microbatches of someone else queued at peer 1
+    sched2 = SkipScheduler(rules, table)
+    for i in range(3):
+        route, _ = sched2.route(0, 0.0, random.Random(i), microbatch=i)
+        assert route.path[1] == 2
