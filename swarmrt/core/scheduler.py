@@ -307,12 +307,30 @@ class Policy:
         """Open a balance window of ``sum(microbatches.values())`` microbatches."""
         self.balance.start(sum(microbatches.values()))
 
-    def route(self, origin: PeerId, now: float, rng: random.Random,
+    def route(self, origin: PeerId | None, now: float, rng: random.Random,
               microbatch: int = -1) -> tuple[Route | None, str]:
-        """A route for a new microbatch starting on ``origin`` now, and why."""
+        """A route for a new microbatch starting on ``origin`` now, and why.
+
+        ``origin`` None: a trainer that holds the data itself lets the policy
+        pick the stage-0 peer too (:meth:`choose_origin`).
+        """
+        if origin is None:
+            origin, why = self.choose_origin(now, rng)
+            if origin is None:
+                return None, why
+            route, reason = self._route(origin, now, rng, self._new_id(microbatch))
+            return route, f"{why}; {reason}"
         if origin not in self.table or self.table.get(origin).stage != 0:
             return None, f"origin {origin!r} is not a live stage-0 peer"
         return self._route(origin, now, rng, self._new_id(microbatch))
+
+    def choose_origin(self, now: float, rng: random.Random) -> tuple[PeerId | None, str]:
+        """The stage-0 peer a new microbatch should start on (default: the least loaded)."""
+        ids = self.table.peers_of(0)
+        if not ids:
+            return None, "stage 0 has no live peer"
+        best = min(ids, key=lambda p: (self.table.in_flight(p), rng.random()))
+        return best, f"origin {best} (least loaded of {len(ids)} stage-0 peers)"
 
     def _route(self, origin: PeerId, now: float, rng: random.Random, mb: int) -> tuple[Route | None, str]:
         raise NotImplementedError
@@ -752,6 +770,18 @@ class SkipScheduler(Policy):
         why = (f"stages {middle} via {', '.join(map(str, peers))}: forecast done {f.completion - now:.2f} s "
                f"from now (best of {len(candidates)} routes over {len(sets)} stage sets)")
         return r, why + (f"; {note}" if note else "")
+
+    def choose_origin(self, now: float, rng: random.Random) -> tuple[PeerId | None, str]:
+        """The stage-0 peer whose forward of a new microbatch could start soonest (forecast)."""
+        ids = self.table.arrays(0)
+        if not ids.ids:
+            return None, "stage 0 has no live peer"
+        self._note_foreign_load(now)
+        starts = [(self.timeline.forward_start(p, now, float(ids.forward_s[i]), int(ids.memory[i]), now,
+                                               float(ids.backward_s[i])), rng.random(), p)
+                  for i, p in enumerate(ids.ids)]
+        t, _, best = min(starts)
+        return best, f"origin {best} (its forward can start {t - now:.2f} s from now, soonest of {len(starts)})"
 
     def _note_foreign_load(self, now: float) -> None:
         """Peers whose announced in-flight load exceeds what this scheduler booked there are busy with

@@ -324,3 +324,16 @@ def test_load_announced_by_other_trainers_steers_routes_away():
     for i in range(3):
         route, _ = sched2.route(0, 0.0, random.Random(i), microbatch=i)
         assert route.path[1] == 2
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_policy_picks_the_origin_when_the_trainer_holds_the_data(policy):
+    rules = PathRules(stages=3, skip_ratio=0.0)
+    table = hand_table(3, [(0, 1.0, 1), (0, 1.0, 1), (1, 0.5, 4), (2, 0.5, 4)])
+    sched = make_policy(policy, rules, table)
+    sched.begin_iteration({0: 1, 1: 1}, 0.0, random.Random(0))
+    first, why = sched.route(None, 0.0, random.Random(0), microbatch=0)
+    assert first is not None and first.origin in (0, 1) and "origin" in why
+    table.set_in_flight(first.origin, 1)  # it holds the first microbatch now (memory 1)
+    second, _ = sched.route(None, 0.0, random.Random(0), microbatch=1)
+    assert second.origin != first.origin
