@@ -888,6 +888,9 @@ class SkipScheduler(Policy):
             return _replay_forecast(routes, self.table, self.rules, base_timeline, now)
 
         built: list[tuple[str, list[Route]]] = []
+        previous = self._previous_plan(microbatches)
+        if previous is not None:
+            built.append(("previous plan", previous))
         for attempt in range(self.config.plan_constructions):
             if attempt and not time_left():
                 break
@@ -906,7 +909,9 @@ class SkipScheduler(Policy):
         self.balance.restore(base_balance)
         if not built:
             raise RuntimeError("swarmrt: no legal plan for this iteration (a stage has no live peer?)")
-        if len(built) == 1 and not time_left():  # no time to score: the forecast says how long it takes
+        if previous is not None and not time_left():  # no time: keep improving the plan that ran last
+            scored = [(score(previous), 0, "previous plan", previous)]
+        elif len(built) == 1 and not time_left():  # no time to score: the forecast says how long it takes
             scored = [(_replay_forecast(built[0][1], self.table, self.rules, base_timeline, now), 0,
                        built[0][0] + " (forecast)", built[0][1])]
         else:
@@ -924,9 +929,26 @@ class SkipScheduler(Policy):
         return self._install(routes, best, now, passes,
                              f"{method}, {improved} improving moves")
 
+    def _previous_plan(self, microbatches: Mapping[PeerId, int]) -> list[Route] | None:
+        """The last installed plan, if it still fits: the same microbatches per origin and every peer alive.
+
+        Planning it again lets the local search go on from where it stopped,
+        so a plan keeps improving over the iterations of a steady swarm.
+        """
+        last = getattr(self, "_last_plan", None)
+        if not last:
+            return None
+        counts = collections.Counter(r.origin for r in last)
+        if dict(counts) != {o: n for o, n in microbatches.items() if n > 0}:
+            return None
+        if any(p not in self.table for r in last for p in r.path):
+            return None
+        return list(last)
+
     def _install(self, routes: Sequence[Route], predicted: float, now: float, passes: int,
                  method: str) -> IterationPlan:
         """Book ``routes`` (in order) into the timeline and balance, and queue them per origin."""
+        self._last_plan = tuple(routes)
         self._planned = {}
         reasons = []
         for r in routes:

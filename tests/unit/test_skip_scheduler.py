@@ -337,3 +337,21 @@ def test_policy_picks_the_origin_when_the_trainer_holds_the_data(policy):
     table.set_in_flight(first.origin, 1)  # it holds the first microbatch now (memory 1)
     second, _ = sched.route(None, 0.0, random.Random(0), microbatch=1)
     assert second.origin != first.origin
+
+
+def test_the_previous_plan_is_improved_not_forgotten():
+    scenario = geo()
+    from swarmrt.core.simulator import plan_evaluator
+    evaluate = plan_evaluator(scenario)
+    sched = SkipScheduler(scenario.rules, peer_table(scenario))
+    counts = {o: 6 for o in scenario.origins}
+    ticks = iter(range(10_000))
+    clock = lambda: next(ticks) * 0.001  # a fake clock: 1 ms per reading, so the search is deterministic
+    first = sched.plan_iteration(counts, 0.0, random.Random(0), clock=clock, budget_s=0.2, evaluate=evaluate)
+    second = sched.plan_iteration(counts, 100.0, random.Random(1), clock=clock, budget_s=0.2, evaluate=evaluate)
+    assert second.predicted_iteration_s <= first.predicted_iteration_s
+    assert evaluate(second.routes) == pytest.approx(second.predicted_iteration_s)
+    table_peer = first.routes[0].path[1]
+    sched.table.remove(table_peer)  # the old plan no longer fits: planned afresh
+    third = sched.plan_iteration(counts, 200.0, random.Random(2), clock=clock, budget_s=0.0, evaluate=evaluate)
+    assert all(table_peer not in r.path for r in third.routes)
