@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", nargs="?", default=os.path.join(ROOT, "..", "shared", "scenarios", "geo-aws18.json"))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per measurement (default 3)")
-    parser.add_argument("--iterations", type=int, default=3, help="iterations per run without failures (default 3)")
+    parser.add_argument("--iterations", type=int, default=10, help="iterations per run without failures (default 10)")
     parser.add_argument("--budget-s", type=float, default=0.8, help="swarmrt planning budget per iteration (default 0.8)")
     parser.add_argument("--mtbf", type=float, default=600.0, help="mean time between failures per node, s (default 600)")
     parser.add_argument("--downtime", default="60,300",
@@ -89,13 +89,17 @@ def main(argv=None) -> int:
     rows = no_failures(scenario, args.seeds, args.iterations, args.budget_s)
     full = statistics.mean(r.mean_iteration_s for r in rows["full"])
     print(f"### No failures ({args.seeds} seeds x {args.iterations} iterations)\n")
-    print("| policy | s / iteration (mean, min-max over seeds) | vs full pipeline | samples/s |")
-    print("|---|---|---|---|")
+    full_last = statistics.mean(r.iteration_s[-1] for r in rows["full"])
+    print("| policy | s / iteration (mean, min-max over seeds) | vs full pipeline | first iteration | "
+          "last iteration (vs full) | samples/s |")
+    print("|---|---|---|---|---|---|")
     for policy, runs in rows.items():
         its = [r.mean_iteration_s for r in runs]
+        first = statistics.mean(r.iteration_s[0] for r in runs)
+        last = statistics.mean(r.iteration_s[-1] for r in runs)
         print(f"| {policy} | {statistics.mean(its):.2f} ({min(its):.2f}-{max(its):.2f}) | "
-              f"{statistics.mean(its) / full:.3f} ({statistics.mean(its) / full - 1:+.0%}) | "
-              f"{statistics.mean(r.samples_per_s for r in runs):.3f} |")
+              f"{statistics.mean(its) / full:.3f} ({statistics.mean(its) / full - 1:+.1%}) | {first:.2f} | "
+              f"{last:.2f} ({last / full_last - 1:+.1%}) | {statistics.mean(r.samples_per_s for r in runs):.3f} |")
 
     plans, per_route = planning(scenario, args.seeds, args.budget_s)
     print(f"\n### Planning (swarmrt, budget {args.budget_s} s)\n")
