@@ -91,7 +91,7 @@ import numpy as np
 
 from swarmrt.core.paths import Hop, PathRules, Route, balance_bounds, balance_feasible
 from swarmrt.core.peer_table import PeerTable
-from swarmrt.core.timeline import Forecast, Timeline, forecast_route
+from swarmrt.core.timeline import Timeline, forecast_route
 
 PeerId = Hashable
 

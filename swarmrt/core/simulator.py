@@ -48,6 +48,11 @@ The model
 
 Iterations are synchronous: the next starts when every microbatch of the
 previous one has completed or been lost (and the outer sync is done).
+
+:func:`plan_evaluator` turns the simulator into a scorer of whole plans (one
+iteration of fixed routes, :class:`ReplayPolicy`, no failures): swarmrt's
+``plan_iteration`` uses it to choose and improve plans, and ``swarmrt plan``
+to predict the iteration time it writes.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ import heapq
 import itertools
 import math
 import random
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Sequence
 
 from swarmrt.core.paths import Hop, Route
 from swarmrt.core.peer_table import PeerTable

@@ -14,6 +14,10 @@ this way, when would each step start?":
   where exactly the new hold would end), which makes it exact: a booking that
   passes the test can never push the peer over its memory at any later time.
 
+Work the timeline did not book (another trainer's microbatches, as the
+peers announce it) enters as ``busy_until``: a peer computes nothing of ours
+before then.
+
 Transfers are booked as ``links.transfer_s`` (idle-link time): the forecast
 ignores uplink contention, which the simulator models; the difference shows up
 as predicted vs simulated iteration time.

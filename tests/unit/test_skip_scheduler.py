@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from swarmrt.core.links import MatrixLinks
-from swarmrt.core.paths import PathRules, Route, balance_violations, stage_counts, validate_route
+from swarmrt.core.paths import PathRules, balance_violations, stage_counts, validate_route
 from swarmrt.core.peer_table import PeerTable
 from swarmrt.core.scenario import generate_scenario, load_scenario, peer_table
 from swarmrt.core.scheduler import (
