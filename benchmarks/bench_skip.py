@@ -11,11 +11,14 @@ Prints markdown tables (paste them into the benchmarks doc):
    and swarmrt's scheduler, each as a ratio to the full pipeline, plus
    swarmrt's planning time (``swarmrt plan``) and the time of one online
    ``route()`` call;
-2. preemptions (each node fails after an exponential time of mean
+2. compute noise: the same with every task's time multiplied by a seeded
+   log-normal factor (sigma ``--jitter``, 2% by default), which the
+   planner does not know about;
+3. preemptions (each node fails after an exponential time of mean
    ``--mtbf``, 10 minutes by default, and comes back after ``--downtime``):
    samples/s kept relative to the same policy without failures, with the
    microbatches retried and re-routed;
-3. scale: ``--peers`` peers generated over the scenario's regions,
+4. scale: ``--peers`` peers generated over the scenario's regions,
    ``--scale-iterations`` iterations per policy, with the wall time of each
    simulation.
 
@@ -73,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per measurement (default 3)")
     parser.add_argument("--iterations", type=int, default=10, help="iterations per run without failures (default 10)")
     parser.add_argument("--budget-s", type=float, default=0.8, help="swarmrt planning budget per iteration (default 0.8)")
+    parser.add_argument("--jitter", type=float, default=0.02, help="compute noise sigma of the noisy run (default 0.02)")
     parser.add_argument("--mtbf", type=float, default=600.0, help="mean time between failures per node, s (default 600)")
     parser.add_argument("--downtime", default="60,300",
                         help="mean downtimes of a failed node to try, s, comma-separated (default 60,300)")
@@ -100,6 +104,18 @@ def main(argv=None) -> int:
         print(f"| {policy} | {statistics.mean(its):.2f} ({min(its):.2f}-{max(its):.2f}) | "
               f"{statistics.mean(its) / full:.3f} ({statistics.mean(its) / full - 1:+.1%}) | {first:.2f} | "
               f"{last:.2f} ({last / full_last - 1:+.1%}) | {statistics.mean(r.samples_per_s for r in runs):.3f} |")
+
+    noisy = {policy: [simulate(scenario, policy, SimConfig(iterations=args.iterations, plan_budget_s=args.budget_s,
+                                                           jitter=args.jitter), random.Random(seed), clock=time.perf_counter)
+                      for seed in range(args.seeds)] for policy in POLICY_ORDER}
+    noisy_full = statistics.mean(r.mean_iteration_s for r in noisy["full"])
+    print(f"\n### Compute noise: every task takes its time x exp(N(0, {args.jitter})) "
+          f"({args.seeds} seeds x {args.iterations} iterations; plans are made on the exact figures)\n")
+    print("| policy | s / iteration | vs full pipeline |")
+    print("|---|---|---|")
+    for policy, runs in noisy.items():
+        m = statistics.mean(r.mean_iteration_s for r in runs)
+        print(f"| {policy} | {m:.2f} | {m / noisy_full:.3f} ({m / noisy_full - 1:+.1%}) |")
 
     plans, per_route = planning(scenario, args.seeds, args.budget_s)
     print(f"\n### Planning (swarmrt, budget {args.budget_s} s)\n")

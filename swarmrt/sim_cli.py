@@ -175,6 +175,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help="seconds of the stage groups' outer sync (default 0)")
     p.add_argument("--outer-sync-every", type=_positive_int, default=1, metavar="N",
                    help="iterations between outer syncs (default 1)")
+    p.add_argument("--jitter", type=_non_negative, default=0.0, metavar="SIGMA",
+                   help="noise on compute: each task takes its time x exp(N(0, SIGMA)) (default 0: exact)")
     p.add_argument("--plan-budget-s", type=_non_negative, default=0.8, metavar="S",
                    help="wall-clock seconds swarmrt may spend planning each iteration (default 0.8)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the reports as JSON")
@@ -209,7 +211,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         config = SimConfig(iterations=args.iterations, preempt_mtbf_s=args.preempt_mtbf,
                            downtime_s=args.downtime if args.downtime > 0 else 300.0,
                            outer_sync_s=args.outer_sync_s, outer_sync_every=args.outer_sync_every,
-                           plan_budget_s=args.plan_budget_s)
+                           plan_budget_s=args.plan_budget_s, jitter=args.jitter)
     except (ScenarioError, ValueError) as e:
         return _fail("simulate", str(e))
     policies = POLICY_ORDER if args.policy == "all" else (args.policy,)

@@ -98,13 +98,17 @@ class SimConfig:
     """Let policies that can (swarmrt's) plan each iteration at its start; routes are then served from the plan."""
     plan_budget_s: float = 0.0
     """Wall-clock budget for that planning's restarts (needs a ``clock`` passed to :func:`simulate`)."""
+    jitter: float = 0.0
+    """Noise on compute: every task takes its time x exp(N(0, jitter)) (seeded); 0: exact figures."""
+    start_s: float = 0.0
+    """Simulated clock at the start (times are relative to it in the report)."""
     record: bool = False
     """Keep every activation hold and executed backward order (for tests of memory and backward rules)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"SimConfig.iterations must be an integer >= 1, got {self.iterations!r}")
-        for name in ("head_factor", "preempt_mtbf_s", "outer_sync_s", "plan_budget_s"):
+        for name in ("head_factor", "preempt_mtbf_s", "outer_sync_s", "plan_budget_s", "jitter", "start_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"SimConfig.{name} must be a number >= 0, got {v!r}")
@@ -214,6 +218,7 @@ class Simulation:
         self.cfg = config
         self.rng = rng
         self.fail_rng = random.Random(rng.random())
+        self.jitter_rng = random.Random(rng.random())
         self.clock = clock
         self.table = peer_table(scenario, config.head_factor)
         if isinstance(policy, str):
@@ -229,7 +234,7 @@ class Simulation:
             for n in scenario.nodes]
         self.events: list = []
         self.seq = itertools.count()
-        self.now = 0.0
+        self.now = config.start_s
         self.mb_ids = itertools.count()
         self.outstanding = 0
         self.orphans: collections.deque = collections.deque()
@@ -241,6 +246,7 @@ class Simulation:
         self.backward_orders: list | None = [] if config.record else None
         self.forecast: float | None = None
         self.live_mbs: dict[int, _MB] = {}
+        self.finish_by_origin: dict = {}
 
     # --- event plumbing ------------------------------------------------------------------
 
@@ -285,6 +291,8 @@ class Simulation:
             dur = node.head
         else:
             dur = node.bwd
+        if self.cfg.jitter > 0:
+            dur *= math.exp(self.jitter_rng.gauss(0.0, self.cfg.jitter))
         node.busy = True
         node.task_start = self.now
         self._set_load(node)
@@ -533,6 +541,7 @@ class Simulation:
 
     def _complete(self, mb: _MB) -> None:
         self.policy.finished(mb.route)
+        self.finish_by_origin[mb.origin] = self.now
         self.stats["completed"] += 1
         for s in set(mb.route.stages):
             self.stage_visits[s] += 1
@@ -550,13 +559,13 @@ class Simulation:
         for i in range(total - per * len(origins) if origins else 0):
             counts[origins[i % len(origins)].id] += 1
         counts = self.policy.deal(counts)
-        origins = [self.nodes[o] for o in counts if counts[o] > 0]
+        origins = sorted((self.nodes[o] for o in counts if counts[o] > 0), key=lambda n: n.id)
         if origins:
             total = sum(counts.values())
             if self.cfg.plan_ahead and isinstance(self.policy, SkipScheduler):
                 plan = self.policy.plan_iteration(counts, self.now, self.rng, clock=self.clock,
                                                   budget_s=self.cfg.plan_budget_s,
-                                                  evaluate=plan_evaluator(self.sc, self.cfg.head_factor))
+                                                  evaluate=plan_evaluator(self.sc, self.cfg.head_factor, self.now))
                 if it == 0:
                     self.forecast = plan.predicted_iteration_s
             else:
@@ -672,16 +681,33 @@ class ReplayPolicy(Policy):
         return self._register(r, r.middle_stages(self.rules)), "replayed"
 
 
-def plan_evaluator(scenario: Scenario, head_factor: float = HEAD_FACTOR) -> Callable[[Sequence[Route]], float]:
-    """Score a plan by simulating one iteration of it on ``scenario`` (no failures): its seconds."""
-    config = SimConfig(iterations=1, head_factor=head_factor, plan_ahead=False)
+class PlanEvaluator:
+    """Scores a plan by simulating one iteration of it (no failures): its seconds.
 
-    def evaluate(routes: Sequence[Route]) -> float:
-        sim = Simulation(scenario, lambda table: ReplayPolicy(scenario.rules, table, routes), config,
+    After each call, ``finish_by_origin`` says when each origin's last
+    microbatch finished (see :data:`swarmrt.core.scheduler.Evaluator`).
+    ``start_s`` is the simulated time the plan starts at: the simulator
+    passes its own clock so that the replay does the very same float
+    arithmetic as the execution (simultaneous events are ordered
+    identically; without it a plan can tie-break differently when it runs).
+    """
+
+    def __init__(self, scenario: Scenario, head_factor: float = HEAD_FACTOR, start_s: float = 0.0) -> None:
+        self.scenario = scenario
+        self.config = SimConfig(iterations=1, head_factor=head_factor, plan_ahead=False, start_s=start_s)
+        self.finish_by_origin: dict = {}
+
+    def __call__(self, routes: Sequence[Route]) -> float:
+        sim = Simulation(self.scenario, lambda table: ReplayPolicy(self.scenario.rules, table, routes), self.config,
                          random.Random(0))
-        return sim.run().iteration_s[0]
+        seconds = sim.run().iteration_s[0]
+        self.finish_by_origin = dict(sim.finish_by_origin)
+        return seconds
 
-    return evaluate
+
+def plan_evaluator(scenario: Scenario, head_factor: float = HEAD_FACTOR, start_s: float = 0.0) -> PlanEvaluator:
+    """A :class:`PlanEvaluator` for ``scenario``."""
+    return PlanEvaluator(scenario, head_factor, start_s)
 
 
 def simulate(scenario: Scenario, policy: str | Callable[[PeerTable], Policy], config: SimConfig | None = None,

@@ -147,3 +147,39 @@ def test_config_errors_name_the_field():
         SimConfig(preempt_mtbf_s=-1)
     with pytest.raises(ValueError, match="SimConfig.downtime_s"):
         SimConfig(downtime_s=0)
+
+
+def test_jitter_is_seeded_noise_on_compute():
+    scenario = two_node()
+    exact = simulate(scenario, "full", SimConfig(iterations=3), random.Random(0)).iteration_s
+    a = simulate(scenario, "full", SimConfig(iterations=3, jitter=0.1), random.Random(4)).iteration_s
+    b = simulate(scenario, "full", SimConfig(iterations=3, jitter=0.1), random.Random(4)).iteration_s
+    assert a == b and a != exact
+    assert all(abs(x - 12.2) < 12.2 * 0.5 for x in a)
+
+
+def test_planned_iterations_run_exactly_as_predicted():
+    import itertools
+
+    from swarmrt.core.scheduler import SkipScheduler
+    scenario = load_scenario(GEO)
+    predicted = []
+    sim_policy = {}
+
+    def factory(table):
+        sched = SkipScheduler(scenario.rules, table)
+        plan = sched.plan_iteration
+
+        def spy(*args, **kwargs):
+            p = plan(*args, **kwargs)
+            predicted.append(p.predicted_iteration_s)
+            return p
+        sched.plan_iteration = spy
+        sim_policy["p"] = sched
+        return sched
+
+    ticks = itertools.count()
+    report = simulate(scenario, factory, SimConfig(iterations=4, plan_budget_s=0.3), random.Random(2),
+                      clock=lambda: next(ticks) * 0.002)
+    assert len(predicted) == 4
+    assert list(report.iteration_s) == pytest.approx(predicted)
