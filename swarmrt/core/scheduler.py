@@ -637,9 +637,13 @@ class _Chain:
     """A route shape for one origin: middle stages (and the last stage) with one peer each."""
 
     stages: tuple[int, ...]
+    """Stages after the origin, in visit order (middle ones, then the last stage if it is not stage 0)."""
     peers: tuple[PeerId, ...]
+    """One peer per entry of ``stages``."""
     middle: tuple[int, ...]
+    """The middle stages among ``stages`` (what the balance rule counts)."""
     cost: float
+    """Links plus compute along the shape, seconds (with the penalties it was chosen by)."""
 
 
 class SkipScheduler(Policy):
@@ -655,27 +659,22 @@ class SkipScheduler(Policy):
 
     # --- per-microbatch search -----------------------------------------------------------
 
-    def _capped(self, stage: int, ids: Sequence[PeerId], speed: np.ndarray, visits: Mapping[PeerId, int],
-                quota: float, extra: int = 1) -> np.ndarray | None:
-        """A cost per peer for going past its speed-weighted share of ``quota`` visits (None: no cap).
+    def _share_penalty(self, arr, used: np.ndarray, quota: float, extra: int = 1) -> np.ndarray | None:
+        """A cost per peer of ``arr`` for going past its speed-weighted share of ``quota`` visits (None: none).
 
-        Ten times the work of each visit beyond the share: a peer within its
-        share always beats one past it, and when all are past it the least
-        overloaded wins.
+        ``used[i]``: visits peer ``i`` already has. Ten times the work of each
+        visit beyond the share: a peer within its share always beats one past
+        it, and when all are past it the least overloaded wins.
         """
         slack = self.config.peer_share_slack
-        if slack is None or quota <= 0:
+        if slack is None or quota <= 0 or not len(arr.ids):
             return None
+        speed = 1.0 / arr.forward_s
         cap = np.ceil(quota * speed / speed.sum() * (1.0 + slack) - 1e-9)
-        used = np.fromiter((visits.get(p, 0) for p in ids), dtype=np.float64, count=len(ids))
         over = np.maximum(0.0, used + extra - cap)
         if not over.any():
             return None
-        return over * (10.0 / speed) * (1.0 + self._backward_ratio(stage))
-
-    def _backward_ratio(self, stage: int) -> float:
-        arr = self.table.arrays(stage)
-        return float(np.mean(arr.backward_s / arr.forward_s)) if len(arr.ids) else 1.0
+        return over * 10.0 * (arr.forward_s + arr.backward_s)
 
     def _stage_quota(self, stage: int) -> float:
         """Visits a stage gets per window."""
@@ -698,8 +697,9 @@ class SkipScheduler(Policy):
                 load = np.fromiter((self.timeline.load_s.get(p, 0.0) for p in ids), dtype=np.float64,
                                    count=len(ids))
                 penalty = np.zeros(len(ids))
-                capped = self._capped(stage, ids, 1.0 / arr.forward_s, self.balance.peer_counts,
-                                      self._stage_quota(stage))
+                used = np.fromiter((self.balance.peer_counts.get(p, 0) for p in ids), dtype=np.float64,
+                                   count=len(ids))
+                capped = self._share_penalty(arr, used, self._stage_quota(stage))
                 if capped is not None:
                     penalty += capped
                 if exclude:
@@ -899,6 +899,8 @@ class SkipScheduler(Policy):
             if attempt and not time_left():
                 break
             for lanes in (False, True):
+                if lanes and not time_left():
+                    break
                 chains = self._chain_plan(microbatches, rng, lanes)
                 if chains is not None:
                     built.append(("lane chains" if lanes else "origin chains", chains))
@@ -1012,32 +1014,37 @@ class SkipScheduler(Policy):
         """
         total = sum(microbatches.values())
         balance = _Balance(self.rules, total)
-        visits: dict[PeerId, int] = {}
-        by_origin: dict[PeerId, set] = collections.defaultdict(set)
-        by_lane: dict[PeerId, set] = collections.defaultdict(set)
         origins = [o for o in microbatches if microbatches[o] > 0]
         rng.shuffle(origins)
         lanes = {o: max(1, min(self.table.get(o).memory_microbatches, microbatches[o])) if lanes_apart else 1
                  for o in origins}
+        n_lanes = max(lanes.values(), default=0)
+        state = {}
+        for stage in range(1, self.rules.stages):
+            arr = self.table.arrays(stage)
+            state[stage] = (arr, {p: i for i, p in enumerate(arr.ids)}, np.zeros(len(arr.ids)),
+                            [np.zeros(len(arr.ids), dtype=bool) for _ in range(n_lanes)])
         shapes: dict[tuple[PeerId, int], list[_Chain]] = {}
-        for lane in range(max(lanes.values(), default=0)):
+        for lane in range(n_lanes):
             for o in origins:
                 if lane >= lanes[o]:
                     continue
                 todo = len(range(lane, microbatches[o], lanes[o]))
                 shape = None
                 shapes[(o, lane)] = []
+                mine = [(h.stage, h.peer) for key, chains in shapes.items() if key[0] == o
+                        for c in chains[:1] for h in (Hop(s_, p_) for s_, p_ in zip(c.stages, c.peers))]
                 while todo:
                     if shape is None or not balance.allowed(shape.middle):
-                        shape = self._best_chain(o, todo, balance, visits, rng, by_origin[o] if lanes_apart else (),
-                                                 by_lane if lanes_apart else None, lane)
+                        shape = self._best_chain(o, todo, balance, state, rng, mine if lanes_apart else (),
+                                                 lane if lanes_apart else -1)
                         if shape is None:
                             return None
                     balance.commit(shape.middle)
-                    for p in shape.peers:
-                        visits[p] = visits.get(p, 0) + 1
-                        by_origin[o].add(p)
-                        by_lane[p].add(lane)
+                    for stage, p in zip(shape.stages, shape.peers):
+                        arr, index, visits, marks = state[stage]
+                        visits[index[p]] += 1
+                        marks[lane][index[p]] = True
                     shapes[(o, lane)].append(shape)
                     todo -= 1
         routes = []
@@ -1048,29 +1055,36 @@ class SkipScheduler(Policy):
                     routes.append(self._make_route(o, shape.peers, shape.stages, len(routes)))
         return routes
 
-    def _best_chain(self, origin: PeerId, n: int, balance: _Balance, visits: Mapping[PeerId, int],
-                    rng: random.Random, mine: Collection[PeerId] = (), lanes: Mapping[PeerId, set] | None = None,
-                    lane: int = -1) -> _Chain | None:
-        """The cheapest allowed shape for ``n`` microbatches of ``origin`` (see :meth:`_chain_plan`)."""
+    def _best_chain(self, origin: PeerId, n: int, balance: _Balance, state: Mapping[int, tuple],
+                    rng: random.Random, mine: Sequence[tuple[int, PeerId]] = (), lane: int = -1) -> _Chain | None:
+        """The cheapest allowed shape for ``n`` microbatches of ``origin`` (see :meth:`_chain_plan`).
+
+        ``state[stage]``: (arrays, peer -> index, visits so far, per-lane marks).
+        """
         links = self.table.links
         sets = self.stage_sets(rng)[0]
         sets = [c for c in sets if balance.allowed(c, n)] or [c for c in sets if balance.allowed(c)]
         if not sets:
             return None
         best = None
+        middle_quota = balance.window * self.k / max(1, len(self.rules.middle_stages))
         for middle in sets:
             stages = middle + self._tail()
             beams = [(0.0, (origin,))]
             for stage in stages:
-                arr = self.table.arrays(stage)
-                quota = (balance.window * self.k / max(1, len(self.rules.middle_stages))
-                         if stage in balance.counts else float(balance.window))
-                capped = self._capped(stage, arr.ids, 1.0 / arr.forward_s, visits, quota, extra=n)
-                work = arr.forward_s + arr.backward_s + (capped if capped is not None else 0.0)
-                if mine:
-                    work = work + np.where([p in mine for p in arr.ids], arr.backward_s, 0.0)
-                if lanes:
-                    work = work + np.where([lane in lanes.get(p, ()) for p in arr.ids], arr.forward_s, 0.0)
+                arr, index, visits, marks = state[stage]
+                quota = middle_quota if stage in balance.counts else float(balance.window)
+                work = arr.forward_s + arr.backward_s
+                penalty = self._share_penalty(arr, visits, quota, extra=n)
+                if penalty is not None:
+                    work = work + penalty
+                if mine or lane >= 0:
+                    work = work.copy()
+                    for s_, p in mine:
+                        if s_ == stage and p in index:
+                            work[index[p]] += arr.backward_s[index[p]]
+                    if lane >= 0:
+                        work += np.where(marks[lane], arr.forward_s, 0.0)
                 grown = []
                 for cost, peers in beams:
                     total = cost + links.transfer_row(peers[-1], arr.ids) + work
