@@ -739,18 +739,26 @@ class SkipScheduler(Policy):
                     self.timeline.book(mb, forecast)
                 self._live[mb] = (route, entry[1], entry[2])
                 return route, "planned: " + why
-            if entry is not None:  # a planned peer is gone: give its balance share back, route online
+            if entry is not None:  # a planned peer is gone: same stages, other peers (EFT)
                 self.balance.undo(entry[1], entry[2])
                 self.balance.count_peers(planned, -1, entry[2])
+                route, why = self._route_online(origin, now, now, rng, mb, only=entry[1])
+                if route is not None:
+                    return route, "re-planned around a dead peer: " + why
         return self._route_online(origin, now, now, rng, mb)
 
     def _route_online(self, origin: PeerId, ready: float, now: float, rng: random.Random,
-                      mb: int, key: Hashable = None) -> tuple[Route | None, str]:
-        """Book the earliest-finishing legal route from ``origin`` whose forward may start at ``ready``."""
+                      mb: int, key: Hashable = None, only: tuple[int, ...] | None = None) -> tuple[Route | None, str]:
+        """Book the earliest-finishing legal route from ``origin`` whose forward may start at ``ready``.
+
+        ``only``: consider just this stage set (if it is still allowed).
+        """
         key = mb if key is None else key
         sets, note = self.stage_sets(rng)
+        if only is not None:
+            sets = [c for c in sets if c == tuple(only)]
         if not sets:
-            return None, note
+            return None, note or f"stage set {only} no longer allowed"
         self._note_foreign_load(now)
         info = self.table.get(origin)
         start = self.timeline.forward_start(origin, ready, info.forward_s, info.memory_microbatches, now,
