@@ -15,6 +15,7 @@ import time
 
 from swarmrt.core.config import ConfigError, load_config
 from swarmrt.runtime.checkpoint import CheckpointError
+from swarmrt.sim_cli import add_plan_parser, add_simulate_parser
 
 EXIT_USAGE = 2
 
@@ -204,13 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from swarmrt.sim_cli import add_plan_parser, add_simulate_parser
-    except ImportError:
-        pass
-    else:
-        add_plan_parser(sub)
-        add_simulate_parser(sub)
+    add_plan_parser(sub)
+    add_simulate_parser(sub)
     return parser
 
 
