@@ -2,7 +2,10 @@
 of a stage leaves a checkpoint the next peer resumes from; a whole swarm restarted from
 checkpoints continues its step counter and loss curve."""
 
+import json
 import math
+import subprocess
+import sys
 import signal
 import time
 
@@ -30,6 +33,24 @@ def swarm(tmp_path_factory):
     with LocalSwarm(config, peers_per_stage=[2, 2, 1], workdir=tmp_path_factory.mktemp("preempt")) as s:
         yield s
     assert s.leftover_processes() == []
+
+
+@pytest.mark.timeout(300)  # includes starting the module swarm
+def test_status_shows_stages_peers_and_heartbeats(swarm):
+    swarm.train(steps=3)  # so peers have measured their throughput
+    out = subprocess.run([sys.executable, "-m", "swarmrt", "status", "--initial-peers", swarm.maddr, "--json"],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)["preempt"]
+    assert [len(stage) for stage in report["stages"]] == [2, 2, 1]
+    addresses = {p.address for p in swarm.peers()}
+    for stage, peers in enumerate(report["stages"]):
+        for peer in peers:
+            assert peer["stage"] == stage and peer["state"] == "serving" and peer["address"] in addresses
+            assert peer["throughput"] > 0 and 0 <= peer["heartbeat_age_s"] < 10
+    text = subprocess.run([sys.executable, "-m", "swarmrt", "status", "--initial-peers", swarm.maddr],
+                          capture_output=True, text=True, timeout=90).stdout
+    assert "run preempt" in text and "stage 2:" in text and "samples/s" in text
 
 
 @pytest.mark.timeout(300)
