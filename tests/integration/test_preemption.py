@@ -120,3 +120,17 @@ def test_whole_swarm_restarts_from_checkpoints(tmp_path):
     head_after = sum(after[:5]) / 5
     assert head_after < tail_before + 0.35, (before[-5:], after[:5])
     assert head_after < before[0] - 0.5
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_a_trainer_finishes_its_step_and_saves_its_position(swarm):
+    from swarmrt.runtime.checkpoint import load_data_position
+
+    trainer = swarm.start_trainer(steps=500, extra_args=["--stream", "7"])
+    _wait_for(lambda: len(swarm.metrics(trainer)) >= 4, 120, "4 steps", [trainer])
+    trainer.signal(signal.SIGTERM)
+    summary = swarm.wait_trainer(trainer, timeout=60)  # raises unless it exits 0
+    assert summary["stopped_early"] and 4 <= summary["next_step"] < 500
+    assert summary["next_step"] == len(swarm.metrics(trainer))  # the step in flight was finished, not dropped
+    assert load_data_position(swarm.config.checkpoint.location, swarm.config.run.id, 7) == summary["next_step"]
+    assert summary["duplicates"] == 0 and summary["partially_applied"] == 0
