@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=3, help="pipeline stages")
     p.add_argument("--peers-per-stage", type=int, default=2, help="peers serving each stage")
     p.add_argument("--trainers", type=int, default=1, help="trainer processes")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--workdir", help="keep logs and metrics here (default: a temporary folder)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_demo)
