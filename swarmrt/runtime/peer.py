@@ -22,6 +22,7 @@ from swarmrt.data import sample_input
 from swarmrt.models.build import build_layers, stage_ranges
 from swarmrt.net import dht as dht_records
 from swarmrt.net.client import StageClient
+from swarmrt.net.emulation import server_interceptors
 from swarmrt.net.server import StageServicer, start_server
 from swarmrt.runtime.proc import install_stop_handlers
 from swarmrt.runtime.stage import StageWorker, infer_input_spec
@@ -47,6 +48,8 @@ class PeerOptions:
     """Emulated extra compute time per forward and per backward (benchmarks)."""
     slowdown: float = 1.0
     """Multiply real compute time by this factor (fault tests)."""
+    net_rules: str | None = None
+    """Emulated links and RPC faults (``swarmrt.net.emulation``), re-read when the file changes."""
 
 
 async def _pick_stage(dht, config: RunConfig, rng: random.Random) -> tuple[int, str]:
@@ -103,7 +106,8 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         worker = StageWorker(module, config, stage, spec, compute_delay_s=options.compute_delay_s,
                              slowdown=options.slowdown, ledger_path=options.ledger)
         servicer = StageServicer(worker, config.run.id, peer_id, net.max_tensor_mb * 2**20)
-        server, port = await start_server(servicer, net.host, options.port, net.max_tensor_mb)
+        server, port = await start_server(servicer, net.host, options.port, net.max_tensor_mb,
+                                          interceptors=server_interceptors(options.net_rules, worker))
         address = f"{net.host}:{port}"
         note = await _download_state(worker, config, dht, stage, peer_id)
 
