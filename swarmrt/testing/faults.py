@@ -36,8 +36,8 @@ What each fault does on a :class:`~swarmrt.testing.swarm.LocalSwarm`:
 
 RPC faults (drop, delay, corrupt) and ``slow`` count as fired only once the
 peer reports that it applied them (``count`` calls affected, or the new
-factor in force); the others fire when the signal is sent or the rule is
-installed.
+factor in force), ``revive`` and ``add_peer`` once the new peer serves; the
+others fire when the signal is sent or the rule is installed.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ class Fault:
     ended: bool = False
     ended_time: float | None = None
     effects: int = 0
-    """Calls the peer reports it affected (RPC faults, partition) or 1 once a slowdown is in force."""
+    """Calls the peer reports it affected (RPC faults, partition); 1 once a slowdown is in force or a
+    started peer serves (revive, add_peer)."""
     waiting: str = ""
     """Why a due fault has not fired yet (e.g. no healthy peer to choose)."""
 
@@ -148,7 +149,7 @@ class Fault:
     def required_effects(self) -> int:
         if self.kind in RPC_KINDS:
             return int(self.params["count"])
-        return 1 if self.kind == "slow" else 0
+        return 1 if self.kind in ("slow", "revive", "add_peer") else 0
 
     @property
     def happened(self) -> bool:
@@ -447,6 +448,9 @@ class Executor(Protocol):
     def end(self, fault: Fault) -> str:
         """Undo a lasting fault (resume a hung peer, restore speed, heal a partition); return a note."""
 
+    def effects(self) -> dict[str, int]:
+        """Confirmed effects so far per fault id (calls affected, a slowdown in force, a joiner serving)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class FaultEvent:
@@ -499,8 +503,8 @@ class FaultInjector:
         return names
 
     def tick(self, step: int, elapsed: float) -> list[FaultEvent]:
-        """Fire every fault that is due and end every lasting fault whose time is up."""
-        new: list[FaultEvent] = []
+        """Fire every fault that is due, end every lasting fault whose time is up, collect effects."""
+        new: list[FaultEvent] = self.record_effects(self.executor.effects(), step, elapsed)
         for fault in self.plan.ending(elapsed):
             note = self.executor.end(fault)
             fault.record_ended(elapsed)
@@ -513,7 +517,7 @@ class FaultInjector:
             note, started = (result, None) if isinstance(result, str) or result is None else result
             fault.record_fired(step, elapsed, started if started is not None else names, note or "")
             new.append(FaultEvent(step, elapsed, fault, "fired", note or ""))
-        self.events.extend(new)
+        self.events.extend(e for e in new if e.what != "effect")  # effects were recorded already
         return new
 
     def record_effects(self, counts: dict[str, int], step: int, elapsed: float) -> list[FaultEvent]:

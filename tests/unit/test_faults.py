@@ -13,6 +13,7 @@ class FakeSwarm:
         self.started = {s: [f"s{s}p{i}" for i in range(n)] for s, n in enumerate(peers_per_stage)}
         self.dead: set[str] = set()
         self.calls: list[tuple] = []
+        self.confirmed: dict[str, int] = {}
         self.step = 0
 
     def peer_names(self, stage, alive):
@@ -28,12 +29,16 @@ class FakeSwarm:
                 stage = int(targets[0][1])
             name = f"s{stage}p{len(self.started[stage])}"
             self.started[stage].append(name)
+            self.confirmed[fault.id] = 1  # a real swarm confirms once the new peer serves
             return f"started {name}", [name]
         return f"{fault.kind} {targets}"
 
     def end(self, fault):
         self.calls.append(("end", self.step, fault.kind, fault.resolved))
         return "ended"
+
+    def effects(self):
+        return dict(self.confirmed)
 
 
 def run(plan, swarm, steps, seconds_per_step=1.0):
@@ -105,13 +110,17 @@ def test_an_unfired_fault_fails_the_check_and_is_named():
 def test_rpc_faults_count_only_when_the_peer_confirms_every_call():
     plan = FaultPlan(seed=0)
     drop = plan.drop_rpc(Peer(0, 0), "Forward", count=3, at_step=1)
-    injector = FaultInjector(plan, FakeSwarm())
+    swarm = FakeSwarm()
+    injector = FaultInjector(plan, swarm)
     injector.tick(1, 1.0)
     assert drop.fired and not drop.happened
-    injector.record_effects({"f1": 2}, 2, 2.0)
+    swarm.confirmed["f1"] = 2
+    injector.tick(2, 2.0)
     with pytest.raises(UnfiredFaults, match="peer confirmed 2/3"):
         plan.assert_all_fired()
-    injector.record_effects({"f1": 3}, 3, 3.0)
+    swarm.confirmed["f1"] = 3
+    events = injector.tick(3, 3.0)
+    assert [e.what for e in events] == ["effect"] and "(3/3)" in events[0].text
     plan.assert_all_fired()
 
 

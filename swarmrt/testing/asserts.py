@@ -1,0 +1,111 @@
+"""Assertions a fault test needs, with failure messages that say what went wrong where.
+
+- :func:`assert_exactly_once`: no microbatch lost, none applied twice, by the
+  trainer's own accounting and by the ledgers of every peer (dead ones too).
+- :func:`assert_loss_close`: the loss curve of a faulty run stays within a
+  tolerance of a fault-free one.
+- :func:`assert_no_leftovers`: nothing a swarm started is still running.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+from swarmrt.testing.swarm import LocalSwarm, Role
+
+
+def assert_exactly_once(swarm: LocalSwarm, summary: dict, trainer: Role | None = None) -> dict[int, set[str]]:
+    """Every microbatch the trainer applied shows up exactly once in each stage's ledgers.
+
+    Checks the trainer's summary (no duplicates, no partially applied
+    microbatch, applied == started) and the ledgers of every peer that ever
+    served each stage (a ledger is appended when a peer adds a microbatch's
+    gradients): no id twice. With ``trainer`` (a role from
+    :meth:`LocalSwarm.start_trainer`) it also checks that microbatch
+    ``(step, index)`` of that trainer was applied exactly once per stage over
+    all its attempts, for every step it ran: nothing lost, nothing applied by
+    two attempts. (With stage skipping on, middle stages may legitimately miss
+    a microbatch; then only "not twice" is checked for them.)
+
+    Returns ``{stage: set of microbatch ids in its ledgers}``.
+    """
+    problems = []
+    if summary.get("duplicates"):
+        problems.append(f"the trainer counted {summary['duplicates']} stage backward(s) applied twice")
+    if summary.get("partially_applied"):
+        problems.append(f"{summary['partially_applied']} microbatch(es) were applied on some stages only")
+    if summary.get("applied") != summary.get("microbatches"):
+        problems.append(f"the trainer applied {summary.get('applied')} of {summary.get('microbatches')} microbatches")
+    config = swarm.config
+    last = config.num_stages - 1
+    skipping = getattr(config.routing, "skip_ratio", 0.0) > 0
+    ledgers = {}
+    for stage in range(config.num_stages):
+        ids = swarm.ledger(stage)
+        ledgers[stage] = set(ids)
+        repeated = [mb for mb, n in collections.Counter(ids).items() if n > 1]
+        if repeated:
+            problems.append(f"stage {stage} applied {len(repeated)} microbatch id(s) more than once: {repeated[:5]}")
+        if trainer is None or trainer.trainer_id is None:
+            continue
+        prefix = trainer.trainer_id + ":"
+        per_slot = collections.Counter(tuple(int(x) for x in mb[len(prefix):].split(":")[:2])
+                                       for mb in ids if mb.startswith(prefix))
+        twice = sorted(slot for slot, n in per_slot.items() if n > 1)
+        if twice:
+            problems.append(f"stage {stage}: microbatch(es) (step, index) {twice[:5]} of {trainer.name} were applied "
+                            f"by more than one attempt")
+        if skipping and 0 < stage < last:
+            continue
+        expected = {(step, i) for step in range(summary.get("steps", 0))
+                    for i in range(config.data.microbatches_per_step)}
+        lost = sorted(expected - set(per_slot))
+        if lost:
+            problems.append(f"stage {stage}: {len(lost)} microbatch(es) (step, index) of {trainer.name} were never "
+                            f"applied: {lost[:5]}")
+    if problems:
+        raise AssertionError("exactly-once violated:\n  " + "\n  ".join(problems))
+    return ledgers
+
+
+def _losses(curve: Sequence) -> dict[int, float]:
+    if curve and isinstance(curve[0], dict):
+        return {int(r["step"]): float(r["loss"]) for r in curve}
+    return {i: float(v) for i, v in enumerate(curve)}
+
+
+def assert_loss_close(faulty: Sequence, reference: Sequence, atol: float = 0.1, rtol: float = 0.05,
+                      window: int = 5, allow_better: bool = False) -> float:
+    """The faulty run's loss curve stays within ``atol + rtol * |reference|`` of the reference's.
+
+    Curves are metrics records (``{"step", "loss"}``, as in a metrics file or
+    :attr:`FaultRun.metrics`) or plain lists of losses. Both are smoothed with
+    a trailing mean over ``window`` steps (single steps are noisy) and compared
+    at every step both have. ``allow_better``: only fail when the faulty run
+    is worse. Returns the largest deviation seen.
+    """
+    a, b = _losses(faulty), _losses(reference)
+    steps = sorted(set(a) & set(b))
+    if len(steps) < window:
+        raise AssertionError(f"only {len(steps)} step(s) in common between the curves; need at least {window}")
+    worst, worst_step = 0.0, None
+    for k in range(window - 1, len(steps)):
+        span = steps[k - window + 1:k + 1]
+        fa = sum(a[s] for s in span) / window
+        fb = sum(b[s] for s in span) / window
+        diff = fa - fb if allow_better else abs(fa - fb)
+        tolerance = atol + rtol * abs(fb)
+        if diff > tolerance:
+            raise AssertionError(f"loss at step {steps[k]} (mean of the last {window} steps) is {fa:.4f} in the faulty "
+                                 f"run vs {fb:.4f} without faults: off by {fa - fb:+.4f}, tolerance {tolerance:.4f}")
+        if diff > worst:
+            worst, worst_step = diff, steps[k]
+    return worst
+
+
+def assert_no_leftovers(swarm: LocalSwarm) -> None:
+    """Nothing the swarm started (roles, DHT children, p2pd) is still alive; call after stopping it."""
+    left = swarm.leftover_processes()
+    if left:
+        raise AssertionError(f"{len(left)} process(es)/group(s) of swarm {swarm.swarm_id} still alive: {left}")
