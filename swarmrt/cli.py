@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainers", type=int, default=1, help="trainer processes")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--workdir", help="keep logs and metrics here (default: a temporary folder)")
+    p.add_argument("--chaos", action="store_true",
+                   help="kill, hang and preempt random peers while training (seeded), add replacements, and "
+                        "report what the run did about it")
+    p.add_argument("--seed", type=int, default=0, help="--chaos: seed of the fault plan")
+    p.add_argument("--faults", type=int, default=3, help="--chaos: how many faults to inject")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    for name in ("steps", "stages", "peers_per_stage", "trainers"):
+    for name in ("steps", "stages", "peers_per_stage", "trainers", "faults"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.exit(EXIT_USAGE, f"swarmrt {args.command}: error: --{name.replace('_', '-')} must be >= 1, "
