@@ -14,6 +14,8 @@ import sys
 import time
 
 from swarmrt.core.config import ConfigError, load_config
+from swarmrt.runtime.checkpoint import CheckpointError
+from swarmrt.sim_cli import add_plan_parser, add_simulate_parser
 
 EXIT_USAGE = 2
 
@@ -77,7 +79,8 @@ def cmd_peer(args) -> int:
         load_rules(net_rules)  # a bad rules file is a usage error naming the key
     options = PeerOptions(initial_peers=tuple(args.initial_peers), stage=args.stage, port=args.port,
                           grace_s=args.grace, ready_file=args.ready_file, ledger=args.ledger,
-                          compute_delay_s=args.compute_delay, slowdown=args.slowdown, net_rules=net_rules)
+                          compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume,
+                          net_rules=net_rules)
     return run(serve_peer(config, options))
 
 
@@ -87,6 +90,7 @@ def cmd_train(args) -> int:
     from swarmrt.net.dht import start_dht
     from swarmrt.net.emulation import client_interceptors, rules_path
     from swarmrt.runtime.proc import install_stop_handlers, run
+    from swarmrt.runtime.checkpoint import load_data_position
     from swarmrt.runtime.trainer import Trainer
 
     config = load_config(args.config)
@@ -96,7 +100,14 @@ def cmd_train(args) -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
-        install_stop_handlers(asyncio.get_running_loop(), stop)
+        install_stop_handlers(asyncio.get_running_loop(), stop,
+                              on_first=lambda _: print("trainer: stopping after the step in flight", file=sys.stderr))
+        start_step = 0
+        if args.resume:
+            if config.checkpoint.location is None:
+                raise ConfigError("--resume needs [checkpoint] location in the run config")
+            start_step = load_data_position(config.checkpoint.location, config.run.id, args.stream) or 0
+            print(f"trainer: resuming stream {args.stream} at step {start_step}", file=sys.stderr)
         dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
         try:
             trainer = Trainer(config, dht, stream=args.stream, metrics_path=args.metrics_file,
@@ -104,14 +115,7 @@ def cmd_train(args) -> int:
                               trainer_id=args.trainer_id)
             if interceptors:  # name this trainer to the peers' emulated links and partitions
                 trainer.client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
-            task = asyncio.create_task(trainer.run(args.steps))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                task.cancel()
-                print("trainer: stopped by signal", file=sys.stderr)
-                return 0
-            summary = task.result()
+            summary = await trainer.run(args.steps, start_step=start_step, stop=stop)
             text = json.dumps(summary, indent=1)
             if args.summary_file:
                 pathlib.Path(args.summary_file).write_text(text)
@@ -184,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", help="append every applied microbatch id to this file")
     p.add_argument("--compute-delay", type=float, default=0.0, help="emulated extra seconds per forward/backward")
     p.add_argument("--slowdown", type=float, default=1.0, help="multiply compute time by this factor")
+    p.add_argument("--resume", action="store_true",
+                   help="load the stage's newest checkpoint ([checkpoint] location) even if other peers serve it")
     p.add_argument("--net-rules", metavar="FILE", help="emulated links and RPC faults (JSON, re-read when it "
                    "changes; default: $SWARMRT_NET_RULES; see swarmrt.net.emulation)")
     p.set_defaults(func=cmd_peer)
@@ -194,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-file", help="append one JSON object per step here")
     p.add_argument("--summary-file", help="write the final summary JSON here")
     p.add_argument("--stream", type=int, default=0, help="data stream of this trainer (several trainers: 0, 1, ...)")
+    p.add_argument("--resume", action="store_true",
+                   help="start at the data position saved under [checkpoint] location (default: step 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     p.add_argument("--trainer-id", help="prefix of this trainer's microbatch ids (default: random); no ':'")
@@ -221,13 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from swarmrt.sim_cli import add_plan_parser, add_simulate_parser
-    except ImportError:
-        pass
-    else:
-        add_plan_parser(sub)
-        add_simulate_parser(sub)
+    add_plan_parser(sub)
+    add_simulate_parser(sub)
     return parser
 
 
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"swarmrt {args.command}: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        print(f"swarmrt {args.command}: checkpoint error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

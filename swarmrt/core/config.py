@@ -169,29 +169,64 @@ class NetworkSection:
 @dataclasses.dataclass(frozen=True)
 class CompressionSection:
     activations: str = "none"
-    """Codec for activations sent forward."""
+    """Codec for activations sent forward (see swarmrt.core.compression: none, fp16, bf16, int8, ...)."""
     gradients: str = "none"
     """Codec for activation gradients sent backward."""
     pseudo_gradients: str = "fp16"
-    """Codec for the pseudo-gradients averaged within a stage group."""
+    """Codec of the stage group's pseudo-gradient all-reduce: none, fp16 or int8."""
     state: str = "none"
-    """Codec for state downloads."""
+    """Codec of DiLoCo state a peer downloads through the averager: none, fp16 or int8 (lossy codecs
+    make the downloaded global params differ from the group's, so its hash will not match)."""
+
+    def __post_init__(self) -> None:
+        from swarmrt.core.compression import get_codec
+
+        for name in ("activations", "gradients"):
+            try:
+                get_codec(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(f"compression.{name}: {e}") from None
+        for name in ("pseudo_gradients", "state"):
+            value = getattr(self, name)
+            _check(value in ("none", "fp16", "int8"), f"compression.{name}",
+                   f"the all-reduce takes none, fp16 or int8, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalSGDSection:
     inner_steps: int = 0
-    """H: inner optimizer steps between outer averaging rounds; 0 disables averaging."""
+    """H: inner optimizer steps between outer averaging rounds of a stage group; 0 disables averaging."""
     outer_lr: float = 0.7
     """Outer (Nesterov SGD) learning rate."""
     outer_momentum: float = 0.9
-    """Outer momentum."""
+    """Outer momentum (0: plain outer SGD)."""
+    nesterov: bool = True
+    """Nesterov momentum for the outer step (needs outer_momentum > 0)."""
+    min_group_size: int = 2
+    """A round needs at least this many peers of the stage; fewer is a failed (rolled back) round."""
+    matchmaking_time_s: float = 3.0
+    """How long peers gather into a group before the all-reduce starts."""
+    matchmaking_timeout_s: float = 15.0
+    """Give up forming a group after this long (the round is rolled back)."""
+    next_chunk_timeout_s: float = 2.0
+    """A groupmate that sends no next chunk within this long is dropped (a dead peer cannot stall the round)."""
+    allreduce_timeout_s: float = 20.0
+    """An all-reduce takes at most this long once the group has formed."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.inner_steps, int) and self.inner_steps >= 0, "local_sgd.inner_steps",
                f"must be an integer >= 0, got {self.inner_steps!r}")
         _check(self.outer_lr > 0, "local_sgd.outer_lr", f"must be > 0, got {self.outer_lr!r}")
         _check(0 <= self.outer_momentum < 1, "local_sgd.outer_momentum", f"must be in [0, 1), got {self.outer_momentum!r}")
+        _check(isinstance(self.min_group_size, int) and self.min_group_size >= 1, "local_sgd.min_group_size",
+               f"must be an integer >= 1, got {self.min_group_size!r}")
+        for name in ("matchmaking_time_s", "matchmaking_timeout_s", "next_chunk_timeout_s", "allreduce_timeout_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, f"local_sgd.{name}", f"must be > 0, got {value!r}")
+        _check(self.matchmaking_timeout_s > self.matchmaking_time_s, "local_sgd.matchmaking_timeout_s",
+               f"must exceed local_sgd.matchmaking_time_s ({self.matchmaking_time_s})")
+        _check(self.allreduce_timeout_s > 2 * self.next_chunk_timeout_s, "local_sgd.allreduce_timeout_s",
+               f"must exceed 2 x local_sgd.next_chunk_timeout_s ({self.next_chunk_timeout_s})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +239,45 @@ class RoutingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    location: str | None = None
+    """Where checkpoints go: a local directory, or an fsspec URL (``s3://bucket/runs``,
+    ``gs://...``; needs ``fsspec`` and the scheme's package). None: no checkpoints."""
+    every_steps: int = 0
+    """Write when a stage's step (optimizer version, or outer step with local SGD) crosses a
+    multiple of this; 0: not by steps."""
+    every_minutes: float = 0.0
+    """Write when this many minutes passed since the last checkpoint of this peer; 0: not by time."""
+    keep: int = 3
+    """Keep the newest this many checkpoints per stage; older ones are deleted after a write."""
+    on_leave: bool = True
+    """A peer that drains (SIGTERM/SIGINT) while no other peer serves its stage writes a
+    checkpoint before it leaves, so the next peer of the stage can resume from it."""
+
+    def __post_init__(self) -> None:
+        _check(self.location is None or (isinstance(self.location, str) and self.location.strip() != ""),
+               "checkpoint.location", f"must be a directory or URL, got {self.location!r}")
+        _check(isinstance(self.every_steps, int) and not isinstance(self.every_steps, bool)
+               and self.every_steps >= 0, "checkpoint.every_steps",
+               f"must be an integer >= 0, got {self.every_steps!r}")
+        _check(isinstance(self.every_minutes, (int, float)) and not isinstance(self.every_minutes, bool)
+               and math.isfinite(self.every_minutes) and self.every_minutes >= 0, "checkpoint.every_minutes",
+               f"must be a number >= 0, got {self.every_minutes!r}")
+        _check(isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 1,
+               "checkpoint.keep", f"must be an integer >= 1, got {self.keep!r}")
+        _check(isinstance(self.on_leave, bool), "checkpoint.on_leave", f"must be true or false, got {self.on_leave!r}")
+        if self.location is None:
+            for name in ("every_steps", "every_minutes"):
+                _check(not getattr(self, name), f"checkpoint.{name}",
+                       "is set but checkpoint.location is not: say where checkpoints go")
+
+    @property
+    def enabled(self) -> bool:
+        """True when checkpoints have somewhere to go."""
+        return self.location is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     run: RunSection = dataclasses.field(default_factory=RunSection)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -213,6 +287,7 @@ class RunConfig:
     compression: CompressionSection = dataclasses.field(default_factory=CompressionSection)
     local_sgd: LocalSGDSection = dataclasses.field(default_factory=LocalSGDSection)
     routing: RoutingSection = dataclasses.field(default_factory=RoutingSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
 
     @property
     def num_stages(self) -> int:

@@ -60,9 +60,10 @@ def build_stage(config: RunConfig, stage: int) -> nn.Sequential:
     return nn.Sequential(*layers[start:end])
 
 
-def partition_hash(config: RunConfig) -> str:
-    """Short hash of what each stage holds (factory, kwargs, ranges): checkpoints and joiners check it."""
-    layers = build_layers(config)
-    ranges = stage_ranges(config, layers)
-    text = repr((config.model.factory, sorted(dict(config.model.kwargs).items()), ranges))
+def partition_hash(config: RunConfig, ranges: list[tuple[int, int]] | None = None) -> str:
+    """Short hash of what each stage holds (factory, kwargs, layer ranges): checkpoints check it.
+    Pass ``ranges`` when they are already known, to avoid building the model again."""
+    if ranges is None:
+        ranges = stage_ranges(config, build_layers(config))
+    text = repr((config.model.factory, sorted(dict(config.model.kwargs).items()), [tuple(r) for r in ranges]))
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -81,7 +81,7 @@ class _Context:
     created: float
     nbytes: int
     forward_s: float
-    version: int
+    epoch: int
 
 
 def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
@@ -103,7 +103,7 @@ class StageWorker:
         self.compute_delay_s = compute_delay_s
         self.slowdown = slowdown
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, config)
+        self.optimizer = make_optimizer(self.params, config) if self.params else None  # a stage may hold no weights
         self.contexts: collections.OrderedDict[str, _Context] = collections.OrderedDict()
         self.context_bytes = 0
         self.applied: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -112,6 +112,8 @@ class StageWorker:
         self.samples_applied = 0
         self.microbatches_applied = 0
         self.throughput = 0.0  # samples/s of forward+backward, EMA
+        self.outer = None  # swarmrt.runtime.outer.OuterSync when local SGD is on
+        self.epoch = 0  # bumped whenever parameters change in place; kept contexts of older epochs are stale
         self._ledger = open(ledger_path, "a", buffering=1) if ledger_path else None
         self._lock = threading.Lock()  # guards counters read by other threads (Info, heartbeats)
 
@@ -157,7 +159,7 @@ class StageWorker:
             old = self.contexts.pop(microbatch_id, None)
             if old is not None:
                 self.context_bytes -= old.nbytes
-            self.contexts[microbatch_id] = _Context(x_in, out, self.clock(), nbytes, elapsed, self.version)
+            self.contexts[microbatch_id] = _Context(x_in, out, self.clock(), nbytes, elapsed, self.epoch)
             self.context_bytes += nbytes
             self._evict(self.clock())
         return out.detach()
@@ -176,11 +178,11 @@ class StageWorker:
             self.context_bytes -= ctx.nbytes
             if x is None:
                 x = ctx.input.detach()
-        if ctx is not None and ctx.version == self.version:
+        if ctx is not None and ctx.epoch == self.epoch:
             x_in, out, forward_s = ctx.input, ctx.output, ctx.forward_s
         elif x is not None:
             # recompute: the forward ran elsewhere, its context was evicted, or an optimizer
-            # step since then changed the weights its autograd graph saved
+            # step or outer round since then changed the weights its autograd graph saved
             self.spec.check(x, "input")
             x_in = x.detach().requires_grad_(x.is_floating_point())
             with torch.enable_grad():
@@ -229,17 +231,26 @@ class StageWorker:
                 p.grad.mul_(scale)
         if self.config.optimizer.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.params_changed()
         with self._lock:
             self.samples_pending = 0
             self.version += 1
+        if self.outer is not None:
+            self.outer.after_inner_step()
+
+    def params_changed(self) -> None:
+        """Call (on the compute thread) after changing parameters in place."""
+        self.epoch += 1
 
     # -- state for joiners and checkpoints ------------------------------------------------------
     def state_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "version": self.version, "samples_applied": self.samples_applied}, buffer)
+        torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                    "version": self.version, "samples_applied": self.samples_applied,
+                    "outer": self.outer.state_dict() if self.outer is not None else None}, buffer)
         return buffer.getvalue()
 
     def load_state_bytes(self, data: bytes) -> None:
@@ -247,7 +258,12 @@ class StageWorker:
         if state.get("stage") != self.stage:
             raise StageError(f"state is for stage {state.get('stage')}, this peer serves stage {self.stage}")
         self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.params_changed()
+        if self.outer is not None and state.get("outer") is not None:
+            self.outer.load_state_dict(state["outer"])  # global params + outer momentum; local := global
+            self.module.load_state_dict(state["module"])  # then the donor's local params on top
         with self._lock:
             self.version = int(state["version"])
 
@@ -257,5 +273,7 @@ class StageWorker:
                     "microbatches_applied": self.microbatches_applied}
 
     def close(self) -> None:
+        if self.outer is not None:
+            self.outer.close()
         if self._ledger is not None:
             self._ledger.close()

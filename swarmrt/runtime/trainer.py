@@ -34,6 +34,7 @@ from swarmrt.net import dht as dht_records
 from swarmrt.net.client import StageClient
 from swarmrt.net.proto import swarmrt_pb2 as pb
 from swarmrt.net.tensors import from_proto, to_proto
+from swarmrt.runtime.checkpoint import save_data_position
 
 logger = logging.getLogger("swarmrt.trainer")
 
@@ -239,18 +240,27 @@ class Trainer:
         return sum(losses) / x.shape[0]
 
     # -- the loop ----------------------------------------------------------------------------
-    async def run(self, steps: int, start_step: int = 0) -> dict:
+    async def run(self, steps: int, start_step: int = 0, stop: asyncio.Event | None = None) -> dict:
+        """Train steps ``start_step .. steps-1``. When ``stop`` is set (SIGTERM), the step in
+        flight finishes and the loop ends there; with ``[checkpoint] location`` the data
+        position (next step) is written after every step, for ``swarmrt train --resume``."""
         refresher = asyncio.create_task(self._refresh_loop())
+        position_root = self.config.checkpoint.location
         metrics = open(self.metrics_path, "a", buffering=1) if self.metrics_path else None
         bar = None
         if self.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        started, samples, losses = time.time(), 0, []
+        started, samples, losses, done = time.time(), 0, [], start_step
         try:
             for step in range(start_step, steps):
+                if stop is not None and stop.is_set():
+                    break
                 loss = await self.train_step(step)
+                done = step + 1
+                if position_root is not None:
+                    await asyncio.to_thread(save_data_position, position_root, self.config.run.id, self.stream, done)
                 samples += self.config.data.batch_size
                 losses.append(loss)
                 elapsed = max(time.time() - started, 1e-9)
@@ -275,7 +285,8 @@ class Trainer:
         if acc.duplicates:
             raise RuntimeError(f"{acc.duplicates} stage backwards were applied twice")
         incomplete = [mb for mb, st in acc.applied_stages.items() if len(st) != self.config.num_stages]
-        return {"steps": steps - start_step, "samples": samples, "first_loss": losses[0] if losses else None,
+        return {"steps": done - start_step, "start_step": start_step, "next_step": done,
+                "stopped_early": done < steps, "samples": samples, "first_loss": losses[0] if losses else None,
                 "final_loss": losses[-1] if losses else None, "seconds": time.time() - started,
                 "microbatches": acc.started, "applied": acc.applied, "duplicates": acc.duplicates,
                 "partially_applied": len(incomplete), "hop_retries": acc.hop_retries, "bans": acc.bans,

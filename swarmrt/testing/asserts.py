@@ -58,7 +58,8 @@ def assert_exactly_once(swarm: LocalSwarm, summary: dict, trainer: Role | None =
                             f"by more than one attempt")
         if skipping and 0 < stage < last:
             continue
-        expected = {(step, i) for step in range(summary.get("steps", 0))
+        first = summary.get("start_step", 0)  # a resumed trainer starts past 0
+        expected = {(step, i) for step in range(first, summary.get("next_step", first + summary.get("steps", 0)))
                     for i in range(config.data.microbatches_per_step)}
         lost = sorted(expected - set(per_slot))
         if lost:

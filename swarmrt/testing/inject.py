@@ -60,7 +60,7 @@ class SwarmExecutor:
             role.signal(signal.SIGSTOP)
             return f"SIGSTOP {where}"
         if kind == "preempt":
-            role.terminate()
+            role.signal(signal.SIGTERM)  # the main process only: a preemption notice
             self.watch_exit[role.name] = (role, fault)
             return f"SIGTERM {where}: it drains and leaves"
         if kind == "slow":

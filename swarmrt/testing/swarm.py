@@ -63,6 +63,8 @@ class Role:
     address: str | None = None
     peer_id: str | None = None
     ledger: pathlib.Path | None = None
+    stragglers: bool = False
+    """Set by LocalSwarm.stop_role: some of its processes outlived the main one and had to be killed."""
     rules: pathlib.Path | None = None
     """Its net rules file (emulated links, RPC faults); see :meth:`LocalSwarm.update_rules`."""
     trainer_id: str | None = None
@@ -76,19 +78,18 @@ class Role:
         return self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        """Signal the role's whole process group (its DHT child and p2pd too): for SIGKILL, SIGSTOP,
-        SIGCONT. A graceful SIGTERM goes to the role alone (:meth:`terminate`)."""
-        try:
-            os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            pass
+        """Deliver ``sig`` the way the real world does.
 
-    def terminate(self) -> None:
-        """SIGTERM the role's main process only, as a preemption notice does: it drains and stops its
-        own DHT child and p2pd. (SIGTERM to the whole group kills those first, and the peer then
-        hangs for 30+ s on its way out.)"""
+        SIGTERM and SIGINT (a preemption notice, Ctrl-C) go to the role's main process
+        only, as a container runtime delivers them, so it can drain and shut its DHT
+        down in order. Everything else (SIGKILL: the machine is gone; SIGSTOP/SIGCONT:
+        it hangs) hits the whole process group, hivemind's DHT child and p2pd included.
+        """
         try:
-            self.proc.send_signal(signal.SIGTERM)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                os.kill(self.proc.pid, sig)
+            else:
+                os.killpg(self.pgid, sig)
         except ProcessLookupError:
             pass
 
@@ -265,17 +266,19 @@ class LocalSwarm:
 
     # -- stopping ----------------------------------------------------------------------------
     def stop_role(self, role: Role, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal a role (SIGTERM: its main process; others: its group), wait for it, and make sure its
-        whole process group is gone."""
-        if sig == signal.SIGTERM:
-            role.terminate()
-        else:
-            role.signal(sig)
+        """Signal a role, wait for it, and make sure its whole process group is gone."""
+        role.signal(sig)
         try:
             role.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             role.signal(signal.SIGKILL)
             role.proc.wait(timeout=10)
+        # children (DHT process, p2pd) get a few seconds to finish on their own ...
+        deadline = time.monotonic() + 5
+        while _alive_group(role.pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        role.stragglers = _alive_group(role.pgid)
+        # ... then whatever is left is killed
         deadline = time.monotonic() + 10
         while _alive_group(role.pgid) and time.monotonic() < deadline:
             role.signal(signal.SIGKILL)
@@ -289,7 +292,7 @@ class LocalSwarm:
         for role in self.roles:
             if role.alive():
                 role.signal(signal.SIGCONT)  # a hung (SIGSTOPped) role could not act on SIGTERM
-                role.terminate()
+                role.signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
         for role in self.roles:
             try:

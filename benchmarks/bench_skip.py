@@ -1,0 +1,163 @@
+"""Stage skipping on a scenario: iteration time per path policy, planning time, preemptions, scale.
+
+Run from the repository root:
+
+    python benchmarks/bench_skip.py [../shared/scenarios/geo-aws18.json] [--seeds 3] [--budget-s 0.8]
+
+Prints markdown tables (paste them into the benchmarks doc):
+
+1. no failures: simulated seconds per iteration for the full pipeline (DT-FM
+   style fixed pipelines), SWARM wiring without skipping, random skipping
+   and swarmrt's scheduler, each as a ratio to the full pipeline, plus
+   swarmrt's planning time (``swarmrt plan``) and the time of one online
+   ``route()`` call;
+2. compute noise: the same with every task's time multiplied by a seeded
+   log-normal factor (sigma ``--jitter``, 2% by default), which the
+   planner does not know about;
+3. preemptions (each node fails after an exponential time of mean
+   ``--mtbf``, 10 minutes by default, and comes back after ``--downtime``):
+   samples/s kept relative to the same policy without failures, with the
+   microbatches retried and re-routed;
+4. scale: ``--peers`` peers generated over the scenario's regions,
+   ``--scale-iterations`` iterations per policy, with the wall time of each
+   simulation.
+
+Simulated times are deterministic for a seed except swarmrt's, whose plan
+improves for as long as its wall-clock budget allows (so they vary a
+little with the machine's speed and load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from swarmrt.core.scenario import generate_scenario, load_scenario, peer_table  # noqa: E402
+from swarmrt.core.scheduler import SkipScheduler  # noqa: E402
+from swarmrt.core.simulator import SimConfig, simulate  # noqa: E402
+from swarmrt.sim_cli import POLICY_ORDER, plan_routes  # noqa: E402
+
+
+def no_failures(scenario, seeds, iterations, budget_s):
+    rows = {}
+    for policy in POLICY_ORDER:
+        runs = [simulate(scenario, policy, SimConfig(iterations=iterations, plan_budget_s=budget_s),
+                         random.Random(seed), clock=time.perf_counter) for seed in range(seeds)]
+        rows[policy] = runs
+    return rows
+
+
+def planning(scenario, seeds, budget_s):
+    plans = [plan_routes(scenario, "swarmrt", seed, budget_s) for seed in range(seeds)]
+    table = peer_table(scenario)
+    sched = SkipScheduler(scenario.rules, table)
+    sched.begin_iteration({o: scenario.microbatches_per_origin for o in scenario.origins}, 0.0, random.Random(0))
+    rng = random.Random(0)
+    start = time.perf_counter()
+    n = 0
+    for _ in range(scenario.microbatches_per_origin):
+        for o in scenario.origins:
+            sched.route(o, 0.0, rng)
+            n += 1
+    per_route = (time.perf_counter() - start) / n
+    return plans, per_route
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", nargs="?", default=os.path.join(ROOT, "..", "shared", "scenarios", "geo-aws18.json"))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per measurement (default 3)")
+    parser.add_argument("--iterations", type=int, default=10, help="iterations per run without failures (default 10)")
+    parser.add_argument("--budget-s", type=float, default=0.8, help="swarmrt planning budget per iteration (default 0.8)")
+    parser.add_argument("--jitter", type=float, default=0.02, help="compute noise sigma of the noisy run (default 0.02)")
+    parser.add_argument("--mtbf", type=float, default=600.0, help="mean time between failures per node, s (default 600)")
+    parser.add_argument("--downtime", default="60,300",
+                        help="mean downtimes of a failed node to try, s, comma-separated (default 60,300)")
+    parser.add_argument("--failure-iterations", type=int, default=20, help="iterations per run with failures (default 20)")
+    parser.add_argument("--peers", type=int, default=1000, help="peers of the generated swarm (default 1000; 0 skips)")
+    parser.add_argument("--scale-iterations", type=int, default=10, help="iterations at scale (default 10)")
+    args = parser.parse_args(argv)
+
+    scenario = load_scenario(args.scenario)
+    print(f"## {scenario.name or args.scenario}: {len(scenario.nodes)} nodes, {scenario.stages} stages, "
+          f"{scenario.stages_visited_per_microbatch} visited (skip {scenario.rules.skip_ratio:.0%}), "
+          f"{scenario.microbatches_per_iteration} microbatches per iteration\n")
+
+    rows = no_failures(scenario, args.seeds, args.iterations, args.budget_s)
+    full = statistics.mean(r.mean_iteration_s for r in rows["full"])
+    print(f"### No failures ({args.seeds} seeds x {args.iterations} iterations)\n")
+    full_last = statistics.mean(r.iteration_s[-1] for r in rows["full"])
+    print("| policy | s / iteration (mean, min-max over seeds) | vs full pipeline | first iteration | "
+          "last iteration (vs full) | samples/s |")
+    print("|---|---|---|---|---|---|")
+    for policy, runs in rows.items():
+        its = [r.mean_iteration_s for r in runs]
+        first = statistics.mean(r.iteration_s[0] for r in runs)
+        last = statistics.mean(r.iteration_s[-1] for r in runs)
+        print(f"| {policy} | {statistics.mean(its):.2f} ({min(its):.2f}-{max(its):.2f}) | "
+              f"{statistics.mean(its) / full:.3f} ({statistics.mean(its) / full - 1:+.1%}) | {first:.2f} | "
+              f"{last:.2f} ({last / full_last - 1:+.1%}) | {statistics.mean(r.samples_per_s for r in runs):.3f} |")
+
+    noisy = {policy: [simulate(scenario, policy, SimConfig(iterations=args.iterations, plan_budget_s=args.budget_s,
+                                                           jitter=args.jitter), random.Random(seed), clock=time.perf_counter)
+                      for seed in range(args.seeds)] for policy in POLICY_ORDER}
+    noisy_full = statistics.mean(r.mean_iteration_s for r in noisy["full"])
+    print(f"\n### Compute noise: every task takes its time x exp(N(0, {args.jitter})) "
+          f"({args.seeds} seeds x {args.iterations} iterations; plans are made on the exact figures)\n")
+    print("| policy | s / iteration | vs full pipeline |")
+    print("|---|---|---|")
+    for policy, runs in noisy.items():
+        m = statistics.mean(r.mean_iteration_s for r in runs)
+        print(f"| {policy} | {m:.2f} | {m / noisy_full:.3f} ({m / noisy_full - 1:+.1%}) |")
+
+    plans, per_route = planning(scenario, args.seeds, args.budget_s)
+    print(f"\n### Planning (swarmrt, budget {args.budget_s} s)\n")
+    print("| seed | predicted s / iteration | planning s | method |")
+    print("|---|---|---|---|")
+    for seed, p in enumerate(plans):
+        print(f"| {seed} | {p['predicted_iteration_s']:.2f} | {p['planning_s']:.3f} | {p['method']} |")
+    print(f"\nOne online `route()` (per-microbatch EFT, no plan): {per_route * 1e3:.2f} ms")
+
+    for downtime in [float(x) for x in args.downtime.split(",")]:
+        print(f"\n### Preemptions: MTBF {args.mtbf:.0f} s per node, mean downtime {downtime:.0f} s "
+              f"({args.seeds} seeds x {args.failure_iterations} iterations)\n")
+        print("| policy | s / iteration | samples/s | kept vs no failures | failures | retried | re-routed | lost |")
+        print("|---|---|---|---|---|---|---|---|")
+        for policy in POLICY_ORDER:
+            config = SimConfig(iterations=args.failure_iterations, preempt_mtbf_s=args.mtbf, downtime_s=downtime,
+                               plan_budget_s=args.budget_s)
+            runs = [simulate(scenario, policy, config, random.Random(seed), clock=time.perf_counter)
+                    for seed in range(args.seeds)]
+            clean = statistics.mean(r.samples_per_s for r in rows[policy])
+            sps = statistics.mean(r.samples_per_s for r in runs)
+            print(f"| {policy} | {statistics.mean(r.mean_iteration_s for r in runs):.2f} | {sps:.3f} | "
+                  f"{sps / clean:.0%} | {sum(r.preemptions for r in runs)} | {sum(r.retried for r in runs)} | "
+                  f"{sum(r.rerouted for r in runs)} | {sum(r.lost for r in runs)} |")
+
+    if args.peers:
+        big = generate_scenario(scenario, args.peers, random.Random(0))
+        print(f"\n### Scale: {args.peers} peers over the regions of {scenario.name or 'the scenario'} "
+              f"({len(big.origins)} origins, {big.microbatches_per_iteration} microbatches per iteration), "
+              f"{args.scale_iterations} iterations, seed 0\n")
+        print("| policy | s / iteration | vs full pipeline | wall time of the simulation |")
+        print("|---|---|---|---|")
+        base = None
+        for policy in POLICY_ORDER:
+            start = time.perf_counter()
+            r = simulate(big, policy, SimConfig(iterations=args.scale_iterations, plan_budget_s=args.budget_s),
+                         random.Random(0), clock=time.perf_counter)
+            wall = time.perf_counter() - start
+            base = base or r.mean_iteration_s
+            print(f"| {policy} | {r.mean_iteration_s:.2f} | {r.mean_iteration_s / base:.3f} | {wall:.1f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

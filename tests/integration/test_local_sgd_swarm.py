@@ -1,0 +1,110 @@
+"""DiLoCo across real peer processes: stage groups average pseudo-gradients through
+hivemind and end every successful round with identical global params (hash equality),
+survive a peer killed mid-run, and let a joiner catch up to the group's hash."""
+
+import collections
+import re
+import signal
+
+import pytest
+
+from swarmrt.core.config import config_from_dict
+from swarmrt.testing.swarm import LocalSwarm, _wait_for
+
+from .conftest import FAST
+
+pytestmark = pytest.mark.integration
+
+ROUND = re.compile(r"stage (\d+): outer round (\d+) ok: group (\d+), contributors (\d+), ([\d.]+) s, hash (\w+), "
+                   r"members ([\w,]+)")
+ANY_ROUND = re.compile(r"stage (\d+): outer round (\d+) (ok|rolled back|out of step[^:]*): .*?([\d.]+) s, hash")
+
+CONFIG = {
+    **FAST,
+    "run": {"id": "diloco", "seed": 1},
+    "model": {**FAST["model"], "stages": 2},
+    "optimizer": {"lr": 3e-3, "samples_per_step": 4},
+    "local_sgd": {"inner_steps": 4, "matchmaking_time_s": 3.0, "matchmaking_timeout_s": 8.0,
+                  "next_chunk_timeout_s": 2.0, "allreduce_timeout_s": 10.0},
+    "compression": {"pseudo_gradients": "fp16"},
+}
+
+
+def rounds(swarm, pattern=ROUND):
+    """(stage, round[, group members]) -> {peer name: match} over every peer's log."""
+    found = collections.defaultdict(dict)
+    for role in swarm.peers(alive=False):
+        for m in pattern.finditer(role.log.read_text()):
+            key = (int(m.group(1)), int(m.group(2))) + ((m.group(7),) if pattern is ROUND else ())
+            found[key][role.name] = m
+    return found
+
+
+def assert_group_hashes_agree(swarm):
+    """Every peer of one all-reduce group ends the round with the same global-params hash.
+    (A stage whose peers reach a round at different times may average in two groups.)"""
+    ok = rounds(swarm)
+    shared = 0
+    for (stage, rnd, members), by_peer in ok.items():
+        hashes = {m.group(6) for m in by_peer.values()}
+        assert len(hashes) == 1, f"stage {stage} round {rnd} group {members}: peers disagree: " + \
+            str({name: m.group(0) for name, m in by_peer.items()})
+        shared += len(by_peer) >= 2
+    return ok, shared
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    config = config_from_dict(CONFIG)
+    with LocalSwarm(config, peers_per_stage=[3, 2], workdir=tmp_path_factory.mktemp("diloco")) as s:
+        yield s
+    assert s.leftover_processes() == []
+
+
+@pytest.mark.timeout(300)
+def test_groups_of_two_and_three_reach_identical_global_params(swarm):
+    summary = swarm.train(steps=40)
+    assert summary["final_loss"] < summary["first_loss"]
+    ok, shared = assert_group_hashes_agree(swarm)
+    groups = {stage: max(int(m.group(3)) for (s, _, _), by in ok.items() if s == stage for m in by.values())
+              for stage in (0, 1)}
+    assert groups[0] == 3 and groups[1] == 2, groups  # a 3-peer and a 2-peer group both averaged
+    assert shared >= 2
+
+
+@pytest.mark.timeout(300)
+def test_joiner_matches_the_group_hash_at_its_first_round(swarm):
+    trainer = swarm.start_trainer(steps=30)
+    _wait_for(lambda: len(swarm.metrics(trainer)) >= 5, 120, "5 steps", [trainer])
+    joiner = swarm.add_peer(stage=1)
+    swarm.wait_trainer(trainer)
+
+    def joined_a_group():
+        ok, _ = assert_group_hashes_agree(swarm)
+        return [key for key, by in ok.items() if joiner.name in by and len(by) >= 2]
+
+    # keep training until the joiner has averaged with the group (a round it reaches alone is rolled back)
+    for _ in range(6):
+        if joined_a_group():
+            break
+        swarm.train(steps=15)
+    assert joined_a_group(), f"the joiner never completed a round with the group:\n{joiner.tail()}"
+    first_ok = min(joined_a_group(), key=lambda key: key[1])
+    # at that round its hash equals its groupmates' (assert_group_hashes_agree checked every group)
+    assert len(rounds(swarm)[first_ok]) >= 2
+
+
+@pytest.mark.timeout(300)
+def test_peer_killed_mid_run_does_not_stall_the_group(swarm):
+    trainer = swarm.start_trainer(steps=40)
+    _wait_for(lambda: len(swarm.metrics(trainer)) >= 8, 120, "8 steps", [trainer])
+    victim = swarm.peers(stage=0)[0]
+    swarm.stop_role(victim, signal.SIGKILL)
+    summary = swarm.wait_trainer(trainer)
+    assert summary["steps"] == 40 and summary["duplicates"] == 0
+    cfg = CONFIG["local_sgd"]
+    bound = cfg["matchmaking_timeout_s"] + cfg["allreduce_timeout_s"] + 10
+    for (stage, rnd), by in rounds(swarm, ANY_ROUND).items():
+        for name, m in by.items():
+            assert float(m.group(4)) <= bound, f"{name} stage {stage} round {rnd} took {m.group(4)} s"
+    assert_group_hashes_agree(swarm)
