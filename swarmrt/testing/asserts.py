@@ -4,12 +4,15 @@
   trainer's own accounting and by the ledgers of every peer (dead ones too).
 - :func:`assert_loss_close`: the loss curve of a faulty run stays within a
   tolerance of a fault-free one.
+- :func:`assert_outer_rounds_agree`: every peer of a DiLoCo all-reduce group
+  ends the round with the same global params (hash), read from the peers' logs.
 - :func:`assert_no_leftovers`: nothing a swarm started is still running.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 from typing import Sequence
 
 from swarmrt.testing.swarm import LocalSwarm, Role
@@ -110,3 +113,37 @@ def assert_no_leftovers(swarm: LocalSwarm) -> None:
     left = swarm.leftover_processes()
     if left:
         raise AssertionError(f"{len(left)} process(es)/group(s) of swarm {swarm.swarm_id} still alive: {left}")
+
+
+# The line swarmrt.runtime.outer logs after every outer round (its format is this helper's contract).
+OUTER_ROUND_OK = re.compile(r"stage (\d+): outer round (\d+) ok: group (\d+), contributors (\d+), ([\d.]+) s, "
+                            r"hash (\w+), members ([\w,]+)")
+
+
+def outer_rounds(swarm: LocalSwarm, pattern: re.Pattern = OUTER_ROUND_OK) -> dict[tuple, dict[str, re.Match]]:
+    """Successful outer rounds in every peer's log (dead peers too):
+    ``{(stage, round, members): {peer name: match}}`` (groups: hash = ``match.group(6)``).
+    With another ``pattern``, keys are ``(int(group 1), int(group 2))``."""
+    found: dict[tuple, dict[str, re.Match]] = collections.defaultdict(dict)
+    for role in swarm.peers(alive=False):
+        for m in pattern.finditer(role.log.read_text(errors="replace")):
+            key = (int(m.group(1)), int(m.group(2))) + ((m.group(7),) if pattern is OUTER_ROUND_OK else ())
+            found[key][role.name] = m
+    return found
+
+
+def assert_outer_rounds_agree(swarm: LocalSwarm) -> tuple[dict, int]:
+    """Every peer of one all-reduce group ends the round with the same global-params hash.
+    (A stage whose peers reach a round at different times may average in two groups.)
+
+    Returns ``(rounds, shared)``: :func:`outer_rounds` and how many groups had 2+ peers.
+    """
+    ok = outer_rounds(swarm)
+    shared = 0
+    for (stage, rnd, members), by_peer in ok.items():
+        hashes = {m.group(6) for m in by_peer.values()}
+        if len(hashes) != 1:
+            raise AssertionError(f"stage {stage} outer round {rnd} group {members}: peers ended with different "
+                                 f"params: " + str({name: m.group(0) for name, m in by_peer.items()}))
+        shared += len(by_peer) >= 2
+    return ok, shared
