@@ -69,23 +69,34 @@ def cmd_peer(args) -> int:
     from swarmrt.runtime.peer import PeerOptions, serve_peer
     from swarmrt.runtime.proc import run
 
+    from swarmrt.net.emulation import load_rules, rules_path
+
     config = load_config(args.config)
     if args.stage is not None and not 0 <= args.stage < config.num_stages:
         raise ConfigError(f"--stage {args.stage}: the run has stages 0..{config.num_stages - 1}")
+    net_rules = rules_path(args.net_rules)
+    if net_rules:
+        load_rules(net_rules)  # a bad rules file is a usage error naming the key
     options = PeerOptions(initial_peers=tuple(args.initial_peers), stage=args.stage, port=args.port,
                           grace_s=args.grace, ready_file=args.ready_file, ledger=args.ledger,
-                          compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume)
+                          compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume,
+                          net_rules=net_rules)
     return run(serve_peer(config, options))
 
 
 # -- train -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from swarmrt.net.client import StageClient
     from swarmrt.net.dht import start_dht
+    from swarmrt.net.emulation import client_interceptors, rules_path
     from swarmrt.runtime.proc import install_stop_handlers, run
     from swarmrt.runtime.checkpoint import load_data_position
     from swarmrt.runtime.trainer import Trainer
 
     config = load_config(args.config)
+    if args.trainer_id is not None and (not args.trainer_id or ":" in args.trainer_id):
+        raise ConfigError(f"--trainer-id {args.trainer_id!r}: must be non-empty and contain no ':'")
+    interceptors = client_interceptors(rules_path(args.net_rules))
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -100,7 +111,10 @@ def cmd_train(args) -> int:
         dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
         try:
             trainer = Trainer(config, dht, stream=args.stream, metrics_path=args.metrics_file,
-                              progress=args.progress if args.progress is not None else sys.stderr.isatty())
+                              progress=args.progress if args.progress is not None else sys.stderr.isatty(),
+                              trainer_id=args.trainer_id)
+            if interceptors:  # name this trainer to the peers' emulated links and partitions
+                trainer.client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
             summary = await trainer.run(args.steps, start_step=start_step, stop=stop)
             text = json.dumps(summary, indent=1)
             if args.summary_file:
@@ -176,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slowdown", type=float, default=1.0, help="multiply compute time by this factor")
     p.add_argument("--resume", action="store_true",
                    help="load the stage's newest checkpoint ([checkpoint] location) even if other peers serve it")
+    p.add_argument("--net-rules", metavar="FILE", help="emulated links and RPC faults (JSON, re-read when it "
+                   "changes; default: $SWARMRT_NET_RULES; see swarmrt.net.emulation)")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("train", help="feed data and drive microbatches through the swarm")
@@ -188,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start at the data position saved under [checkpoint] location (default: step 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--trainer-id", help="prefix of this trainer's microbatch ids (default: random); no ':'")
+    p.add_argument("--net-rules", metavar="FILE", help="rules file whose 'node' names this trainer to the peers' "
+                   "emulated links and partitions (default: $SWARMRT_NET_RULES)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("status", help="show the runs, stages and peers announced in the DHT")
@@ -202,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainers", type=int, default=1, help="trainer processes")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--workdir", help="keep logs and metrics here (default: a temporary folder)")
+    p.add_argument("--chaos", action="store_true",
+                   help="kill, hang and preempt random peers while training (seeded), add replacements, and "
+                        "report what the run did about it")
+    p.add_argument("--seed", type=int, default=0, help="--chaos: seed of the fault plan")
+    p.add_argument("--faults", type=int, default=3, help="--chaos: how many faults to inject")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -214,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    for name in ("steps", "stages", "peers_per_stage", "trainers"):
+    for name in ("steps", "stages", "peers_per_stage", "trainers", "faults"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.exit(EXIT_USAGE, f"swarmrt {args.command}: error: --{name.replace('_', '-')} must be >= 1, "

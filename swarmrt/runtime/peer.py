@@ -30,6 +30,7 @@ from swarmrt.data import sample_input
 from swarmrt.models.build import build_layers, partition_hash, stage_ranges
 from swarmrt.net import dht as dht_records
 from swarmrt.net.client import StageClient
+from swarmrt.net.emulation import server_interceptors
 from swarmrt.net.server import StageServicer, start_server
 from swarmrt.runtime import checkpoint as ckpt
 from swarmrt.runtime.proc import install_stop_handlers
@@ -58,6 +59,8 @@ class PeerOptions:
     """Multiply real compute time by this factor (fault tests)."""
     resume: bool = False
     """Load the stage's newest checkpoint even if other peers serve the stage (fail if none)."""
+    net_rules: str | None = None
+    """Emulated links and RPC faults (``swarmrt.net.emulation``), re-read when the file changes."""
 
 
 def say(message: str) -> None:
@@ -175,7 +178,8 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
             if config.checkpoint.enabled else None
         if options.resume and checkpoints is None:
             raise ConfigError("--resume needs [checkpoint] location in the run config")
-        server, port = await start_server(servicer, net.host, options.port, net.max_tensor_mb)
+        server, port = await start_server(servicer, net.host, options.port, net.max_tensor_mb,
+                                          interceptors=server_interceptors(options.net_rules, worker))
         address = f"{net.host}:{port}"
 
         # take over the stage's state: a live peer of the stage first, else the newest checkpoint

@@ -55,6 +55,7 @@ class Accounting:
     applied: int = 0
     forward_restarts: int = 0
     hop_retries: int = 0
+    bans: int = 0
     duplicates: int = 0
     applied_stages: dict[str, set[int]] = dataclasses.field(default_factory=dict)
 
@@ -141,7 +142,10 @@ class Trainer:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise RuntimeError(f"stage {peer.stage} peer {peer.peer_id} refused the request: {e.details()}") from None
-            self.bans.failure(peer.peer_id, self.clock())
+            if self.bans.failure(peer.peer_id, self.clock()):
+                self.accounting.bans += 1
+                logger.warning("banned stage %d peer %s for %g s after %s", peer.stage, peer.peer_id,
+                               self.bans.ban_s, e.code())
             raise
         finally:
             self.inflight[peer.peer_id] -= 1
@@ -262,7 +266,8 @@ class Trainer:
                 elapsed = max(time.time() - started, 1e-9)
                 record = {"step": step, "loss": loss, "samples": samples, "time": time.time(),
                           "samples_per_s": samples / elapsed, "peers": self.live_peers(),
-                          "hop_retries": self.accounting.hop_retries, "applied": self.accounting.applied}
+                          "hop_retries": self.accounting.hop_retries, "applied": self.accounting.applied,
+                          "bans": self.accounting.bans}
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                 if bar is not None:
@@ -284,5 +289,5 @@ class Trainer:
                 "stopped_early": done < steps, "samples": samples, "first_loss": losses[0] if losses else None,
                 "final_loss": losses[-1] if losses else None, "seconds": time.time() - started,
                 "microbatches": acc.started, "applied": acc.applied, "duplicates": acc.duplicates,
-                "partially_applied": len(incomplete), "hop_retries": acc.hop_retries,
+                "partially_applied": len(incomplete), "hop_retries": acc.hop_retries, "bans": acc.bans,
                 "forward_restarts": acc.forward_restarts, "peers": self.live_peers()}

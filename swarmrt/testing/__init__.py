@@ -1,1 +1,29 @@
-"""Local swarms and fault injection, for users' tests and ours."""
+"""Local swarms and fault injection, for users' tests and ours.
+
+- :class:`LocalSwarm`: bootstrap + peers + trainers as real processes on 127.0.0.1, all reaped on exit.
+- :class:`FaultPlan` with targets :class:`Peer` / :class:`RandomPeer`: faults declared up front, fired
+  from a seed by :meth:`LocalSwarm.run_with_faults`, each checked to have really happened.
+- :func:`assert_exactly_once`, :func:`assert_loss_close`, :func:`assert_no_leftovers`.
+- The pytest plugin (``swarmrt.testing.pytest_plugin``, installed with swarmrt) adds the ``local_swarm``
+  and ``fault_plan`` fixtures.
+
+See docs/testing.md for a complete example.
+"""
+
+from swarmrt.testing.faults import FaultError, FaultPlan, Peer, RandomPeer, UnfiredFaults
+from swarmrt.testing.swarm import LocalSwarm, Role, SwarmError
+
+__all__ = ["LocalSwarm", "Role", "SwarmError", "FaultPlan", "Peer", "RandomPeer", "FaultError", "UnfiredFaults",
+           "assert_exactly_once", "assert_loss_close", "assert_no_leftovers", "run_with_faults", "FaultRun"]
+
+
+def __getattr__(name):  # grpc-backed parts load on first use, so `import swarmrt.testing` stays light
+    if name in ("assert_exactly_once", "assert_loss_close", "assert_no_leftovers"):
+        from swarmrt.testing import asserts
+
+        return getattr(asserts, name)
+    if name in ("run_with_faults", "FaultRun"):
+        from swarmrt.testing import inject
+
+        return getattr(inject, name)
+    raise AttributeError(f"module 'swarmrt.testing' has no attribute {name!r}")

@@ -9,6 +9,14 @@ started and checks that none is left.
     with LocalSwarm(config, peers_per_stage=2) as swarm:
         result = swarm.train(steps=50)
         assert result["final_loss"] < result["first_loss"]
+
+Faults and networks (see docs/testing.md): every peer and trainer gets a
+rules file (``swarmrt.net.emulation``) naming it, so links can be slowed and
+RPCs dropped while it runs; :meth:`LocalSwarm.run_with_faults` fires a
+:class:`~swarmrt.testing.faults.FaultPlan` against a training run. Every
+child carries ``SWARMRT_SWARM_ID`` in its environment, and a small reaper
+process kills them all if the owner dies without stopping the swarm (SIGKILL,
+pytest-timeout's ``os._exit``).
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Sequence
+import uuid
+from typing import Any, Callable, Mapping, Sequence
 
 from swarmrt.core.config import RunConfig, load_config
+from swarmrt.testing.procs import TAG_VAR, tagged_processes
 
 
 class SwarmError(RuntimeError):
@@ -55,6 +65,10 @@ class Role:
     ledger: pathlib.Path | None = None
     stragglers: bool = False
     """Set by LocalSwarm.stop_role: some of its processes outlived the main one and had to be killed."""
+    rules: pathlib.Path | None = None
+    """Its net rules file (emulated links, RPC faults); see :meth:`LocalSwarm.update_rules`."""
+    trainer_id: str | None = None
+    """A trainer's microbatch id prefix (``TRAINER:step:index:attempt`` in the ledgers)."""
 
     @property
     def pgid(self) -> int:
@@ -103,6 +117,12 @@ def _wait_for(predicate, timeout: float, what: str, roles: Sequence[Role] = (), 
         time.sleep(poll)
 
 
+def _write_rules(path: pathlib.Path, rules: Mapping[str, Any]) -> None:
+    from swarmrt.net.emulation import write_rules  # grpc: only when a swarm is really built
+
+    write_rules(path, rules)
+
+
 class LocalSwarm:
     """Bootstrap + ``peers_per_stage`` peers per stage as real processes on 127.0.0.1."""
 
@@ -125,17 +145,43 @@ class LocalSwarm:
         self.roles: list[Role] = []
         self.maddr: str | None = None
         self._counter = 0
+        self.swarm_id = uuid.uuid4().hex[:12]
+        self.env[TAG_VAR] = self.swarm_id
+        self._rules: dict[str, dict] = {}
+        self._reaper: subprocess.Popen | None = None
         atexit.register(self.stop)
 
     # -- starting ----------------------------------------------------------------------------
     def _spawn(self, name: str, args: Sequence[str]) -> Role:
+        self._tell_reaper()
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "swarmrt", *args], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
         role = Role(name, proc, log)
         self.roles.append(role)
+        self._tell_reaper(f"+{role.pgid}")
         return role
+
+    def _tell_reaper(self, line: str | None = None) -> None:
+        """Start the reaper on first use; tell it about a process group (see ``_reaper``)."""
+        if self._reaper is None:
+            env = {k: v for k, v in os.environ.items() if k != TAG_VAR}  # it must not kill itself
+            self._reaper = subprocess.Popen([sys.executable, "-m", "swarmrt.testing._reaper", self.swarm_id],
+                                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+                                            env=env, text=True)
+        if line is not None and self._reaper.poll() is None:
+            try:
+                self._reaper.stdin.write(line + "\n")
+                self._reaper.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    def _role_rules(self, name: str) -> pathlib.Path:
+        path = self.workdir / f"{name}.rules.json"
+        self._rules[name] = {"node": name}
+        _write_rules(path, self._rules[name])
+        return path
 
     def start(self) -> "LocalSwarm":
         addr_file = self.workdir / "bootstrap.addr"
@@ -153,13 +199,14 @@ class LocalSwarm:
         name = f"peer{self._counter}" + (f"-s{stage}" if stage is not None else "")
         ready = self.workdir / f"{name}.ready"
         ledger = self.workdir / f"{name}.ledger"
+        rules = self._role_rules(name)
         args = ["peer", "--config", str(self.config_path), "--initial-peers", self.maddr, "--ready-file", str(ready),
-                "--ledger", str(ledger)]
+                "--ledger", str(ledger), "--net-rules", str(rules)]
         if stage is not None:
             args += ["--stage", str(stage)]
         args += list(self.peer_args.get(stage, ())) + list(extra_args)
         role = self._spawn(name, args)
-        role.stage, role.ledger = stage, ledger
+        role.stage, role.ledger, role.rules = stage, ledger, rules
         if wait:
             self.wait_ready(role)
         return role
@@ -176,10 +223,15 @@ class LocalSwarm:
     def start_trainer(self, steps: int, extra_args: Sequence[str] = (), name: str | None = None) -> Role:
         self._counter += 1
         name = name or f"trainer{self._counter}"
+        trainer_id = f"{name}.{self._counter}"
+        rules = self._role_rules(name)
         args = ["train", "--config", str(self.config_path), "--initial-peers", self.maddr, "--steps", str(steps),
                 "--metrics-file", str(self.workdir / f"{name}.metrics.jsonl"),
-                "--summary-file", str(self.workdir / f"{name}.summary.json"), *extra_args]
-        return self._spawn(name, args)
+                "--summary-file", str(self.workdir / f"{name}.summary.json"), "--trainer-id", trainer_id,
+                "--net-rules", str(rules), *extra_args]
+        role = self._spawn(name, args)
+        role.trainer_id, role.rules = trainer_id, rules
+        return role
 
     def wait_trainer(self, role: Role, timeout: float = 600.0) -> dict:
         try:
@@ -231,12 +283,15 @@ class LocalSwarm:
         while _alive_group(role.pgid) and time.monotonic() < deadline:
             role.signal(signal.SIGKILL)
             time.sleep(0.05)
+        if not _alive_group(role.pgid):
+            self._tell_reaper(f"-{role.pgid}")
         return role.proc.returncode
 
     def stop(self) -> None:
         """Stop every role (SIGTERM, then SIGKILL for stragglers) and reap every process group."""
         for role in self.roles:
             if role.alive():
+                role.signal(signal.SIGCONT)  # a hung (SIGSTOPped) role could not act on SIGTERM
                 role.signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
         for role in self.roles:
@@ -254,11 +309,105 @@ class LocalSwarm:
                 if not _alive_group(role.pgid):
                     break
                 time.sleep(0.05)
+        for pid in tagged_processes(self.swarm_id):  # anything that left its group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._reaper is not None:
+            self._tell_reaper("done")
+            try:
+                self._reaper.stdin.close()
+                self._reaper.wait(timeout=10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                pass
+            self._reaper = None
         atexit.unregister(self.stop)
 
     def leftover_processes(self) -> list[int]:
-        """Process groups of this swarm that are still alive (should be empty after stop)."""
-        return [r.pgid for r in self.roles if _alive_group(r.pgid)]
+        """Process groups of this swarm that are still alive, and any other live process carrying this
+        swarm's ``SWARMRT_SWARM_ID`` (e.g. a p2pd that left its group); empty after :meth:`stop`."""
+        groups = [r.pgid for r in self.roles if _alive_group(r.pgid)]
+        return sorted(set(groups) | set(tagged_processes(self.swarm_id)))
+
+    # -- networks, faults, checks ---------------------------------------------------------------
+    def role(self, name: str) -> Role:
+        """The role called ``name`` (e.g. ``peer3-s1``, ``trainer7``)."""
+        for role in self.roles:
+            if role.name == name:
+                return role
+        raise KeyError(f"no role {name!r} in this swarm; roles: {', '.join(r.name for r in self.roles)}")
+
+    def edit_rules(self, role: Role | str, edit: Callable[[dict], None]) -> dict:
+        """Change a role's net rules in place (``edit(rules_dict)``) and write them; the peer picks
+        them up on its next call. Returns the new rules."""
+        role = self.role(role) if isinstance(role, str) else role
+        if role.rules is None:
+            raise ValueError(f"{role.name} has no rules file (only peers and trainers have one)")
+        rules = self._rules.setdefault(role.name, {"node": role.name})
+        edit(rules)
+        _write_rules(role.rules, rules)
+        return rules
+
+    def update_rules(self, role: Role | str, **keys: Any) -> dict:
+        """Set (or, with None, remove) top-level keys of a role's net rules, e.g.
+        ``update_rules(peer, link={"latency_s": 0.05}, slowdown=3)``."""
+        def edit(rules: dict) -> None:
+            for key, value in keys.items():
+                if value is None:
+                    rules.pop(key, None)
+                else:
+                    rules[key] = value
+        return self.edit_rules(role, edit)
+
+    def emulate_network(self, link: Mapping[str, float] | None = None,
+                        links: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+                        scenario: str | os.PathLike | Mapping | None = None, nodes: Mapping[str, int] | None = None,
+                        latency_scale: float = 1.0, bandwidth_scale: float = 1.0) -> None:
+        """Give the peers' links latency and bandwidth: ``link`` for every peer and caller,
+        ``links`` per peer name ``{peer: {caller: link}}``, or a scenario file with ``nodes``
+        mapping local names (peers, trainers) to its node ids (see ``shared/scenarios``).
+        Trainers started later keep their names (``trainerN``), so map them in advance."""
+        from swarmrt.net.emulation import scenario_links
+
+        per_peer: dict[str, dict] = {}
+        if scenario is not None:
+            if not nodes:
+                raise ValueError("emulate_network(scenario=...): give nodes={local name: scenario node id}")
+            per_peer = {name: {"links": v["links"]} for name, v in
+                        scenario_links(scenario, nodes, latency_scale, bandwidth_scale).items()}
+        for name, table in (links or {}).items():
+            per_peer.setdefault(name, {"links": {}})["links"].update(table)
+        for role in self.peers():
+            self.update_rules(role, link=dict(link) if link else None,
+                              links=per_peer.get(role.name, {}).get("links"))
+
+    def poll_ready(self, role: Role) -> bool:
+        """True once ``role`` serves (its ready file is written); never waits."""
+        if role.address is not None:
+            return True
+        if not (self.workdir / f"{role.name}.ready").exists():
+            return False
+        self.wait_ready(role, timeout=5)
+        return True
+
+    def wait_for_steps(self, trainer: Role, steps: int, timeout: float = 120.0) -> list[dict]:
+        """Poll the trainer's metrics until it has completed ``steps`` steps (fails if it exits first)."""
+        return _wait_for(lambda: len(self.metrics(trainer)) >= steps and self.metrics(trainer), timeout,
+                         f"{trainer.name} to complete {steps} steps", [trainer])
+
+    def run_with_faults(self, plan, trainer: Role | None = None, steps: int | None = None, **kwargs):
+        """Train (or follow a started ``trainer``) while firing ``plan``; see
+        :func:`swarmrt.testing.inject.run_with_faults` for the keyword arguments."""
+        from swarmrt.testing.inject import run_with_faults
+
+        return run_with_faults(self, plan, trainer=trainer, steps=steps, **kwargs)
+
+    def assert_exactly_once(self, summary: dict, trainer: Role | None = None) -> dict[int, set[str]]:
+        """See :func:`swarmrt.testing.asserts.assert_exactly_once`."""
+        from swarmrt.testing.asserts import assert_exactly_once
+
+        return assert_exactly_once(self, summary, trainer)
 
     def __enter__(self) -> "LocalSwarm":
         try:

@@ -2,21 +2,19 @@
 hivemind and end every successful round with identical global params (hash equality),
 survive a peer killed mid-run, and let a joiner catch up to the group's hash."""
 
-import collections
 import re
-import signal
 
 import pytest
 
 from swarmrt.core.config import config_from_dict
-from swarmrt.testing.swarm import LocalSwarm, _wait_for
+from swarmrt.testing import FaultPlan, LocalSwarm, Peer
+from swarmrt.testing.asserts import OUTER_ROUND_OK, outer_rounds
+from swarmrt.testing.asserts import assert_outer_rounds_agree as assert_group_hashes_agree
 
 from .conftest import FAST
 
 pytestmark = pytest.mark.integration
 
-ROUND = re.compile(r"stage (\d+): outer round (\d+) ok: group (\d+), contributors (\d+), ([\d.]+) s, hash (\w+), "
-                   r"members ([\w,]+)")
 ANY_ROUND = re.compile(r"stage (\d+): outer round (\d+) (ok|rolled back|out of step[^:]*): .*?([\d.]+) s, hash")
 
 CONFIG = {
@@ -30,27 +28,8 @@ CONFIG = {
 }
 
 
-def rounds(swarm, pattern=ROUND):
-    """(stage, round[, group members]) -> {peer name: match} over every peer's log."""
-    found = collections.defaultdict(dict)
-    for role in swarm.peers(alive=False):
-        for m in pattern.finditer(role.log.read_text()):
-            key = (int(m.group(1)), int(m.group(2))) + ((m.group(7),) if pattern is ROUND else ())
-            found[key][role.name] = m
-    return found
-
-
-def assert_group_hashes_agree(swarm):
-    """Every peer of one all-reduce group ends the round with the same global-params hash.
-    (A stage whose peers reach a round at different times may average in two groups.)"""
-    ok = rounds(swarm)
-    shared = 0
-    for (stage, rnd, members), by_peer in ok.items():
-        hashes = {m.group(6) for m in by_peer.values()}
-        assert len(hashes) == 1, f"stage {stage} round {rnd} group {members}: peers disagree: " + \
-            str({name: m.group(0) for name, m in by_peer.items()})
-        shared += len(by_peer) >= 2
-    return ok, shared
+def rounds(swarm, pattern=OUTER_ROUND_OK):
+    return outer_rounds(swarm, pattern)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +54,7 @@ def test_groups_of_two_and_three_reach_identical_global_params(swarm):
 @pytest.mark.timeout(300)
 def test_joiner_matches_the_group_hash_at_its_first_round(swarm):
     trainer = swarm.start_trainer(steps=30)
-    _wait_for(lambda: len(swarm.metrics(trainer)) >= 5, 120, "5 steps", [trainer])
+    swarm.wait_for_steps(trainer, 5, timeout=120)
     joiner = swarm.add_peer(stage=1)
     swarm.wait_trainer(trainer)
 
@@ -96,11 +75,9 @@ def test_joiner_matches_the_group_hash_at_its_first_round(swarm):
 
 @pytest.mark.timeout(300)
 def test_peer_killed_mid_run_does_not_stall_the_group(swarm):
-    trainer = swarm.start_trainer(steps=40)
-    _wait_for(lambda: len(swarm.metrics(trainer)) >= 8, 120, "8 steps", [trainer])
-    victim = swarm.peers(stage=0)[0]
-    swarm.stop_role(victim, signal.SIGKILL)
-    summary = swarm.wait_trainer(trainer)
+    plan = FaultPlan(seed=0)
+    plan.crash(Peer(stage=0, index=0), at_step=8)
+    summary = swarm.run_with_faults(plan, steps=40).summary  # raises if the crash did not happen
     assert summary["steps"] == 40 and summary["duplicates"] == 0
     cfg = CONFIG["local_sgd"]
     bound = cfg["matchmaking_timeout_s"] + cfg["allreduce_timeout_s"] + 10

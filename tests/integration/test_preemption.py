@@ -13,10 +13,10 @@ import pytest
 
 from swarmrt.core.config import config_from_dict
 from swarmrt.runtime.checkpoint import latest_checkpoint, read_checkpoint_meta
-from swarmrt.testing.swarm import LocalSwarm, _wait_for
+from swarmrt.testing import LocalSwarm, assert_exactly_once
+from swarmrt.testing.swarm import _wait_for
 
 from .conftest import FAST
-from .test_swarm import assert_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_status_shows_stages_peers_and_heartbeats(swarm):
 @pytest.mark.timeout(300)
 def test_sigterm_drains_a_peer_with_no_microbatch_lost(swarm):
     trainer = swarm.start_trainer(steps=40)
-    _wait_for(lambda: len(swarm.metrics(trainer)) >= 8, 120, "8 steps", [trainer])
+    swarm.wait_for_steps(trainer, 8, timeout=120)
     leaving = swarm.peers(stage=1)[0]
     started = time.monotonic()
     code = swarm.stop_role(leaving, signal.SIGTERM, timeout=30)
@@ -67,14 +67,14 @@ def test_sigterm_drains_a_peer_with_no_microbatch_lost(swarm):
     assert "left after applying" in leaving.log.read_text()
     summary = swarm.wait_trainer(trainer)
     assert summary["steps"] == 40
-    assert_exactly_once(swarm, summary)
+    assert_exactly_once(swarm, summary, trainer)
 
 
 @pytest.mark.timeout(300)
 def test_last_peer_of_a_stage_leaves_a_checkpoint_and_a_new_peer_resumes(swarm):
     root, run_id = swarm.config.checkpoint.location, swarm.config.run.id
     trainer = swarm.start_trainer(steps=45)
-    _wait_for(lambda: len(swarm.metrics(trainer)) >= 15, 180, "15 steps", [trainer])
+    swarm.wait_for_steps(trainer, 15, timeout=180)
     last = swarm.peers(stage=2)[0]
     assert swarm.stop_role(last, signal.SIGTERM, timeout=30) == 0, last.tail()
     path = latest_checkpoint(root, run_id, 2)
@@ -92,7 +92,7 @@ def test_last_peer_of_a_stage_leaves_a_checkpoint_and_a_new_peer_resumes(swarm):
     tail_before, head_after = sum(before[-5:]) / 5, sum(after[:5]) / 5
     assert head_after < tail_before + 0.35, (before[-5:], after[:5])
     assert head_after < math.log(256) - 1.0
-    assert_exactly_once(swarm, summary)
+    assert_exactly_once(swarm, summary, trainer)
 
 
 @pytest.mark.timeout(420)

@@ -1,13 +1,11 @@
 """A real 3-stage x 2-peer swarm on 127.0.0.1: training, faults, joiners, bad input.
 
 One swarm is shared by the module (start-up costs ~30 s on 2 cores); the tests
-run in file order and each leaves at least one peer per stage alive.
+run in file order and each leaves at least one peer per stage alive. Faults are
+declared as fault plans (``swarmrt.testing``) and every planned fault must fire.
 """
 
 import asyncio
-import collections
-import signal
-import time
 
 import grpc
 import pytest
@@ -17,7 +15,7 @@ from swarmrt.core.config import config_from_dict
 from swarmrt.net.proto import swarmrt_pb2 as pb
 from swarmrt.net.proto import swarmrt_pb2_grpc as pb_grpc
 from swarmrt.net.tensors import to_proto
-from swarmrt.testing.swarm import LocalSwarm, _wait_for
+from swarmrt.testing import FaultPlan, LocalSwarm, Peer, RandomPeer, assert_no_leftovers
 
 from .conftest import FAST
 
@@ -28,23 +26,7 @@ pytestmark = pytest.mark.integration
 def swarm(tmp_path_factory):
     with LocalSwarm(config_from_dict(FAST), peers_per_stage=2, workdir=tmp_path_factory.mktemp("swarm")) as s:
         yield s
-    assert s.leftover_processes() == []
-
-
-def assert_exactly_once(swarm, summary):
-    """Every microbatch the trainer applied shows up exactly once in each stage's ledgers."""
-    assert summary["duplicates"] == 0
-    assert summary["partially_applied"] == 0
-    assert summary["applied"] == summary["microbatches"]
-    for stage in range(swarm.config.num_stages):
-        ids = swarm.ledger(stage)
-        repeated = [mb for mb, n in collections.Counter(ids).items() if n > 1]
-        assert repeated == [], f"stage {stage} applied {repeated[:5]} more than once"
-    return {stage: set(swarm.ledger(stage)) for stage in range(swarm.config.num_stages)}
-
-
-def wait_for_steps(swarm, trainer, n, timeout=120):
-    _wait_for(lambda: len(swarm.metrics(trainer)) >= n, timeout, f"{n} training steps", [trainer])
+    assert_no_leftovers(s)
 
 
 @pytest.mark.timeout(300)
@@ -90,9 +72,10 @@ def test_bad_input_is_refused_by_name_and_the_peer_keeps_serving(swarm):
 
 @pytest.mark.timeout(300)
 def test_swarm_trains_and_applies_every_microbatch_exactly_once(swarm):
-    summary = swarm.train(steps=25)
+    trainer = swarm.start_trainer(steps=25)
+    summary = swarm.wait_trainer(trainer)
     assert summary["final_loss"] < summary["first_loss"] - 0.5
-    applied = assert_exactly_once(swarm, summary)
+    applied = swarm.assert_exactly_once(summary, trainer)
     assert all(len(ids) == summary["applied"] for ids in applied.values())
     # randomized routes: both peers of every stage got work
     for stage in range(3):
@@ -101,43 +84,59 @@ def test_swarm_trains_and_applies_every_microbatch_exactly_once(swarm):
 
 
 @pytest.mark.timeout(300)
+def test_rpc_faults_partition_and_preemption_lose_no_microbatch(swarm):
+    plan = FaultPlan(seed=0)
+    plan.drop_rpc(Peer(0, 0), "Forward", count=2, at_step=2)
+    plan.delay_rpc(Peer(1, 1), "Backward", delay_s=5.0, count=1, at_step=3)  # past the 3 s deadline
+    plan.slow(Peer(2, 1), factor=4, duration_s=3.0, at_step=5)
+    cut = plan.partition([Peer(2, 0)], duration_s=3.0, at_step=8)
+    leaver = plan.preempt(Peer(1, 0), at_step=12)
+    back = plan.revive(leaver, at_step=14)
+    run = swarm.run_with_faults(plan, steps=30)  # raises if any of them did not happen
+    assert run.summary["steps"] == 30
+    assert run.summary["hop_retries"] >= 4, run.report()  # 2 drops, 1 expired backward, >= 1 refused by the cut
+    assert cut.effects >= 1
+    swarm.assert_exactly_once(run.summary, run.trainer)
+    preempted = swarm.role(leaver.resolved[0])
+    assert preempted.proc.returncode == 0 and "left after applying" in preempted.log.read_text()
+    revived = swarm.role(back.resolved[0])
+    assert revived.alive() and revived.stage == 1 and "loaded state (version" in revived.log.read_text()
+    assert run.summary["final_loss"] < run.summary["first_loss"]
+
+
+@pytest.mark.timeout(300)
 def test_joiner_downloads_stage_state_then_gets_work(swarm):
     trainer = swarm.start_trainer(steps=40)
-    wait_for_steps(swarm, trainer, 5)
+    swarm.wait_for_steps(trainer, 5)
     joiner = swarm.add_peer(stage=1)
     log = joiner.log.read_text()
     assert "loaded state (version" in log and "from" in log, log
     version = int(log.split("loaded state (version ")[1].split(",")[0])
     assert version > 0  # it took over trained weights, not the initial ones
-    assert_exactly_once(swarm, swarm.wait_trainer(trainer))
-    summary = swarm.train(steps=8)  # a fresh trainer sees the joiner from its first step
-    assert_exactly_once(swarm, summary)
+    swarm.assert_exactly_once(swarm.wait_trainer(trainer), trainer)
+    second = swarm.start_trainer(steps=8)  # a fresh trainer sees the joiner from its first step
+    swarm.assert_exactly_once(swarm.wait_trainer(second), second)
     assert joiner.ledger.exists() and joiner.ledger.read_text().strip(), "the joiner never received work"
 
 
 @pytest.mark.timeout(300)
 def test_sigkilled_peer_mid_run_loses_no_microbatch(swarm):
-    trainer = swarm.start_trainer(steps=40)
-    wait_for_steps(swarm, trainer, 8)
-    victim = swarm.peers(stage=1)[0]
-    swarm.stop_role(victim, signal.SIGKILL)
-    summary = swarm.wait_trainer(trainer)
-    assert summary["steps"] == 40
-    assert_exactly_once(swarm, summary)
-    assert summary["final_loss"] < summary["first_loss"]
+    plan = FaultPlan(seed=0)
+    plan.crash(RandomPeer(stage=1), at_step=8)
+    run = swarm.run_with_faults(plan, steps=40)  # raises if the crash never happened
+    assert not swarm.role(plan.faults[0].resolved[0]).alive()
+    assert run.summary["steps"] == 40
+    swarm.assert_exactly_once(run.summary, run.trainer)
+    assert run.summary["final_loss"] < run.summary["first_loss"]
 
 
 @pytest.mark.timeout(300)
-def test_sigstopped_peer_is_routed_around_after_its_deadline(swarm):
-    trainer = swarm.start_trainer(steps=30)
-    wait_for_steps(swarm, trainer, 5)
-    hung = swarm.peers(stage=2)[0]
-    hung.signal(signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        summary = swarm.wait_trainer(trainer)
-    finally:
-        swarm.stop_role(hung, signal.SIGKILL)  # never resumed: stale requests stay unapplied
-    assert summary["steps"] == 30
-    assert summary["hop_retries"] > 0
-    assert_exactly_once(swarm, summary)
+def test_sigstopped_peer_is_routed_around_and_its_stale_work_is_not_applied_when_it_resumes(swarm):
+    plan = FaultPlan(seed=0)
+    hang = plan.hang(RandomPeer(stage=2), duration_s=8.0, at_step=5)  # > the 3 s deadlines
+    run = swarm.run_with_faults(plan, steps=30)
+    assert hang.ended and hang.ended_time - hang.fired_time >= 8.0
+    assert swarm.role(hang.resolved[0]).alive()  # resumed mid-run, and served on
+    assert run.summary["steps"] == 30
+    assert run.summary["hop_retries"] > 0
+    swarm.assert_exactly_once(run.summary, run.trainer)

@@ -1,0 +1,72 @@
+"""The swarm assertions on made-up ledgers and curves: they pass on good runs and name what is wrong."""
+
+import types
+
+import pytest
+
+from swarmrt.core.config import config_from_dict
+from swarmrt.testing.asserts import assert_exactly_once, assert_loss_close
+
+CONFIG = config_from_dict({"model": {"stages": 3}, "data": {"batch_size": 8, "microbatch_size": 4}})
+
+
+class FakeSwarm:
+    def __init__(self, ledgers):
+        self.config = CONFIG
+        self.ledgers = ledgers
+
+    def ledger(self, stage):
+        return list(self.ledgers[stage])
+
+
+def good_ledgers(trainer="t.1", steps=3):
+    ids = [f"{trainer}:{s}:{i}:0" for s in range(steps) for i in range(2)]
+    return {stage: list(ids) for stage in range(3)}
+
+
+SUMMARY = {"steps": 3, "microbatches": 6, "applied": 6, "duplicates": 0, "partially_applied": 0}
+TRAINER = types.SimpleNamespace(name="trainer1", trainer_id="t.1")
+
+
+def test_a_clean_run_passes_and_returns_the_ledgers():
+    ledgers = assert_exactly_once(FakeSwarm(good_ledgers()), SUMMARY, TRAINER)
+    assert ledgers[2] == set(good_ledgers()[2])
+
+
+def test_a_microbatch_applied_by_two_attempts_is_named():
+    ledgers = good_ledgers()
+    ledgers[1].append("t.1:2:1:1")  # a retry applied what attempt 0 had applied already
+    with pytest.raises(AssertionError, match=r"stage 1: microbatch\(es\) \(step, index\) \[\(2, 1\)\] of trainer1"):
+        assert_exactly_once(FakeSwarm(ledgers), SUMMARY, TRAINER)
+
+
+def test_a_lost_microbatch_and_a_repeated_id_are_named():
+    ledgers = good_ledgers()
+    ledgers[0].remove("t.1:1:0:0")
+    ledgers[2].append("t.1:0:0:0")
+    with pytest.raises(AssertionError) as e:
+        assert_exactly_once(FakeSwarm(ledgers), SUMMARY, TRAINER)
+    assert "stage 0: 1 microbatch(es) (step, index) of trainer1 were never applied: [(1, 0)]" in str(e.value)
+    assert "stage 2 applied 1 microbatch id(s) more than once: ['t.1:0:0:0']" in str(e.value)
+
+
+def test_the_trainers_own_accounting_is_checked():
+    with pytest.raises(AssertionError, match="applied 5 of 6 microbatches"):
+        assert_exactly_once(FakeSwarm(good_ledgers()), {**SUMMARY, "applied": 5})
+    with pytest.raises(AssertionError, match="counted 1 stage backward"):
+        assert_exactly_once(FakeSwarm(good_ledgers()), {**SUMMARY, "duplicates": 1})
+
+
+def test_loss_curves_within_tolerance_pass_and_a_deviation_names_its_step():
+    reference = [{"step": s, "loss": 2.0 / (1 + s)} for s in range(20)]
+    noisy = [{"step": s, "loss": r["loss"] + (0.02 if s % 2 else -0.02)} for s, r in enumerate(reference)]
+    assert assert_loss_close(noisy, reference, atol=0.01, rtol=0.0, window=2) < 0.01  # smoothing cancels noise
+    worse = [{"step": s, "loss": r["loss"] + (0.5 if s >= 12 else 0)} for s, r in enumerate(reference)]
+    with pytest.raises(AssertionError, match=r"loss at step 12 \(mean of the last 1 steps\) is 0.6538"):
+        assert_loss_close(worse, reference, atol=0.1, rtol=0.0, window=1)
+    better = [max(0.0, r["loss"] - 0.5) for r in reference]
+    assert_loss_close(better, [r["loss"] for r in reference], atol=0.1, rtol=0.0, window=3, allow_better=True)
+    with pytest.raises(AssertionError, match="off by -0.5"):
+        assert_loss_close(better, [r["loss"] for r in reference], atol=0.1, rtol=0.0, window=1)
+    with pytest.raises(AssertionError, match="only 2 step"):
+        assert_loss_close([1.0, 1.0], [1.0, 1.0, 1.0], window=5)
