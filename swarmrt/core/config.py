@@ -16,6 +16,8 @@ import pathlib
 import tomllib
 from typing import Any, Mapping
 
+from swarmrt.core.paths import PathRules
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the offending key."""
@@ -288,6 +290,21 @@ class RunConfig:
     local_sgd: LocalSGDSection = dataclasses.field(default_factory=LocalSGDSection)
     routing: RoutingSection = dataclasses.field(default_factory=RoutingSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+    def __post_init__(self) -> None:
+        ratio = self.routing.skip_ratio
+        if ratio > 0:
+            S = self.num_stages
+            _check(S >= 3, "routing.skip_ratio",
+                   f"{ratio} needs at least 3 stages (the first and the last stage are never skipped), "
+                   f"but model.stages is {S}; set routing.skip_ratio = 0 or cut the model into more stages")
+            try:
+                visited = PathRules(stages=S, skip_ratio=ratio).visited
+            except ValueError as e:
+                raise ConfigError(f"routing.skip_ratio: {e}") from None
+            _check(visited < S, "routing.skip_ratio",
+                   f"{ratio} of {S} stages skips no stage (each microbatch would visit round((1 - {ratio}) x {S}) "
+                   f"= {visited} stages); set it to 0, or above {0.5 / S:.3f} to skip one")
 
     @property
     def num_stages(self) -> int:
