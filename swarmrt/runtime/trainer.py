@@ -28,8 +28,8 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import math
 import logging
+import math
 import random
 import time
 import uuid
