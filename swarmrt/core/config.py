@@ -234,7 +234,9 @@ class LocalSGDSection:
 @dataclasses.dataclass(frozen=True)
 class RoutingSection:
     skip_ratio: float = 0.0
-    """Fraction of stages a microbatch skips (never the first or last); 0 = full pipeline."""
+    """Fraction of stages a microbatch skips (never the first or last); 0 = full pipeline. Each microbatch
+    visits ``round((1 - skip_ratio) x stages)`` stages, routed by the path scheduler. Needs at least 3
+    stages and a model whose middle stages take and return what stage 0 puts out (residual blocks do)."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.skip_ratio < 1, "routing.skip_ratio", f"must be in [0, 1), got {self.skip_ratio!r}")
