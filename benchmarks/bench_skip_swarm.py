@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -56,8 +57,10 @@ def run_one(skip_ratio: float, args) -> dict:
         for role in swarm.peers():
             swarm.wait_ready(role)
         start_s = time.time() - started
+        load_before = os.getloadavg()[0]
         trainer = swarm.start_trainer(args.steps)
         summary = swarm.wait_trainer(trainer, timeout=1800)
+        load_after = os.getloadavg()[0]
         metrics = swarm.metrics(trainer)
         step_s = [b["time"] - a["time"] for a, b in zip(metrics, metrics[1:])][args.warmup:]
         full = swarm.evaluate(batches=args.eval_batches)
@@ -66,6 +69,7 @@ def run_one(skip_ratio: float, args) -> dict:
     return {
         "skip_ratio": skip_ratio,
         "swarm_start_s": round(start_s, 1),
+        "load_avg_1m": [round(load_before, 1), round(load_after, 1)],  # the machine's load before/after training
         "steps": summary["steps"], "samples": summary["samples"],
         "median_step_s": statistics.median(step_s), "mean_step_s": statistics.fmean(step_s),
         "train_seconds": summary["seconds"],

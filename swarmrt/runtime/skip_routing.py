@@ -16,10 +16,11 @@ current from what the trainer sees:
   the swarm, if its stage has none): optimistic, as SWARM's router is, so a
   new peer is tried at once;
 - load: the requests in flight each peer announces;
-- links: every activation goes trainer -> peer -> trainer, so every link
-  costs the same: one transfer of an activation, measured by the trainer as
-  the smallest RPC overhead of each step (RPC wall time minus the peer's
-  compute figure; the smallest of a step leaves queueing out), smoothed.
+- links: every activation goes peer -> trainer -> next peer (the trainer
+  relays it), so every link costs the same: what one forward RPC takes
+  beyond the peer's compute (the request in, the response out). The trainer
+  measures it as the smallest such overhead of each step (the smallest
+  leaves queueing at busy peers out), smoothed.
 
 Balance: the scheduler keeps every middle stage within 10% of the mean over a
 window of microbatches. The window is the smallest whole number of steps over
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Collection, Iterable, Mapping
+from typing import Collection, Iterable
 
 from swarmrt.core.config import RunConfig
 from swarmrt.core.links import FunctionLinks
@@ -112,7 +113,7 @@ class SkipRouting:
     def observe_hop(self, peer: str, rpc_s: float) -> None:
         """A forward RPC to ``peer`` took ``rpc_s`` seconds, from request to response."""
         if peer in self.table:
-            self._step_overheads.append(max(0.0, rpc_s - self.table.get(peer).forward_s) / 2.0)
+            self._step_overheads.append(max(0.0, rpc_s - self.table.get(peer).forward_s))
 
     def end_step(self) -> None:
         """Fold the step's smallest transfer estimate into the link model (EMA)."""
@@ -140,7 +141,3 @@ class SkipRouting:
 
     def aborted(self, route: Route) -> None:
         self.scheduler.aborted(route)
-
-    def stage_counts(self) -> Mapping[int, int]:
-        """Middle-stage visits in the current balance window (for logs)."""
-        return dict(self.scheduler.balance.counts)
