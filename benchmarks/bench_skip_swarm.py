@@ -1,11 +1,19 @@
 """Stage skipping on a real local swarm: iteration time and loss, skip ratio 0.33 vs 0.
 
 A 6-stage tiny Llama (8 decoder blocks; stage 0 = embedding + block 0, stage 5 =
-block 7 + head, one or two blocks per middle stage), ``--peers-per-stage`` peers
-per stage as real processes on 127.0.0.1 (gRPC + hivemind DHT), slowed to two
-speeds with ``swarmrt peer --compute-delay``: in every stage the first peer
-adds ``--fast-delay`` seconds to each forward and each backward, the others
-``--slow-delay`` (a sleep, so the shared cores do not decide the figures).
+block 7 + head, one or two blocks per middle stage), peers as real processes on
+127.0.0.1 (gRPC + hivemind DHT), slowed to two speeds with ``swarmrt peer
+--compute-delay``: a fast peer adds ``--fast-delay`` seconds to each forward
+and each backward, a slow one ``--slow-delay`` (a sleep, so the shared cores
+do not decide the figures). ``--layout``:
+
+- ``alternate`` (default): one peer per stage; stages 0, 2, 4 fast, 1, 3, 5
+  slow (the last stage, which every microbatch visits, is a slow one);
+- ``slow-middle``: one peer per stage; stages 0 and 5 fast, the middle slow;
+- ``pairs``: ``--peers-per-stage`` peers per stage, one fast and the rest
+  slow in every stage. Without ``[local_sgd]`` the peers of a stage are
+  independent replicas, each trained on the microbatches routed to it, and
+  ``swarmrt eval`` draws one per stage: its losses vary with the draw.
 
 For each skip ratio (a fresh swarm each, same seed, same data): one trainer
 trains ``--steps`` steps of ``--batch`` samples; then ``swarmrt eval`` reports
@@ -13,7 +21,8 @@ the held-out loss through all stages and through half the middle stages
 (0,1,3,5). Iteration time is the median step time after ``--warmup`` steps (the
 first steps run before peers have announced a measured throughput).
 
-    python benchmarks/bench_skip_swarm.py [--steps 40] [--fast-delay 0.1] [--slow-delay 0.3] [--out FILE]
+    python benchmarks/bench_skip_swarm.py [--layout alternate|slow-middle|pairs] [--steps 40]
+        [--fast-delay 0.1] [--slow-delay 0.3] [--skip 0 0.33] [--out FILE]
 """
 
 from __future__ import annotations
@@ -44,15 +53,22 @@ def make_config(skip_ratio: float, args) -> dict:
     }
 
 
+def stage_delays(stage: int, stages: int, args) -> list[float]:
+    """The ``--compute-delay`` of each peer of ``stage`` under ``--layout``."""
+    fast, slow = args.fast_delay, args.slow_delay
+    if args.layout == "pairs":
+        return [fast] + [slow] * (args.peers_per_stage - 1)
+    if args.layout == "slow-middle":
+        return [fast if stage in (0, stages - 1) else slow]
+    return [fast if stage % 2 == 0 else slow]
+
+
 def run_one(skip_ratio: float, args) -> dict:
     config = config_from_dict(make_config(skip_ratio, args))
-    delays = [args.fast_delay] + [args.slow_delay] * (args.peers_per_stage - 1) if args.peers_per_stage > 1 \
-        else None
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(config, peers_per_stage=0, workdir=tmp) as swarm:
         started = time.time()
         for stage in range(config.num_stages):
-            stage_delays = delays or [args.fast_delay if stage in (0, config.num_stages - 1) else args.slow_delay]
-            for d in stage_delays:
+            for d in stage_delays(stage, config.num_stages, args):
                 swarm.add_peer(stage, wait=False, extra_args=["--compute-delay", str(d)])
         for role in swarm.peers():
             swarm.wait_ready(role)
@@ -67,7 +83,7 @@ def run_one(skip_ratio: float, args) -> dict:
         half = swarm.evaluate(stages=HALF_THE_MIDDLE, batches=args.eval_batches)
     losses = [m["loss"] for m in metrics]
     return {
-        "skip_ratio": skip_ratio,
+        "skip_ratio": skip_ratio, "layout": args.layout,
         "swarm_start_s": round(start_s, 1),
         "load_avg_1m": [round(load_before, 1), round(load_after, 1)],  # the machine's load before/after training
         "steps": summary["steps"], "samples": summary["samples"],
@@ -89,9 +105,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="samples per step")
     parser.add_argument("--microbatch", type=int, default=4, help="samples per microbatch")
     parser.add_argument("--hidden", type=int, default=32, help="hidden size of the tiny Llama")
-    parser.add_argument("--peers-per-stage", type=int, default=2,
-                        help="1: stages 0 and 5 fast, middle stages slow; 2+: one fast peer and the rest slow "
-                             "in every stage")
+    parser.add_argument("--layout", choices=["alternate", "slow-middle", "pairs"], default="alternate",
+                        help="which peers are fast and which slow (see above)")
+    parser.add_argument("--peers-per-stage", type=int, default=2, help="peers per stage of --layout pairs (>= 2)")
     parser.add_argument("--fast-delay", type=float, default=0.1, help="seconds added per forward and per backward")
     parser.add_argument("--slow-delay", type=float, default=0.3, help="seconds added per forward and per backward")
     parser.add_argument("--skip", type=float, nargs="+", default=[0.0, 0.33], help="skip ratios to compare")

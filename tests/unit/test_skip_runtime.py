@@ -355,3 +355,11 @@ def test_every_route_taken_is_legal_and_its_backward_retraces_it():
         route = Route(origin=forward[0].peer, hops=tuple(forward))
         backward = [Hop(peer_stage[a], a) for a in calls[mb]["backward"]]
         assert validate_route(route, rules, peer_stage, backward=backward) == [], (mb, forward, backward)
+
+
+def test_eval_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: swarmrt eval" in out and "--stages" in out and "--batches" in out
