@@ -72,6 +72,7 @@ def cmd_peer(args) -> int:
     from swarmrt.net.emulation import load_rules, rules_path
 
     config = load_config(args.config)
+    _check_skip(config)
     if args.stage is not None and not 0 <= args.stage < config.num_stages:
         raise ConfigError(f"--stage {args.stage}: the run has stages 0..{config.num_stages - 1}")
     net_rules = rules_path(args.net_rules)
@@ -94,6 +95,7 @@ def cmd_train(args) -> int:
     from swarmrt.runtime.trainer import Trainer
 
     config = load_config(args.config)
+    _check_skip(config)
     if args.trainer_id is not None and (not args.trainer_id or ":" in args.trainer_id):
         raise ConfigError(f"--trainer-id {args.trainer_id!r}: must be non-empty and contain no ':'")
     interceptors = client_interceptors(rules_path(args.net_rules))
@@ -125,6 +127,64 @@ def cmd_train(args) -> int:
             await asyncio.to_thread(dht.shutdown)
 
     return run(main())
+
+
+# -- eval (and the skip check of peer/train) ----------------------------------------------------
+def _check_skip(config) -> None:
+    """``routing.skip_ratio > 0`` on a model whose middle stages cannot be skipped: a config error, before
+    anything starts."""
+    if config.routing.skip_ratio > 0:
+        from swarmrt.models.build import check_skip
+
+        check_skip(config)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_eval(args) -> int:
+    from swarmrt.models.build import skip_compatibility
+    from swarmrt.net.dht import start_dht
+    from swarmrt.runtime.proc import run
+    from swarmrt.runtime.trainer import Trainer, parse_stage_subset
+
+    config = load_config(args.config)
+    stages, why = parse_stage_subset(args.eval_stages, config.num_stages)
+    if stages is None:
+        raise ConfigError(f"--stages: {why}")
+    if len(stages) < config.num_stages:
+        ok, reason = skip_compatibility(config)
+        if not ok:
+            raise ConfigError(f"--stages {args.eval_stages} {why}, but {reason}")
+
+    async def main() -> int:
+        dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
+        try:
+            trainer = Trainer(config, dht, trainer_id=f"eval-{int(time.time())}")
+            result = await trainer.evaluate(stages, args.batches)
+            text = json.dumps(result, indent=1)
+            if args.summary_file:
+                pathlib.Path(args.summary_file).write_text(text)
+            print(text, flush=True)
+            return 0
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+
+    return run(main())
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss and perplexity through all stages or a subset (forward only)")
+    _common(p)
+    p.add_argument("--stages", dest="eval_stages", metavar="S,S,...",
+                   help="stages to go through, e.g. 0,2,5: first and last included, increasing (default: all)")
+    p.add_argument("--batches", type=_positive_int, default=4, help="held-out batches of data.batch_size samples")
+    p.add_argument("--summary-file", help="also write the result JSON here")
+    p.set_defaults(func=cmd_eval)
 
 
 # -- status ------------------------------------------------------------------------------------
@@ -229,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+    add_eval_parser(sub)
     add_plan_parser(sub)
     add_simulate_parser(sub)
     return parser

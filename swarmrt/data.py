@@ -81,8 +81,9 @@ class Batches:
         x = torch.randn(n, self.data.features, generator=g)
         return x, torch.tanh(x @ self.teacher)
 
-    def eval_batch(self, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self._generator(-1, salt=1)
+    def eval_batch(self, n: int = 64, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out batch number ``index`` (a pure function of the seed and ``index``; streams share it)."""
+        g = self._generator(-1 - index, salt=1)
         if self.data.kind == "text":
             return self._text(self.held_out, n, g)
         x = torch.randn(n, self.data.features, generator=g)

@@ -16,6 +16,8 @@ import pathlib
 import tomllib
 from typing import Any, Mapping
 
+from swarmrt.core.paths import PathRules
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the offending key."""
@@ -232,7 +234,9 @@ class LocalSGDSection:
 @dataclasses.dataclass(frozen=True)
 class RoutingSection:
     skip_ratio: float = 0.0
-    """Fraction of stages a microbatch skips (never the first or last); 0 = full pipeline."""
+    """Fraction of stages a microbatch skips (never the first or last); 0 = full pipeline. Each microbatch
+    visits ``round((1 - skip_ratio) x stages)`` stages, routed by the path scheduler. Needs at least 3
+    stages and a model whose middle stages take and return what stage 0 puts out (residual blocks do)."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.skip_ratio < 1, "routing.skip_ratio", f"must be in [0, 1), got {self.skip_ratio!r}")
@@ -288,6 +292,21 @@ class RunConfig:
     local_sgd: LocalSGDSection = dataclasses.field(default_factory=LocalSGDSection)
     routing: RoutingSection = dataclasses.field(default_factory=RoutingSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+    def __post_init__(self) -> None:
+        ratio = self.routing.skip_ratio
+        if ratio > 0:
+            S = self.num_stages
+            _check(S >= 3, "routing.skip_ratio",
+                   f"{ratio} needs at least 3 stages (the first and the last stage are never skipped), "
+                   f"but model.stages is {S}; set routing.skip_ratio = 0 or cut the model into more stages")
+            try:
+                visited = PathRules(stages=S, skip_ratio=ratio).visited
+            except ValueError as e:
+                raise ConfigError(f"routing.skip_ratio: {e}") from None
+            _check(visited < S, "routing.skip_ratio",
+                   f"{ratio} of {S} stages skips no stage (each microbatch would visit round((1 - {ratio}) x {S}) "
+                   f"= {visited} stages); set it to 0, or above {0.5 / S:.3f} to skip one")
 
     @property
     def num_stages(self) -> int:

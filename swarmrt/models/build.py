@@ -10,7 +10,7 @@ from torch import nn
 
 from swarmrt.core.config import ConfigError, RunConfig
 from swarmrt.core.partition import balanced_ranges, validate_ranges
-from swarmrt.models.layers import as_layers, layer_costs
+from swarmrt.models.layers import as_layers, can_skip, layer_costs
 
 
 def resolve_factory(spec: str):
@@ -67,3 +67,36 @@ def partition_hash(config: RunConfig, ranges: list[tuple[int, int]] | None = Non
         ranges = stage_ranges(config, build_layers(config))
     text = repr((config.model.factory, sorted(dict(config.model.kwargs).items()), [tuple(r) for r in ranges]))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def skip_compatibility(config: RunConfig) -> tuple[bool, str]:
+    """Whether the run's stages may be skipped (:func:`swarmrt.models.layers.can_skip`), and why (not).
+
+    Builds the model on the meta device (shapes only: no memory, no compute);
+    a model that cannot be built there is built for real.
+    """
+    from swarmrt.data import sample_input
+
+    if config.num_stages < 3:
+        return False, (f"skipping needs at least 3 stages (the first and last are never skipped), "
+                       f"the model has {config.num_stages}")
+    sample = sample_input(config.data)
+    try:
+        with torch.device("meta"):
+            layers = build_layers(config)
+            return can_skip(layers, stage_ranges(config, layers), sample.to("meta"))
+    except ConfigError:
+        raise
+    except Exception:  # a factory or layer that does not run on meta: check on real tensors
+        layers = build_layers(config)
+        return can_skip(layers, stage_ranges(config, layers), sample)
+
+
+def check_skip(config: RunConfig) -> None:
+    """Raise a :class:`ConfigError` naming ``routing.skip_ratio`` when it is set but the model cannot skip."""
+    if config.routing.skip_ratio <= 0:
+        return
+    ok, why = skip_compatibility(config)
+    if not ok:
+        raise ConfigError(f"routing.skip_ratio: {config.routing.skip_ratio} needs middle stages that can be "
+                          f"skipped, but {why}; set routing.skip_ratio = 0 or cut the model differently")

@@ -109,8 +109,60 @@ def layer_costs(layers: list[nn.Module]) -> list[float]:
     return [1.0 + sum(p.numel() for p in layer.parameters()) for layer in layers]
 
 
-def can_skip(layers: list[nn.Module], ranges: list[tuple[int, int]]) -> tuple[bool, str]:
-    """Whether middle stages may be skipped: each middle stage must map hidden -> hidden of one shape."""
+def _spec(x: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+    return x.dtype, tuple(x.shape[1:])
+
+
+def _show(spec: tuple[torch.dtype, tuple[int, ...]], text: bool) -> str:
+    """``float32 [B, T, 64]``: the sequence length of a text sample is shown as T."""
+    dtype, shape = spec
+    dims = ["B"] + (["T"] if text and shape else []) + list(map(str, shape[1:] if text else shape))
+    return f"{str(dtype).removeprefix('torch.')} [{', '.join(dims)}]"
+
+
+def stage_io(layers: list[nn.Module], ranges: list[tuple[int, int]],
+             sample: torch.Tensor) -> list[tuple[tuple[torch.dtype, tuple[int, ...]], tuple[torch.dtype, tuple[int, ...]]]]:
+    """``(input spec, output spec)`` of every stage for ``sample``: dtype and shape after the batch dimension.
+
+    Runs ``sample`` through all layers once, without gradients (on the meta
+    device too, when the layers and the sample live there).
+    """
+    io = []
+    x = sample
+    with torch.no_grad():
+        for start, end in ranges:
+            before = _spec(x)
+            for layer in layers[start:end]:
+                x = layer(x)
+            io.append((before, _spec(x)))
+    return io
+
+
+def can_skip(layers: list[nn.Module], ranges: list[tuple[int, int]], sample: torch.Tensor) -> tuple[bool, str]:
+    """Whether a microbatch may skip middle stages, and why (not).
+
+    A middle stage (any stage but the first and the last) may be skipped when
+    every middle stage takes exactly what stage 0 puts out and puts out what
+    it takes (same dtype and shape, e.g. a transformer's hidden states through
+    residual blocks). Then any increasing subset of stages composes: a stage
+    accepts the output of any earlier one.
+    """
     if len(ranges) < 3:
-        return False, "skipping needs at least 3 stages (the first and last are never skipped)"
-    return True, "middle stages hold transformer-style residual blocks (hidden -> hidden)"
+        return False, f"skipping needs at least 3 stages (the first and last are never skipped), the model has {len(ranges)}"
+    io = stage_io(layers, ranges, sample)
+    text = sample.dtype == torch.long  # token ids [B, T]: the second dimension is the sequence
+
+    def show(spec):
+        return _show(spec, text)
+
+    hidden = io[0][1]
+    for stage in range(1, len(ranges) - 1):
+        (start, end), (takes, gives) = ranges[stage], io[stage]
+        where = f"stage {stage} (layers {start}..{end - 1})"
+        if takes != hidden:
+            return False, (f"{where} takes {show(takes)} but stage 0 puts out {show(hidden)}: "
+                           f"a microbatch that skipped the stages before it would not fit")
+        if gives != takes:
+            return False, (f"{where} maps {show(takes)} -> {show(gives)}: a microbatch that skipped it "
+                           f"would reach the next stage with the wrong shape")
+    return True, f"every middle stage maps {show(hidden)} -> {show(hidden)} (stage 0's output), so any may be skipped"

@@ -245,6 +245,16 @@ class LocalSwarm:
     def train(self, steps: int, timeout: float = 600.0, extra_args: Sequence[str] = ()) -> dict:
         return self.wait_trainer(self.start_trainer(steps, extra_args), timeout)
 
+    def evaluate(self, stages: Sequence[int] | None = None, batches: int = 2, timeout: float = 300.0) -> dict:
+        """Run ``swarmrt eval`` (held-out loss and perplexity through ``stages``, default all) and return its JSON."""
+        self._counter += 1
+        name = f"eval{self._counter}"
+        args = ["eval", "--config", str(self.config_path), "--initial-peers", self.maddr, "--batches", str(batches),
+                "--summary-file", str(self.workdir / f"{name}.summary.json")]
+        if stages is not None:
+            args += ["--stages", ",".join(map(str, stages))]
+        return self.wait_trainer(self._spawn(name, args), timeout)
+
     def metrics(self, role: Role) -> list[dict]:
         path = self.workdir / f"{role.name}.metrics.jsonl"
         if not path.exists():
