@@ -37,6 +37,15 @@ from swarmrt.net.averaging import AveragingConfig, AveragingResult, StageAverage
 logger = logging.getLogger("swarmrt.outer")
 
 
+def _canonical_state(gathered: dict) -> tuple[str, int]:
+    """The pre-round (hash, round) the group agrees to continue from: the one most peers
+    hold; ties go to the higher round, then the larger hash. Every groupmate sees the same
+    gathered values, so every groupmate picks the same one."""
+    counts = collections.Counter(((g or {}).get("hash"), int((g or {}).get("round", -1))) for g in gathered.values())
+    (digest, round_no), _ = max(counts.items(), key=lambda item: (item[1], item[0][1], str(item[0][0])))
+    return digest, round_no
+
+
 class OuterSync:
     def __init__(self, worker, dht, config: RunConfig, submit_to_compute: Callable, log: Callable[[str], None] = print):
         sgd = config.local_sgd
@@ -81,11 +90,11 @@ class OuterSync:
                 self.diloco.rollback()
                 self._record(round_no, "rolled back", result, pre_hash)
                 return
-            hashes = [(g or {}).get("hash") for g in result.gathered.values()]
-            majority = collections.Counter(hashes).most_common(1)[0][0]
-            if pre_hash != majority:
-                # out of step with the group: adopt the group's global state instead of applying
-                loaded = self.averager.load_state()
+            canonical, canonical_round = _canonical_state(result.gathered)
+            if pre_hash != canonical:
+                # out of step with the group: adopt the group's global state (after its groupmates
+                # applied this round) instead of applying an average to stale global params
+                loaded = self._load_group_state(min_round=canonical_round + 1)
                 if loaded is None:
                     self.diloco.rollback()
                     self._record(round_no, "out of step; state download failed", result, pre_hash)
@@ -104,6 +113,14 @@ class OuterSync:
                 self._shared_state = self.diloco.export_state()
             self.averager.state_sharing_priority = float(self.diloco.round)
             self._busy.clear()
+
+    def _load_group_state(self, min_round: int, attempts: int = 5):
+        """Group state of round >= ``min_round`` (groupmates may still be applying theirs)."""
+        for _ in range(attempts):
+            loaded = self.averager.load_state(timeout=10.0)
+            if loaded is not None and int(loaded[0].get("round", -1)) >= min_round:
+                return loaded
+        return None
 
     # -- the averaging thread --------------------------------------------------------------------
     def _run_round(self, delta, snapshot, pre_hash: str, weight: float, round_no: int) -> None:
