@@ -39,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from swarmrt import scenarios
 from swarmrt.core.scenario import generate_scenario, load_scenario, peer_table  # noqa: E402
 from swarmrt.core.scheduler import SkipScheduler  # noqa: E402
 from swarmrt.core.simulator import SimConfig, simulate  # noqa: E402
@@ -72,7 +73,7 @@ def planning(scenario, seeds, budget_s):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", nargs="?", default=os.path.join(ROOT, "..", "shared", "scenarios", "geo-aws18.json"))
+    parser.add_argument("scenario", nargs="?", default=scenarios.path("geo-aws18"))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per measurement (default 3)")
     parser.add_argument("--iterations", type=int, default=10, help="iterations per run without failures (default 10)")
     parser.add_argument("--budget-s", type=float, default=0.8, help="swarmrt planning budget per iteration (default 0.8)")

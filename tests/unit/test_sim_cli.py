@@ -8,13 +8,14 @@ import os
 
 import pytest
 
+from swarmrt import scenarios
 from swarmrt.core.paths import PathRules, Route, balance_violations, stage_counts, validate_route
 from swarmrt.core.scenario import load_scenario
 from swarmrt.sim_cli import add_plan_parser, add_simulate_parser
 
 pytestmark = pytest.mark.timeout(60)
 
-GEO = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "scenarios", "geo-aws18.json")
+GEO = scenarios.path("geo-aws18")
 
 
 def run(*argv):

@@ -10,12 +10,13 @@ import random
 import numpy as np
 import pytest
 
+from swarmrt import scenarios
 from swarmrt.core.links import FunctionLinks, MatrixLinks, RegionLinks
 from swarmrt.core.scenario import ScenarioError, generate_scenario, load_scenario, parse_scenario, region_table
 
 pytestmark = pytest.mark.timeout(30)
 
-GEO = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "scenarios", "geo-aws18.json")
+GEO = scenarios.path("geo-aws18")
 
 
 @pytest.fixture(scope="module")

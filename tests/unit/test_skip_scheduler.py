@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from swarmrt import scenarios
 from swarmrt.core.links import MatrixLinks
 from swarmrt.core.paths import PathRules, balance_violations, stage_counts, validate_route
 from swarmrt.core.peer_table import PeerTable
@@ -24,7 +25,7 @@ from swarmrt.core.scheduler import (
 
 pytestmark = pytest.mark.timeout(60)
 
-GEO = "../shared/scenarios/geo-aws18.json"
+GEO = scenarios.path("geo-aws18")
 
 
 def geo():

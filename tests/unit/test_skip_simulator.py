@@ -7,13 +7,14 @@ import random
 
 import pytest
 
+from swarmrt import scenarios
 from swarmrt.core.paths import balance_violations, memory_violations
 from swarmrt.core.scenario import generate_scenario, load_scenario, parse_scenario
 from swarmrt.core.simulator import SimConfig, plan_evaluator, simulate
 
 pytestmark = pytest.mark.timeout(120)
 
-GEO = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "scenarios", "geo-aws18.json")
+GEO = scenarios.path("geo-aws18")
 
 
 def two_node(forward=(1.0, 2.0), memory=(1, 1), per_origin=1, latency=0.5, bandwidth=100.0, nbytes=100.0,
