@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from swarmrt.core.compression import CODEC_NAMES, decode, encode
+from swarmrt.wire.codecs import CODEC_NAMES, decode, encode
 
 
 def main() -> None:

@@ -25,10 +25,11 @@ import torch
 
 
 def _grpc_server(port_queue, mib: int) -> None:
-    from swarmrt.core.config import config_from_dict
-    from swarmrt.net.server import StageServicer, start_server
-    from swarmrt.runtime.proc import new_event_loop
-    from swarmrt.runtime.stage import InputSpec, StageWorker
+    from swarmrt.config import config_from_dict
+    from swarmrt.pipeline.service import StageServicer
+    from swarmrt.wire.server import start_server
+    from swarmrt.roles.proc import new_event_loop
+    from swarmrt.pipeline.worker import InputSpec, StageWorker
 
     limit_mb = mib * 2 + 16
     config = config_from_dict({"network": {"max_tensor_mb": limit_mb}})
@@ -90,15 +91,15 @@ class TcpEcho:
 
 class GrpcForward:
     def __init__(self, port: int, mib: int, codec: str):
-        from swarmrt.net.client import StageClient
+        from swarmrt.wire.client import StageClient
 
         self.loop = asyncio.new_event_loop()
         self.client = StageClient(mib * 2 + 16)
         self.address, self.codec = f"127.0.0.1:{port}", codec
 
     def round_trip(self, tensor: torch.Tensor) -> float:
-        from swarmrt.net.proto import swarmrt_pb2 as pb
-        from swarmrt.net.tensors import from_proto, to_proto
+        from swarmrt.wire.proto import swarmrt_pb2 as pb
+        from swarmrt.wire.tensors import from_proto, to_proto
 
         async def once():
             request = pb.ForwardRequest(run_id="swarmrt", stage=0, microbatch_id="bench",

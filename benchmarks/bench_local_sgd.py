@@ -4,7 +4,7 @@ K replicas of the default example model (tiny Llama, byte-level text) each train
 on their own data stream with AdamW; every H inner steps they average their
 pseudo-gradients (the exact mean of what each replica's codec decodes to,
 which is what a lossless all-reduce of the compressed payloads delivers) and
-apply the outer step (swarmrt.core.local_sgd.DiLoCo). Same number of tokens in
+apply the outer step (swarmrt.local_sgd.diloco.DiLoCo). Same number of tokens in
 every configuration. Bytes = the codec payloads one replica sends per round x
 rounds (an all-reduce multiplies every configuration by the same factor, so
 the ratios hold). Configurations:
@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from swarmrt.core.compression import ErrorFeedback, decode, encode
-from swarmrt.core.config import config_from_dict
-from swarmrt.core.local_sgd import DiLoCo, DiLoCoConfig
+from swarmrt.wire.codecs import ErrorFeedback, decode, encode
+from swarmrt.config import config_from_dict
+from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
 from swarmrt.data import Batches, loss_sum
 from swarmrt.models.build import build_layers
 

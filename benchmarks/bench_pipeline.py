@@ -17,8 +17,8 @@ import json
 import tempfile
 import time
 
-from swarmrt.core.config import config_from_dict
-from swarmrt.testing.swarm import LocalSwarm
+from swarmrt.config import config_from_dict
+from swarmrt.localswarm.swarm import LocalSwarm
 
 
 def main() -> None:

@@ -39,11 +39,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from swarmrt import scenarios
-from swarmrt.core.scenario import generate_scenario, load_scenario, peer_table  # noqa: E402
-from swarmrt.core.scheduler import SkipScheduler  # noqa: E402
-from swarmrt.core.simulator import SimConfig, simulate  # noqa: E402
-from swarmrt.sim_cli import POLICY_ORDER, plan_routes  # noqa: E402
+from swarmrt.sim import scenarios
+from swarmrt.sim.scenario import generate_scenario, load_scenario, peer_table  # noqa: E402
+from swarmrt.routing.policies import SkipScheduler  # noqa: E402
+from swarmrt.sim.simulator import SimConfig, simulate  # noqa: E402
+from swarmrt.sim.cli import POLICY_ORDER, plan_routes  # noqa: E402
 
 
 def no_failures(scenario, seeds, iterations, budget_s):

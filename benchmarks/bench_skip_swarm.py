@@ -34,8 +34,8 @@ import statistics
 import tempfile
 import time
 
-from swarmrt.core.config import config_from_dict
-from swarmrt.testing.swarm import LocalSwarm
+from swarmrt.config import config_from_dict
+from swarmrt.localswarm.swarm import LocalSwarm
 
 LAYER_RANGES = [[0, 2], [2, 3], [3, 5], [5, 6], [6, 8], [8, 10]]
 HALF_THE_MIDDLE = [0, 1, 3, 5]

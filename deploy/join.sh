@@ -55,7 +55,7 @@ import os, socket, sys
 
 import yaml
 
-from swarmrt.core.config import ConfigError, load_config, with_overrides
+from swarmrt.config import ConfigError, load_config, with_overrides
 
 source, host, out = sys.argv[1:4]
 if not host:  # the address of the default route; a UDP connect sends nothing

@@ -17,7 +17,7 @@ import sysconfig
 
 import torch
 
-from swarmrt.core.config import ConfigError, DataSection
+from swarmrt.config import ConfigError, DataSection
 
 
 @functools.lru_cache(maxsize=4)

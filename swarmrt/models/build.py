@@ -8,8 +8,8 @@ import importlib
 import torch
 from torch import nn
 
-from swarmrt.core.config import ConfigError, RunConfig
-from swarmrt.core.partition import balanced_ranges, validate_ranges
+from swarmrt.config import ConfigError, RunConfig
+from swarmrt.models.partition import balanced_ranges, validate_ranges
 from swarmrt.models.layers import as_layers, can_skip, layer_costs
 
 

@@ -10,8 +10,8 @@
 See docs/testing.md for a complete example.
 """
 
-from swarmrt.testing.faults import FaultError, FaultPlan, Peer, RandomPeer, UnfiredFaults
-from swarmrt.testing.swarm import LocalSwarm, Role, SwarmError
+from swarmrt.localswarm.faults import FaultError, FaultPlan, Peer, RandomPeer, UnfiredFaults
+from swarmrt.localswarm.swarm import LocalSwarm, Role, SwarmError
 
 __all__ = ["LocalSwarm", "Role", "SwarmError", "FaultPlan", "Peer", "RandomPeer", "FaultError", "UnfiredFaults",
            "assert_exactly_once", "assert_loss_close", "assert_no_leftovers", "run_with_faults", "FaultRun"]
@@ -23,7 +23,7 @@ def __getattr__(name):  # grpc-backed parts load on first use, so `import swarmr
 
         return getattr(asserts, name)
     if name in ("run_with_faults", "FaultRun"):
-        from swarmrt.testing import inject
+        from swarmrt.localswarm import inject
 
         return getattr(inject, name)
     raise AttributeError(f"module 'swarmrt.testing' has no attribute {name!r}")

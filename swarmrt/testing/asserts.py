@@ -15,7 +15,7 @@ import collections
 import re
 from typing import Sequence
 
-from swarmrt.testing.swarm import LocalSwarm, Role
+from swarmrt.localswarm.swarm import LocalSwarm, Role
 
 
 def assert_exactly_once(swarm: LocalSwarm, summary: dict, trainer: Role | None = None) -> dict[int, set[str]]:
@@ -115,7 +115,7 @@ def assert_no_leftovers(swarm: LocalSwarm) -> None:
         raise AssertionError(f"{len(left)} process(es)/group(s) of swarm {swarm.swarm_id} still alive: {left}")
 
 
-# The line swarmrt.runtime.outer logs after every outer round (its format is this helper's contract).
+# The line swarmrt.local_sgd.outer logs after every outer round (its format is this helper's contract).
 OUTER_ROUND_OK = re.compile(r"stage (\d+): outer round (\d+) ok: group (\d+), contributors (\d+), ([\d.]+) s, "
                             r"hash (\w+), members ([\w,]+)")
 

@@ -25,7 +25,7 @@ _PLANS = pytest.StashKey[list]()
 
 @pytest.fixture
 def local_swarm(request, tmp_path):
-    from swarmrt.testing.swarm import LocalSwarm
+    from swarmrt.localswarm.swarm import LocalSwarm
 
     swarms: list = []
     request.node.stash[_SWARMS] = swarms
@@ -47,7 +47,7 @@ def local_swarm(request, tmp_path):
 
 @pytest.fixture
 def fault_plan(request):
-    from swarmrt.testing.faults import FaultPlan
+    from swarmrt.localswarm.faults import FaultPlan
 
     plans: list = request.node.stash.setdefault(_PLANS, [])
 

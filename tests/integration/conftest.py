@@ -1,6 +1,6 @@
 import pytest
 
-from swarmrt.core.config import config_from_dict
+from swarmrt.config import config_from_dict
 
 # Small and quick on 2 cores; short deadlines so hung peers are noticed fast.
 FAST = {

@@ -14,8 +14,9 @@ import hivemind
 import pytest
 import torch
 
-from swarmrt.core.local_sgd import DiLoCo, DiLoCoConfig
-from swarmrt.net.averaging import AveragingConfig, StageAverager, hivemind_compression
+from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
+from swarmrt.local_sgd.averaging import AveragingConfig, StageAverager, hivemind_compression
+from swarmrt.roles import proc
 
 pytestmark = pytest.mark.integration
 
@@ -33,32 +34,10 @@ SHAPES = [(300_000,), (17, 33)]  # 1.2 MB: split into several parts, reduced by 
 
 
 def descendants(pid):
-    """Pids of every live descendant of `pid` (from /proc), zombies excluded, and torch's
-    torch_shm_manager left out: torch starts that helper once per process for shared
-    memory (hivemind shares the averaged tensors) and it exits with the process."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, ppid = fields[0], int(fields[1])
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                program = os.path.basename(f.read().split(b"\0")[0])
-        except OSError:
-            continue
-        if state != "Z" and program != b"torch_shm_manager":
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """Pids of every live descendant of `pid`, with torch's torch_shm_manager left out: torch
+    starts that helper once per process for shared memory (hivemind shares the averaged
+    tensors) and it exits with the process."""
+    return proc.descendants(pid, live_only=True, ignore_programs=frozenset({"torch_shm_manager"}))
 
 
 def wait_until(condition, deadline_s, what):

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from swarmrt.testing.procs import processes_with_env
+from swarmrt.roles.proc import processes_with_env
 
 pytestmark = pytest.mark.integration
 

@@ -9,17 +9,18 @@ import grpc
 import pytest
 import torch
 
-from swarmrt.core.config import config_from_dict
+from swarmrt.config import config_from_dict
 from swarmrt.data import sample_input
 from swarmrt.models.build import build_layers, stage_ranges
-from swarmrt.net.client import StageClient
-from swarmrt.net.emulation import (LinkSpec, RulesError, client_interceptors, events_path, load_rules,
+from swarmrt.wire.client import StageClient
+from swarmrt.wire.emulation import (LinkSpec, RulesError, client_interceptors, events_path, load_rules,
                                    read_effects, scenario_links, server_interceptors, transfer_time, write_rules)
-from swarmrt.net.proto import swarmrt_pb2 as pb
-from swarmrt.net.proto import swarmrt_pb2_grpc as pb_grpc
-from swarmrt.net.server import StageServicer, start_server
-from swarmrt.net.tensors import to_proto
-from swarmrt.runtime.stage import StageWorker, infer_input_spec
+from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
+from swarmrt.pipeline.service import StageServicer
+from swarmrt.wire.server import start_server
+from swarmrt.wire.tensors import to_proto
+from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

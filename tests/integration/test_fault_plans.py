@@ -8,7 +8,7 @@ float-rounding level, and every microbatch is applied exactly once.
 
 import pytest
 
-from swarmrt.core.config import config_from_dict
+from swarmrt.config import config_from_dict
 from swarmrt.testing import Peer, assert_loss_close, assert_no_leftovers
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from swarmrt.core.config import config_from_dict
+from swarmrt.config import config_from_dict
 from swarmrt.testing import FaultPlan, LocalSwarm, Peer
 from swarmrt.testing.asserts import OUTER_ROUND_OK, outer_rounds
 from swarmrt.testing.asserts import assert_outer_rounds_agree as assert_group_hashes_agree

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from swarmrt.core.config import config_from_dict
-from swarmrt.runtime.checkpoint import latest_checkpoint, read_checkpoint_meta
+from swarmrt.config import config_from_dict
+from swarmrt.checkpoint.store import latest_checkpoint, read_checkpoint_meta
 from swarmrt.testing import LocalSwarm, assert_exactly_once
-from swarmrt.testing.swarm import _wait_for
+from swarmrt.localswarm.swarm import _wait_for
 
 from .conftest import FAST
 
@@ -124,7 +124,7 @@ def test_whole_swarm_restarts_from_checkpoints(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_sigterm_to_a_trainer_finishes_its_step_and_saves_its_position(swarm):
-    from swarmrt.runtime.checkpoint import load_data_position
+    from swarmrt.checkpoint.store import load_data_position
 
     trainer = swarm.start_trainer(steps=500, extra_args=["--stream", "7"])
     _wait_for(lambda: len(swarm.metrics(trainer)) >= 4, 120, "4 steps", [trainer])

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 import swarmrt
-from swarmrt.testing.procs import processes_with_env
+from swarmrt.roles.proc import processes_with_env
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ MARK = "SWARMRT_PLUGIN_TEST"
 USER_TESTS = '''
 import json, os, pathlib, signal, time
 import pytest
-from swarmrt.testing.procs import processes_with_env
+from swarmrt.roles.proc import processes_with_env
 
 CONFIG = {"run": {"id": "plugin", "seed": 0},
           "model": {"factory": "swarmrt.models:mlp", "kwargs": {"features": 8, "hidden": 16, "depth": 2},
@@ -103,7 +103,7 @@ def test_fixture_reaps_every_process_when_the_users_test_fails_times_out_or_is_k
 def test_a_planned_fault_that_never_fires_fails_the_test(pytester, user_env):
     pytester.makepyfile(test_plans='''
 from swarmrt.testing import Peer
-from swarmrt.testing.faults import FaultInjector
+from swarmrt.localswarm.faults import FaultInjector
 
 class NoSwarm:
     def peer_names(self, stage, alive): return ["p0", "p1"]

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from swarmrt.core.config import config_from_dict
+from swarmrt.config import config_from_dict
 from swarmrt.data import Batches, loss_sum
 from swarmrt.models.build import build_layers
-from swarmrt.testing.swarm import LocalSwarm
+from swarmrt.localswarm.swarm import LocalSwarm
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from swarmrt.core.config import config_from_dict
-from swarmrt.core.paths import balance_bounds
-from swarmrt.testing.swarm import LocalSwarm
+from swarmrt.config import config_from_dict
+from swarmrt.routing.paths import balance_bounds
+from swarmrt.localswarm.swarm import LocalSwarm
 
 from .conftest import FAST
 

@@ -11,10 +11,10 @@ import grpc
 import pytest
 import torch
 
-from swarmrt.core.config import config_from_dict
-from swarmrt.net.proto import swarmrt_pb2 as pb
-from swarmrt.net.proto import swarmrt_pb2_grpc as pb_grpc
-from swarmrt.net.tensors import to_proto
+from swarmrt.config import config_from_dict
+from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
+from swarmrt.wire.tensors import to_proto
 from swarmrt.testing import FaultPlan, LocalSwarm, Peer, RandomPeer, assert_no_leftovers
 
 from .conftest import FAST

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from swarmrt.core.config import config_from_dict
+from swarmrt.config import config_from_dict
 from swarmrt.testing.asserts import assert_exactly_once, assert_loss_close
 
 CONFIG = config_from_dict({"model": {"stages": 3}, "data": {"batch_size": 8, "microbatch_size": 4}})

@@ -10,11 +10,11 @@ import uuid
 import pytest
 import torch
 
-from swarmrt.core.checkpoint_policy import (CheckpointConfigError, CheckpointSection, checkpoint_due,
+from swarmrt.checkpoint.policy import (CheckpointConfigError, CheckpointSection, checkpoint_due,
                                             is_checkpoint_writer, leave_checkpoint_due, training_config_hash)
-from swarmrt.core.config import ConfigError, RunConfig, with_overrides
-from swarmrt.runtime import checkpoint as ckpt
-from swarmrt.runtime.checkpoint import (CheckpointCorrupt, CheckpointError, CheckpointMismatch, checkpoint_path,
+from swarmrt.config import ConfigError, RunConfig, with_overrides
+from swarmrt.checkpoint import store as ckpt
+from swarmrt.checkpoint.store import (CheckpointCorrupt, CheckpointError, CheckpointMismatch, checkpoint_path,
                                         cleanup_temp_files, latest_checkpoint, list_checkpoints, load_checkpoint,
                                         load_data_position, load_latest_checkpoint, read_checkpoint_meta,
                                         save_checkpoint, save_data_position)
@@ -62,7 +62,7 @@ def test_tensor_mapping_round_trip(tmp_path):
 
 
 def test_stage_worker_state_resumes_exactly(tmp_path):
-    from swarmrt.runtime.stage import InputSpec, StageWorker
+    from swarmrt.pipeline.worker import InputSpec, StageWorker
 
     config = RunConfig()
     spec = InputSpec(torch.float32, 1, (4,))

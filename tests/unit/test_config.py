@@ -1,6 +1,6 @@
 import pytest
 
-from swarmrt.core.config import ConfigError, RunConfig, config_from_dict, load_config, with_overrides
+from swarmrt.config import ConfigError, RunConfig, config_from_dict, load_config, with_overrides
 
 
 def test_defaults_are_valid_and_digest_is_stable():

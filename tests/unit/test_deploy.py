@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from swarmrt.cli import build_parser
-from swarmrt.core.config import load_config
+from swarmrt.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from swarmrt.testing.faults import (Fault, FaultError, FaultInjector, FaultPlan, Peer, RandomPeer,
+from swarmrt.localswarm.faults import (Fault, FaultError, FaultInjector, FaultPlan, Peer, RandomPeer,
                                     UnfiredFaults)
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from swarmrt.core.local_sgd import DiLoCo, DiLoCoConfig
+from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
 
 pytestmark = pytest.mark.timeout(60)
 

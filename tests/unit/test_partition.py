@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from swarmrt.core.config import ConfigError, config_from_dict
-from swarmrt.core.partition import balanced_ranges, validate_ranges
+from swarmrt.config import ConfigError, config_from_dict
+from swarmrt.models.partition import balanced_ranges, validate_ranges
 from swarmrt.models import tiny_gpt2, tiny_llama
 from swarmrt.models.build import build_stage
 from swarmrt.models.layers import as_layers

@@ -1,5 +1,5 @@
-from swarmrt.net.protogen import stale_stubs
+from swarmrt.wire.protogen import stale_stubs
 
 
 def test_committed_stubs_match_the_proto():
-    assert stale_stubs() == [], "run: python -m swarmrt.net.protogen"
+    assert stale_stubs() == [], "run: python -m swarmrt.wire.protogen"

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from swarmrt.core.routing import BanList, PeerView, choose_peer, choose_stage
+from swarmrt.routing.wiring import BanList, PeerView, choose_peer, choose_stage
 
 
 def _split(peers, draws=21000, seed=0, banned=None, now=0.0):

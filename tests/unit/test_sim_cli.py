@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from swarmrt import scenarios
-from swarmrt.core.paths import PathRules, Route, balance_violations, stage_counts, validate_route
-from swarmrt.core.scenario import load_scenario
-from swarmrt.sim_cli import add_plan_parser, add_simulate_parser
+from swarmrt.sim import scenarios
+from swarmrt.routing.paths import PathRules, Route, balance_violations, stage_counts, validate_route
+from swarmrt.sim.scenario import load_scenario
+from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarmrt.core.paths import (
+from swarmrt.routing.paths import (
     Hop,
     PathRules,
     Route,

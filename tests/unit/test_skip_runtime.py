@@ -18,16 +18,16 @@ import torch
 from torch import nn
 
 from swarmrt.cli import main as cli_main
-from swarmrt.core.config import ConfigError, config_from_dict
-from swarmrt.core.paths import Hop, PathRules, Route, validate_route
+from swarmrt.config import ConfigError, config_from_dict
+from swarmrt.routing.paths import Hop, PathRules, Route, validate_route
 from swarmrt.data import sample_input
 from swarmrt.models.build import build_layers, check_skip, skip_compatibility, stage_ranges
-from swarmrt.net.dht import StageRecord
-from swarmrt.net.proto import swarmrt_pb2 as pb
-from swarmrt.net.tensors import from_proto, to_proto
-from swarmrt.runtime.skip_routing import SkipRouting, balance_window, microbatch_seconds
-from swarmrt.runtime.stage import StageError, StageWorker, infer_input_spec
-from swarmrt.runtime.trainer import Trainer, parse_stage_subset
+from swarmrt.discovery.dht import StageRecord
+from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.tensors import from_proto, to_proto
+from swarmrt.routing.live import SkipRouting, balance_window, microbatch_seconds
+from swarmrt.pipeline.worker import StageError, StageWorker, infer_input_spec
+from swarmrt.roles.trainer import Trainer, parse_stage_subset
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,9 +10,9 @@ import random
 import numpy as np
 import pytest
 
-from swarmrt import scenarios
-from swarmrt.core.links import FunctionLinks, MatrixLinks, RegionLinks
-from swarmrt.core.scenario import ScenarioError, generate_scenario, load_scenario, parse_scenario, region_table
+from swarmrt.sim import scenarios
+from swarmrt.routing.links import FunctionLinks, MatrixLinks, RegionLinks
+from swarmrt.sim.scenario import ScenarioError, generate_scenario, load_scenario, parse_scenario, region_table
 
 pytestmark = pytest.mark.timeout(30)
 

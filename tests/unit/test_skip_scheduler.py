@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from swarmrt import scenarios
-from swarmrt.core.links import MatrixLinks
-from swarmrt.core.paths import PathRules, balance_violations, stage_counts, validate_route
-from swarmrt.core.peer_table import PeerTable
-from swarmrt.core.scenario import generate_scenario, load_scenario, peer_table
-from swarmrt.core.scheduler import (
+from swarmrt.sim import scenarios
+from swarmrt.routing.links import MatrixLinks
+from swarmrt.routing.paths import PathRules, balance_violations, stage_counts, validate_route
+from swarmrt.routing.peer_table import PeerTable
+from swarmrt.sim.scenario import generate_scenario, load_scenario, peer_table
+from swarmrt.routing.policies import (
     FullPipeline,
     RandomSkip,
     SchedulerConfig,
@@ -342,7 +342,7 @@ def test_policy_picks_the_origin_when_the_trainer_holds_the_data(policy):
 
 def test_the_previous_plan_is_improved_not_forgotten():
     scenario = geo()
-    from swarmrt.core.simulator import plan_evaluator
+    from swarmrt.sim.simulator import plan_evaluator
     evaluate = plan_evaluator(scenario)
     sched = SkipScheduler(scenario.rules, peer_table(scenario))
     counts = {o: 6 for o in scenario.origins}

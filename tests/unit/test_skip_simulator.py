@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from swarmrt import scenarios
-from swarmrt.core.paths import balance_violations, memory_violations
-from swarmrt.core.scenario import generate_scenario, load_scenario, parse_scenario
-from swarmrt.core.simulator import SimConfig, plan_evaluator, simulate
+from swarmrt.sim import scenarios
+from swarmrt.routing.paths import balance_violations, memory_violations
+from swarmrt.sim.scenario import generate_scenario, load_scenario, parse_scenario
+from swarmrt.sim.simulator import SimConfig, plan_evaluator, simulate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,7 +162,7 @@ def test_jitter_is_seeded_noise_on_compute():
 def test_planned_iterations_run_exactly_as_predicted():
     import itertools
 
-    from swarmrt.core.scheduler import SkipScheduler
+    from swarmrt.routing.policies import SkipScheduler
     scenario = load_scenario(GEO)
     predicted = []
     sim_policy = {}

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from swarmrt.core.config import config_from_dict
+from swarmrt.config import config_from_dict
 from swarmrt.data import Batches, loss_sum, sample_input
 from swarmrt.models.build import build_layers, stage_ranges
-from swarmrt.runtime.stage import ContextMissing, DeadlineExpired, StageError, StageWorker, infer_input_spec
+from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker, infer_input_spec
 
 MLP = {"model": {"factory": "swarmrt.models:mlp", "kwargs": {"features": 8, "hidden": 16, "depth": 4}, "stages": 3},
        "data": {"kind": "regression", "features": 8, "batch_size": 8, "microbatch_size": 4}}

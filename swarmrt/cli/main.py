@@ -1,0 +1,316 @@
+"""The ``swarmrt`` command: one console script, a subcommand per role.
+
+Bad flags and bad config values print one line naming what was wrong and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import pathlib
+import sys
+import time
+
+from swarmrt.config import ConfigError, load_config
+from swarmrt.checkpoint.store import CheckpointError
+from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line, not a usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("hivemind").setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True, peers: bool = True) -> None:
+    if config:
+        p.add_argument("--config", required=True, help="run config file (TOML or YAML)")
+    if peers:
+        p.add_argument("--initial-peers", required=True, nargs="+", metavar="MADDR",
+                       help="multiaddr(s) of a DHT peer to join through (printed by `swarmrt bootstrap`)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress of every component")
+
+
+# -- bootstrap ---------------------------------------------------------------------------------
+def cmd_bootstrap(args) -> int:
+    from swarmrt.discovery.dht import start_dht, visible_maddrs
+    from swarmrt.roles.proc import install_stop_handlers, run
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        install_stop_handlers(asyncio.get_running_loop(), stop)
+        dht = await asyncio.to_thread(start_dht, args.initial_peers, args.host, args.port)
+        try:
+            maddrs = visible_maddrs(dht)
+            print("\n".join(maddrs), flush=True)
+            if args.addr_file:
+                path = pathlib.Path(args.addr_file)
+                path.with_suffix(".tmp").write_text("\n".join(maddrs) + "\n")
+                path.with_suffix(".tmp").rename(path)
+            await stop.wait()
+            return 0
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+
+    return run(main())
+
+
+# -- peer --------------------------------------------------------------------------------------
+def cmd_peer(args) -> int:
+    from swarmrt.roles.peer import PeerOptions, serve_peer
+    from swarmrt.roles.proc import run
+
+    from swarmrt.wire.emulation import load_rules, rules_path
+
+    config = load_config(args.config)
+    _check_skip(config)
+    if args.stage is not None and not 0 <= args.stage < config.num_stages:
+        raise ConfigError(f"--stage {args.stage}: the run has stages 0..{config.num_stages - 1}")
+    net_rules = rules_path(args.net_rules)
+    if net_rules:
+        load_rules(net_rules)  # a bad rules file is a usage error naming the key
+    options = PeerOptions(initial_peers=tuple(args.initial_peers), stage=args.stage, port=args.port,
+                          grace_s=args.grace, ready_file=args.ready_file, ledger=args.ledger,
+                          compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume,
+                          net_rules=net_rules)
+    return run(serve_peer(config, options))
+
+
+# -- train -------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from swarmrt.wire.client import StageClient
+    from swarmrt.discovery.dht import start_dht
+    from swarmrt.wire.emulation import client_interceptors, rules_path
+    from swarmrt.roles.proc import install_stop_handlers, run
+    from swarmrt.checkpoint.store import load_data_position
+    from swarmrt.roles.trainer import Trainer
+
+    config = load_config(args.config)
+    _check_skip(config)
+    if args.trainer_id is not None and (not args.trainer_id or ":" in args.trainer_id):
+        raise ConfigError(f"--trainer-id {args.trainer_id!r}: must be non-empty and contain no ':'")
+    interceptors = client_interceptors(rules_path(args.net_rules))
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        install_stop_handlers(asyncio.get_running_loop(), stop,
+                              on_first=lambda _: print("trainer: stopping after the step in flight", file=sys.stderr))
+        start_step = 0
+        if args.resume:
+            if config.checkpoint.location is None:
+                raise ConfigError("--resume needs [checkpoint] location in the run config")
+            start_step = load_data_position(config.checkpoint.location, config.run.id, args.stream) or 0
+            print(f"trainer: resuming stream {args.stream} at step {start_step}", file=sys.stderr)
+        dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
+        try:
+            trainer = Trainer(config, dht, stream=args.stream, metrics_path=args.metrics_file,
+                              progress=args.progress if args.progress is not None else sys.stderr.isatty(),
+                              trainer_id=args.trainer_id)
+            if interceptors:  # name this trainer to the peers' emulated links and partitions
+                trainer.client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
+            summary = await trainer.run(args.steps, start_step=start_step, stop=stop)
+            text = json.dumps(summary, indent=1)
+            if args.summary_file:
+                pathlib.Path(args.summary_file).write_text(text)
+            print(text, flush=True)
+            return 0
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+
+    return run(main())
+
+
+# -- eval (and the skip check of peer/train) ----------------------------------------------------
+def _check_skip(config) -> None:
+    """``routing.skip_ratio > 0`` on a model whose middle stages cannot be skipped: a config error, before
+    anything starts."""
+    if config.routing.skip_ratio > 0:
+        from swarmrt.models.build import check_skip
+
+        check_skip(config)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_eval(args) -> int:
+    from swarmrt.models.build import skip_compatibility
+    from swarmrt.discovery.dht import start_dht
+    from swarmrt.roles.proc import run
+    from swarmrt.roles.trainer import Trainer, parse_stage_subset
+
+    config = load_config(args.config)
+    stages, why = parse_stage_subset(args.eval_stages, config.num_stages)
+    if stages is None:
+        raise ConfigError(f"--stages: {why}")
+    if len(stages) < config.num_stages:
+        ok, reason = skip_compatibility(config)
+        if not ok:
+            raise ConfigError(f"--stages {args.eval_stages} {why}, but {reason}")
+
+    async def main() -> int:
+        dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
+        try:
+            trainer = Trainer(config, dht, trainer_id=f"eval-{int(time.time())}")
+            result = await trainer.evaluate(stages, args.batches)
+            text = json.dumps(result, indent=1)
+            if args.summary_file:
+                pathlib.Path(args.summary_file).write_text(text)
+            print(text, flush=True)
+            return 0
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+
+    return run(main())
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss and perplexity through all stages or a subset (forward only)")
+    _common(p)
+    p.add_argument("--stages", dest="eval_stages", metavar="S,S,...",
+                   help="stages to go through, e.g. 0,2,5: first and last included, increasing (default: all)")
+    p.add_argument("--batches", type=_positive_int, default=4, help="held-out batches of data.batch_size samples")
+    p.add_argument("--summary-file", help="also write the result JSON here")
+    p.set_defaults(func=cmd_eval)
+
+
+# -- status ------------------------------------------------------------------------------------
+def cmd_status(args) -> int:
+    from swarmrt.discovery.dht import read_runs, read_stage, start_dht
+
+    dht = start_dht(args.initial_peers, client_mode=True)
+    try:
+        runs = read_runs(dht)
+        report = {}
+        for run_id, meta in sorted(runs.items()):
+            stages = []
+            for s in range(int(meta.get("stages", 0))):
+                stages.append([{**r.to_value(), "heartbeat_age_s": round(time.time() - r.heartbeat, 2)}
+                               for r in read_stage(dht, run_id, s)])
+            report[run_id] = {"config": meta.get("config"), "stages": stages}
+    finally:
+        dht.shutdown()
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    if not report:
+        print("no runs announced in this DHT")
+    for run_id, info in report.items():
+        print(f"run {run_id} (config {info['config']}), {len(info['stages'])} stages")
+        for s, peers in enumerate(info["stages"]):
+            if not peers:
+                print(f"  stage {s}: no peers")
+            for r in peers:
+                print(f"  stage {s}: {r['peer_id'][-12:]} {r['address']:<21} {r['state']:<8} "
+                      f"{r['throughput']:8.1f} samples/s  load {r['load']}  version {r['version']}  "
+                      f"heartbeat {r['heartbeat_age_s']:.1f} s ago")
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from swarmrt.localswarm.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="swarmrt", description="Train standard PyTorch models on a swarm of unreliable peers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("bootstrap", help="start a DHT peer others join through; prints its multiaddr")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    p.add_argument("--addr-file", help="also write the multiaddr(s) to this file")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join an existing DHT too")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("peer", help="serve one pipeline stage")
+    _common(p)
+    p.add_argument("--stage", type=int, help="stage to serve (default: the stage with the least capacity)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--grace", type=float, default=20.0, help="seconds to drain in-flight work on SIGTERM")
+    p.add_argument("--ready-file", help="write 'STAGE ADDRESS PEER_ID' here once serving")
+    p.add_argument("--ledger", help="append every applied microbatch id to this file")
+    p.add_argument("--compute-delay", type=float, default=0.0, help="emulated extra seconds per forward/backward")
+    p.add_argument("--slowdown", type=float, default=1.0, help="multiply compute time by this factor")
+    p.add_argument("--resume", action="store_true",
+                   help="load the stage's newest checkpoint ([checkpoint] location) even if other peers serve it")
+    p.add_argument("--net-rules", metavar="FILE", help="emulated links and RPC faults (JSON, re-read when it "
+                   "changes; default: $SWARMRT_NET_RULES; see swarmrt.wire.emulation)")
+    p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("train", help="feed data and drive microbatches through the swarm")
+    _common(p)
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps (batches) to train")
+    p.add_argument("--metrics-file", help="append one JSON object per step here")
+    p.add_argument("--summary-file", help="write the final summary JSON here")
+    p.add_argument("--stream", type=int, default=0, help="data stream of this trainer (several trainers: 0, 1, ...)")
+    p.add_argument("--resume", action="store_true",
+                   help="start at the data position saved under [checkpoint] location (default: step 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--trainer-id", help="prefix of this trainer's microbatch ids (default: random); no ':'")
+    p.add_argument("--net-rules", metavar="FILE", help="rules file whose 'node' names this trainer to the peers' "
+                   "emulated links and partitions (default: $SWARMRT_NET_RULES)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", help="show the runs, stages and peers announced in the DHT")
+    _common(p, config=False)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="start a local swarm on 127.0.0.1 and train the example model")
+    p.add_argument("--config", help="run config (default: examples/tiny_llama.toml settings)")
+    p.add_argument("--stages", type=int, default=3, help="pipeline stages")
+    p.add_argument("--peers-per-stage", type=int, default=2, help="peers serving each stage")
+    p.add_argument("--trainers", type=int, default=1, help="trainer processes")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--workdir", help="keep logs and metrics here (default: a temporary folder)")
+    p.add_argument("--chaos", action="store_true",
+                   help="kill, hang and preempt random peers while training (seeded), add replacements, and "
+                        "report what the run did about it")
+    p.add_argument("--seed", type=int, default=0, help="--chaos: seed of the fault plan")
+    p.add_argument("--faults", type=int, default=3, help="--chaos: how many faults to inject")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    add_eval_parser(sub)
+    add_plan_parser(sub)
+    add_simulate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    for name in ("steps", "stages", "peers_per_stage", "trainers", "faults"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.exit(EXIT_USAGE, f"swarmrt {args.command}: error: --{name.replace('_', '-')} must be >= 1, "
+                                    f"got {value}\n")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"swarmrt {args.command}: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as e:
+        print(f"swarmrt {args.command}: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,372 @@
+"""The run config: one file (TOML or YAML) a user can read.
+
+Every section is a small frozen dataclass with a docstring under each field and
+validation in ``__post_init__`` (torchtitan's habit). Unknown keys are an error
+that names the key; a bad value is an error that names the field. Parsing the
+file lives in :func:`load_config`; everything else is plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import tomllib
+from typing import Any, Mapping
+
+from swarmrt.routing.paths import PathRules
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the offending key."""
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    id: str = "swarmrt"
+    """Name of the run; peers and trainers of one run share it. Letters, digits, '-' and '_'."""
+    seed: int = 0
+    """Seed for model initialisation and data order."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.id) and all(c.isalnum() or c in "-_" for c in self.id), "run.id",
+               f"must be letters, digits, '-' or '_', got {self.id!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    factory: str = "swarmrt.models:tiny_llama"
+    """``package.module:function`` returning a standard ``nn.Module``."""
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments passed to the factory."""
+    stages: int = 3
+    """Number of pipeline stages to cut the model into (ignored when ``layer_ranges`` is set)."""
+    layer_ranges: tuple[tuple[int, int], ...] | None = None
+    """Explicit ``[start, end)`` layer ranges, one per stage, covering every layer in order."""
+
+    def __post_init__(self) -> None:
+        _check(":" in self.factory and all(self.factory.split(":", 1)), "model.factory",
+               f"must look like 'package.module:function', got {self.factory!r}")
+        _check(isinstance(self.kwargs, Mapping), "model.kwargs", "must be a table of keyword arguments")
+        if self.layer_ranges is not None:
+            ranges = tuple(tuple(r) for r in self.layer_ranges)
+            object.__setattr__(self, "layer_ranges", ranges)
+            _check(len(ranges) >= 1, "model.layer_ranges", "needs at least one range")
+            for i, r in enumerate(ranges):
+                _check(len(r) == 2 and all(isinstance(x, int) for x in r) and r[0] < r[1],
+                       f"model.layer_ranges[{i}]", f"must be [start, end) with start < end, got {list(r)}")
+            _check(ranges[0][0] == 0, "model.layer_ranges[0]", "must start at layer 0")
+            for i in range(1, len(ranges)):
+                _check(ranges[i][0] == ranges[i - 1][1], f"model.layer_ranges[{i}]",
+                       f"must start where the previous range ends ({ranges[i - 1][1]}), got {ranges[i][0]}")
+            object.__setattr__(self, "stages", len(ranges))
+        _check(isinstance(self.stages, int) and self.stages >= 1, "model.stages", f"must be an integer >= 1, got {self.stages!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    kind: str = "text"
+    """``text``: byte-level language modelling; ``regression``: seeded random features -> targets."""
+    path: str | None = None
+    """Text file to train on; default: the Python standard library's own source, present on every install."""
+    max_bytes: int = 4_000_000
+    """Cap on how much text is read."""
+    seq_len: int = 64
+    """Tokens per sample (text)."""
+    features: int = 16
+    """Input width (regression)."""
+    targets: int = 1
+    """Output width (regression)."""
+    batch_size: int = 16
+    """Samples per optimizer step of the trainer."""
+    microbatch_size: int = 4
+    """Samples per microbatch; each microbatch takes its own route."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("text", "regression"), "data.kind", f"must be 'text' or 'regression', got {self.kind!r}")
+        for name in ("max_bytes", "seq_len", "features", "targets", "batch_size", "microbatch_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"data.{name}", f"must be an integer >= 1, got {value!r}")
+        _check(self.batch_size % self.microbatch_size == 0, "data.batch_size",
+               f"must be a multiple of data.microbatch_size ({self.microbatch_size}), got {self.batch_size}")
+
+    @property
+    def microbatches_per_step(self) -> int:
+        return self.batch_size // self.microbatch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    name: str = "adamw"
+    """Inner optimizer of each stage peer: ``adamw`` or ``sgd``."""
+    lr: float = 1e-3
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    momentum: float = 0.0
+    """Momentum (sgd only)."""
+    samples_per_step: int = 16
+    """A stage peer steps its optimizer after accumulating gradients of this many samples."""
+    max_grad_norm: float | None = None
+    """Clip the accumulated gradient to this norm before a step (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("adamw", "sgd"), "optimizer.name", f"must be 'adamw' or 'sgd', got {self.name!r}")
+        _check(isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr), "optimizer.lr",
+               f"must be a positive number, got {self.lr!r}")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        _check(0 <= self.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {self.momentum!r}")
+        _check(isinstance(self.samples_per_step, int) and self.samples_per_step >= 1, "optimizer.samples_per_step",
+               f"must be an integer >= 1, got {self.samples_per_step!r}")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "optimizer.max_grad_norm",
+               f"must be > 0, got {self.max_grad_norm!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSection:
+    host: str = "127.0.0.1"
+    """Address stage peers listen on and announce."""
+    heartbeat_s: float = 1.0
+    """How often a peer re-announces itself in the DHT."""
+    record_ttl_s: float = 4.0
+    """How long an announcement lives without a heartbeat; a dead peer vanishes after this."""
+    forward_timeout_s: float = 10.0
+    """Deadline of one Forward call."""
+    backward_timeout_s: float = 10.0
+    """Deadline of one Backward call."""
+    max_retries: int = 6
+    """How many times one hop is retried on other peers before the microbatch gives up and restarts."""
+    ban_after_failures: int = 2
+    """Consecutive failures after which a trainer stops routing to a peer for ``ban_s``."""
+    ban_s: float = 10.0
+    """How long a failing peer is banned before it is tried again."""
+    max_tensor_mb: int = 256
+    """Largest tensor message accepted (MiB); gRPC's 4 MiB default is raised to this deliberately."""
+    context_ttl_s: float = 30.0
+    """How long a peer keeps a forward's autograd context for the backward."""
+    context_max_mb: int = 512
+    """Memory cap on kept autograd contexts; the oldest are evicted (then recomputed from inputs)."""
+    no_peers_timeout_s: float = 120.0
+    """How long a trainer waits for a stage with no peers before failing the run."""
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_s", "record_ttl_s", "forward_timeout_s", "backward_timeout_s", "ban_s",
+                     "context_ttl_s", "no_peers_timeout_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, f"network.{name}", f"must be > 0, got {value!r}")
+        _check(self.record_ttl_s > self.heartbeat_s, "network.record_ttl_s",
+               f"must exceed network.heartbeat_s ({self.heartbeat_s}), got {self.record_ttl_s}")
+        for name in ("max_retries", "ban_after_failures", "max_tensor_mb", "context_max_mb"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"network.{name}", f"must be an integer >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionSection:
+    activations: str = "none"
+    """Codec for activations sent forward (see swarmrt.wire.codecs: none, fp16, bf16, int8, ...)."""
+    gradients: str = "none"
+    """Codec for activation gradients sent backward."""
+    pseudo_gradients: str = "fp16"
+    """Codec of the stage group's pseudo-gradient all-reduce: none, fp16 or int8."""
+    state: str = "none"
+    """Codec of DiLoCo state a peer downloads through the averager: none, fp16 or int8 (lossy codecs
+    make the downloaded global params differ from the group's, so its hash will not match)."""
+
+    def __post_init__(self) -> None:
+        from swarmrt.wire.codecs import get_codec
+
+        for name in ("activations", "gradients"):
+            try:
+                get_codec(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(f"compression.{name}: {e}") from None
+        for name in ("pseudo_gradients", "state"):
+            value = getattr(self, name)
+            _check(value in ("none", "fp16", "int8"), f"compression.{name}",
+                   f"the all-reduce takes none, fp16 or int8, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDSection:
+    inner_steps: int = 0
+    """H: inner optimizer steps between outer averaging rounds of a stage group; 0 disables averaging."""
+    outer_lr: float = 0.7
+    """Outer (Nesterov SGD) learning rate."""
+    outer_momentum: float = 0.9
+    """Outer momentum (0: plain outer SGD)."""
+    nesterov: bool = True
+    """Nesterov momentum for the outer step (needs outer_momentum > 0)."""
+    min_group_size: int = 2
+    """A round needs at least this many peers of the stage; fewer is a failed (rolled back) round."""
+    matchmaking_time_s: float = 3.0
+    """How long peers gather into a group before the all-reduce starts."""
+    matchmaking_timeout_s: float = 15.0
+    """Give up forming a group after this long (the round is rolled back)."""
+    next_chunk_timeout_s: float = 2.0
+    """A groupmate that sends no next chunk within this long is dropped (a dead peer cannot stall the round)."""
+    allreduce_timeout_s: float = 20.0
+    """An all-reduce takes at most this long once the group has formed."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.inner_steps, int) and self.inner_steps >= 0, "local_sgd.inner_steps",
+               f"must be an integer >= 0, got {self.inner_steps!r}")
+        _check(self.outer_lr > 0, "local_sgd.outer_lr", f"must be > 0, got {self.outer_lr!r}")
+        _check(0 <= self.outer_momentum < 1, "local_sgd.outer_momentum", f"must be in [0, 1), got {self.outer_momentum!r}")
+        _check(isinstance(self.min_group_size, int) and self.min_group_size >= 1, "local_sgd.min_group_size",
+               f"must be an integer >= 1, got {self.min_group_size!r}")
+        for name in ("matchmaking_time_s", "matchmaking_timeout_s", "next_chunk_timeout_s", "allreduce_timeout_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, f"local_sgd.{name}", f"must be > 0, got {value!r}")
+        _check(self.matchmaking_timeout_s > self.matchmaking_time_s, "local_sgd.matchmaking_timeout_s",
+               f"must exceed local_sgd.matchmaking_time_s ({self.matchmaking_time_s})")
+        _check(self.allreduce_timeout_s > 2 * self.next_chunk_timeout_s, "local_sgd.allreduce_timeout_s",
+               f"must exceed 2 x local_sgd.next_chunk_timeout_s ({self.next_chunk_timeout_s})")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSection:
+    skip_ratio: float = 0.0
+    """Fraction of stages a microbatch skips (never the first or last); 0 = full pipeline. Each microbatch
+    visits ``round((1 - skip_ratio) x stages)`` stages, routed by the path scheduler. Needs at least 3
+    stages and a model whose middle stages take and return what stage 0 puts out (residual blocks do)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.skip_ratio < 1, "routing.skip_ratio", f"must be in [0, 1), got {self.skip_ratio!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    location: str | None = None
+    """Where checkpoints go: a local directory, or an fsspec URL (``s3://bucket/runs``,
+    ``gs://...``; needs ``fsspec`` and the scheme's package). None: no checkpoints."""
+    every_steps: int = 0
+    """Write when a stage's step (optimizer version, or outer step with local SGD) crosses a
+    multiple of this; 0: not by steps."""
+    every_minutes: float = 0.0
+    """Write when this many minutes passed since the last checkpoint of this peer; 0: not by time."""
+    keep: int = 3
+    """Keep the newest this many checkpoints per stage; older ones are deleted after a write."""
+    on_leave: bool = True
+    """A peer that drains (SIGTERM/SIGINT) while no other peer serves its stage writes a
+    checkpoint before it leaves, so the next peer of the stage can resume from it."""
+
+    def __post_init__(self) -> None:
+        _check(self.location is None or (isinstance(self.location, str) and self.location.strip() != ""),
+               "checkpoint.location", f"must be a directory or URL, got {self.location!r}")
+        _check(isinstance(self.every_steps, int) and not isinstance(self.every_steps, bool)
+               and self.every_steps >= 0, "checkpoint.every_steps",
+               f"must be an integer >= 0, got {self.every_steps!r}")
+        _check(isinstance(self.every_minutes, (int, float)) and not isinstance(self.every_minutes, bool)
+               and math.isfinite(self.every_minutes) and self.every_minutes >= 0, "checkpoint.every_minutes",
+               f"must be a number >= 0, got {self.every_minutes!r}")
+        _check(isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 1,
+               "checkpoint.keep", f"must be an integer >= 1, got {self.keep!r}")
+        _check(isinstance(self.on_leave, bool), "checkpoint.on_leave", f"must be true or false, got {self.on_leave!r}")
+        if self.location is None:
+            for name in ("every_steps", "every_minutes"):
+                _check(not getattr(self, name), f"checkpoint.{name}",
+                       "is set but checkpoint.location is not: say where checkpoints go")
+
+    @property
+    def enabled(self) -> bool:
+        """True when checkpoints have somewhere to go."""
+        return self.location is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = dataclasses.field(default_factory=RunSection)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    network: NetworkSection = dataclasses.field(default_factory=NetworkSection)
+    compression: CompressionSection = dataclasses.field(default_factory=CompressionSection)
+    local_sgd: LocalSGDSection = dataclasses.field(default_factory=LocalSGDSection)
+    routing: RoutingSection = dataclasses.field(default_factory=RoutingSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+    def __post_init__(self) -> None:
+        ratio = self.routing.skip_ratio
+        if ratio > 0:
+            S = self.num_stages
+            _check(S >= 3, "routing.skip_ratio",
+                   f"{ratio} needs at least 3 stages (the first and the last stage are never skipped), "
+                   f"but model.stages is {S}; set routing.skip_ratio = 0 or cut the model into more stages")
+            try:
+                visited = PathRules(stages=S, skip_ratio=ratio).visited
+            except ValueError as e:
+                raise ConfigError(f"routing.skip_ratio: {e}") from None
+            _check(visited < S, "routing.skip_ratio",
+                   f"{ratio} of {S} stages skips no stage (each microbatch would visit round((1 - {ratio}) x {S}) "
+                   f"= {visited} stages); set it to 0, or above {0.5 / S:.3f} to skip one")
+
+    @property
+    def num_stages(self) -> int:
+        return self.model.stages
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def digest(self) -> str:
+        """Short hash of the whole config, to tell runs apart."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig` from nested dicts; unknown sections or keys are errors naming them."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a table of sections")
+    sections: dict[str, Any] = {}
+    for section_name, values in raw.items():
+        field = next((f for f in dataclasses.fields(RunConfig) if f.name == section_name), None)
+        if field is None:
+            raise ConfigError(f"{source}: unknown section [{section_name}]; known: {', '.join(_SECTIONS)}")
+        cls = field.default_factory  # the section dataclass
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section_name}: must be a table of keys")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{section_name}.{key}: unknown key; known: {', '.join(sorted(known))}")
+        try:
+            sections[section_name] = cls(**values)
+        except TypeError as e:  # pragma: no cover - guarded by the key check above
+            raise ConfigError(f"{section_name}: {e}") from None
+    return RunConfig(**sections)
+
+
+def load_config(path: str | pathlib.Path) -> RunConfig:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run config."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = tomllib.loads(text)
+    except Exception as e:  # parse errors of either format
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def with_overrides(config: RunConfig, **sections: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``config`` with some keys of some sections replaced (validated again)."""
+    raw = config.to_dict()
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)

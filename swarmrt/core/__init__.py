@@ -1,1 +1,0 @@
-"""Pure core: no network, process or clock code. Time and randomness are passed in."""

@@ -1,0 +1,59 @@
+"""Stage announcements in the hivemind DHT: store and read :mod:`swarmrt.discovery.records`.
+
+Every record expires by itself (``ttl``); a live peer re-announces on a
+heartbeat, so a dead one vanishes from routing within ``ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from swarmrt.discovery.records import RUNS_KEY, StageRecord, stage_key
+
+__all__ = ["RUNS_KEY", "StageRecord", "stage_key", "announce", "announce_run", "read_stage", "read_runs",
+           "start_dht", "visible_maddrs"]
+
+
+def announce(dht: DHT, run_id: str, record: StageRecord, ttl: float, timeout: float = 5.0) -> bool:
+    ok = dht.store(stage_key(run_id, record.stage), subkey=record.peer_id, value=record.to_value(),
+                   expiration_time=get_dht_time() + ttl, return_future=True)
+    return bool(ok.result(timeout=timeout))
+
+
+def announce_run(dht: DHT, run_id: str, stages: int, digest: str, ttl: float, timeout: float = 5.0) -> bool:
+    ok = dht.store(RUNS_KEY, subkey=run_id, value={"stages": stages, "config": digest},
+                   expiration_time=get_dht_time() + ttl, return_future=True)
+    return bool(ok.result(timeout=timeout))
+
+
+def _subkey_values(dht: DHT, key: str, timeout: float) -> dict[str, Any]:
+    found = dht.get(key, latest=True, return_future=True).result(timeout=timeout)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {sub: item.value for sub, item in found.value.items()}
+
+
+def read_stage(dht: DHT, run_id: str, stage: int, timeout: float = 5.0) -> list[StageRecord]:
+    """Live records of one stage (expired ones are already gone), sorted by peer id."""
+    records = [StageRecord.from_value(v) for v in _subkey_values(dht, stage_key(run_id, stage), timeout).values()]
+    return sorted((r for r in records if r is not None), key=lambda r: r.peer_id)
+
+
+def read_runs(dht: DHT, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
+    return {run: v for run, v in _subkey_values(dht, RUNS_KEY, timeout).items() if isinstance(v, dict)}
+
+
+def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: int = 0,
+              client_mode: bool = False) -> DHT:
+    """A hivemind DHT node listening on ``host`` (loopback by default)."""
+    kwargs: dict[str, Any] = dict(initial_peers=initial_peers or None, start=True, client_mode=client_mode)
+    if not client_mode:
+        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
+    return DHT(**kwargs)
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    return [str(a) for a in dht.get_visible_maddrs()]

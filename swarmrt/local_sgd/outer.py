@@ -1,0 +1,158 @@
+"""DiLoCo outer rounds for one stage peer: the glue between the stage worker, the pure
+:class:`swarmrt.local_sgd.diloco.DiLoCo` and hivemind averaging (:class:`swarmrt.local_sgd.averaging.StageAverager`).
+
+Every ``local_sgd.inner_steps`` inner optimizer steps, the compute thread
+snapshots the pseudo-gradient (global - local) and hands it to the averaging
+thread, then keeps serving microbatches: the round overlaps with training
+instead of stalling the pipeline while the group forms and all-reduces. When
+the round returns, the compute thread applies it: the outer optimizer steps the
+global params with the group's average, and the local params become the new
+global params plus whatever the peer trained while the round was running
+(its drift since the snapshot), so no inner step is lost.
+
+Consistency: every peer of a successful round starts it with the same global
+params and outer state and applies the same averaged bytes, so they end it
+with identical global params (the hash logged as ``outer round R ok ... hash H``).
+Each peer gathers its pre-round hash to the group; a peer that finds itself out
+of step with the group (it missed a round, or a round failed only for it)
+downloads the global state from a groupmate instead of applying. A failed round
+(no group, a peer died mid-all-reduce, timeouts) is rolled back: global params
+and outer state stay as they were on every peer, local params are kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+from typing import Callable
+
+import torch
+
+from swarmrt.config import RunConfig
+from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
+from swarmrt.local_sgd.averaging import AveragingConfig, AveragingResult, StageAverager
+
+logger = logging.getLogger("swarmrt.outer")
+
+
+def _canonical_state(gathered: dict) -> tuple[str, int]:
+    """The pre-round (hash, round) the group agrees to continue from: the one most peers
+    hold; ties go to the higher round, then the larger hash. Every groupmate sees the same
+    gathered values, so every groupmate picks the same one."""
+    counts = collections.Counter(((g or {}).get("hash"), int((g or {}).get("round", -1))) for g in gathered.values())
+    (digest, round_no), _ = max(counts.items(), key=lambda item: (item[1], item[0][1], str(item[0][0])))
+    return digest, round_no
+
+
+class OuterSync:
+    def __init__(self, worker, dht, config: RunConfig, submit_to_compute: Callable, log: Callable[[str], None] = print):
+        sgd = config.local_sgd
+        self.worker = worker
+        self.submit_to_compute = submit_to_compute
+        self.log = log
+        self.diloco = DiLoCo(worker.params, DiLoCoConfig(
+            inner_steps=sgd.inner_steps, outer_lr=sgd.outer_lr, outer_momentum=sgd.outer_momentum,
+            nesterov=sgd.nesterov and sgd.outer_momentum > 0))
+        self.averager = StageAverager(
+            dht, f"{config.run.id}_stage{worker.stage}", worker.params,
+            AveragingConfig(codec=config.compression.pseudo_gradients, state_codec=config.compression.state,
+                            min_group_size=sgd.min_group_size, matchmaking_time=sgd.matchmaking_time_s,
+                            request_timeout=min(3.0, sgd.matchmaking_time_s / 2),
+                            matchmaking_timeout=sgd.matchmaking_timeout_s, next_chunk_timeout=sgd.next_chunk_timeout_s,
+                            allreduce_timeout=sgd.allreduce_timeout_s),
+            state_provider=self._state_for_peers)
+        self._rounds = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="outer-round")
+        self._busy = threading.Event()
+        self._shared_state = self.diloco.export_state()  # what groupmates download; refreshed on the compute thread
+        self._state_lock = threading.Lock()
+        self.history: collections.deque = collections.deque(maxlen=1000)
+        self.closed = False
+
+    # -- called on the compute thread ---------------------------------------------------------
+    def after_inner_step(self) -> None:
+        if not self.diloco.record_inner_step():
+            return
+        if self._busy.is_set():  # the previous round is still running: this one is skipped
+            self.diloco.rollback()
+            return
+        self._busy.set()
+        delta = self.diloco.pseudo_gradient()
+        snapshot = [p.detach().clone() for p in self.worker.params]
+        pre_hash, weight, round_no = self.diloco.params_hash(), self.diloco.weight, self.diloco.round
+        self._rounds.submit(self._run_round, delta, snapshot, pre_hash, weight, round_no)
+
+    @torch.no_grad()
+    def _apply(self, result: AveragingResult, snapshot: list[torch.Tensor], pre_hash: str, round_no: int) -> None:
+        try:
+            if not result.succeeded:
+                self.diloco.rollback()
+                self._record(round_no, "rolled back", result, pre_hash)
+                return
+            canonical, canonical_round = _canonical_state(result.gathered)
+            if pre_hash != canonical:
+                # out of step with the group: adopt the group's global state (after its groupmates
+                # applied this round) instead of applying an average to stale global params
+                loaded = self._load_group_state(min_round=canonical_round + 1)
+                if loaded is None:
+                    self.diloco.rollback()
+                    self._record(round_no, "out of step; state download failed", result, pre_hash)
+                    return
+                self.diloco.import_state(*loaded)
+                self._record(self.diloco.round, "out of step; loaded group state", result, pre_hash)
+                return
+            drift = [p.detach() - s for p, s in zip(self.worker.params, snapshot)]
+            self.diloco.apply(result.tensors)
+            for p, d in zip(self.worker.params, drift):
+                p.add_(d)
+            self._record(self.diloco.round, "ok", result, pre_hash)
+        finally:
+            self.worker.params_changed()
+            with self._state_lock:
+                self._shared_state = self.diloco.export_state()
+            self.averager.state_sharing_priority = float(self.diloco.round)
+            self._busy.clear()
+
+    def _load_group_state(self, min_round: int, attempts: int = 5):
+        """Group state of round >= ``min_round`` (groupmates may still be applying theirs)."""
+        for _ in range(attempts):
+            loaded = self.averager.load_state(timeout=10.0)
+            if loaded is not None and int(loaded[0].get("round", -1)) >= min_round:
+                return loaded
+        return None
+
+    # -- the averaging thread --------------------------------------------------------------------
+    def _run_round(self, delta, snapshot, pre_hash: str, weight: float, round_no: int) -> None:
+        result = self.averager.average(delta, weight=weight, gather={"hash": pre_hash, "round": round_no})
+        if self.closed:
+            return
+        self.submit_to_compute(self._apply, result, snapshot, pre_hash, round_no)
+
+    def _state_for_peers(self):
+        with self._state_lock:
+            return self._shared_state
+
+    def _record(self, round_no: int, outcome: str, result: AveragingResult, pre_hash: str) -> None:
+        members = ",".join(sorted(peer[-6:] for peer in result.gathered)) or "-"
+        entry = {"round": round_no, "outcome": outcome, "group": result.group_size, "members": members,
+                 "contributors": result.contributors, "seconds": round(result.seconds, 2),
+                 "hash": self.diloco.params_hash(), "pre_hash": pre_hash, "error": result.error}
+        self.history.append(entry)
+        self.log(f"outer round {round_no} {outcome}: group {result.group_size}, contributors {result.contributors}, "
+                 f"{result.seconds:.2f} s, hash {entry['hash']}, members {members}" + (f" ({result.error})" if result.error else ""))
+
+    # -- state for joiners (via the stage's GetState) --------------------------------------------
+    def state_dict(self) -> dict:
+        return self.diloco.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.diloco.load_state_dict(state)
+        with self._state_lock:
+            self._shared_state = self.diloco.export_state()
+        self.averager.state_sharing_priority = float(self.diloco.round)
+
+    def close(self) -> None:
+        self.closed = True
+        self._rounds.shutdown(wait=False, cancel_futures=True)
+        self.averager.shutdown()

@@ -1,1 +1,0 @@
-"""Network layer: gRPC stage service, tensor wire format, DHT records, averaging."""

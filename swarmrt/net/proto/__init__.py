@@ -1,1 +1,0 @@
-"""Generated from proto/swarmrt.proto by swarmrt.net.protogen; do not edit."""

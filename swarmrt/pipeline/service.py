@@ -1,0 +1,124 @@
+"""The stage service: turns wire messages into :class:`StageWorker` calls.
+
+Every failure becomes a gRPC status whose details say what was wrong, and the
+peer keeps serving the others:
+
+- bad tensor, wrong dtype/shape, NaN/Inf, wrong run or stage: INVALID_ARGUMENT
+- a message over the size limit: RESOURCE_EXHAUSTED (gRPC's own check)
+- backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
+- deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
+- the peer is draining: UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Callable
+
+import grpc
+
+from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker
+from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
+from swarmrt.wire.tensors import BadTensor, from_proto, to_proto
+
+logger = logging.getLogger(__name__)
+
+STATE_CHUNK = 1 << 20
+# Gradients are applied only if at least this much of the caller's deadline is left, so a
+# trainer that times out and retries elsewhere never sees its microbatch applied twice.
+APPLY_MARGIN_S = 0.25
+
+
+class StageServicer(pb_grpc.StageServicer):
+    def __init__(self, worker: StageWorker, run_id: str, peer_id: str, max_tensor_bytes: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self.worker = worker
+        self.run_id = run_id
+        self.peer_id = peer_id
+        self.max_tensor_bytes = max_tensor_bytes
+        self.clock = clock
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
+        self.inflight = 0
+        self.state = "joining"
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def _check_target(self, run_id: str, stage: int) -> None:
+        if run_id != self.run_id:
+            raise StageError(f"run {run_id!r} is not served here (this peer serves run {self.run_id!r})")
+        if stage != self.worker.stage:
+            raise StageError(f"stage {stage} is not served here (this peer serves stage {self.worker.stage})")
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn, *args):
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        except (StageError, BadTensor) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ContextMissing as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except DeadlineExpired as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except (IndexError, RuntimeError) as e:  # e.g. token id out of the vocabulary
+            logger.warning("stage %s: request failed: %s", self.worker.stage, e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else self.clock() + remaining - APPLY_MARGIN_S
+
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        if self.state == "leaving":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")
+
+        def run() -> pb.ForwardResponse:
+            self._check_target(request.run_id, request.stage)
+            x = from_proto(request.input, "input", self.max_tensor_bytes)
+            out = self.worker.forward(request.microbatch_id, x, request.keep_context)
+            return pb.ForwardResponse(output=to_proto(out, request.output_codec or "none"),
+                                      model_version=self.worker.version)
+
+        return await self._call(context, run)
+
+    async def Backward(self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
+        deadline = self._deadline(context)
+
+        def run() -> pb.BackwardResponse:
+            self._check_target(request.run_id, request.stage)
+            grad = from_proto(request.grad_output, "grad_output", self.max_tensor_bytes)
+            x = from_proto(request.input, "input", self.max_tensor_bytes) if request.HasField("input") else None
+            grad_input, stepped = self.worker.backward(request.microbatch_id, grad, x, request.samples,
+                                                       request.need_grad_input, deadline)
+            response = pb.BackwardResponse(model_version=self.worker.version, stepped=stepped)
+            if grad_input is not None:
+                response.grad_input.CopyFrom(to_proto(grad_input, request.grad_codec or "none"))
+            return response
+
+        return await self._call(context, run)
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        stats = self.worker.stats()
+        return pb.InfoResponse(run_id=self.run_id, stage=self.worker.stage, peer_id=self.peer_id,
+                               throughput=stats["throughput"], load=self.inflight, model_version=stats["version"],
+                               samples_applied=stats["samples_applied"],
+                               microbatches_applied=stats["microbatches_applied"], state=self.state)
+
+    async def GetState(self, request: pb.StateRequest, context: grpc.aio.ServicerContext):
+        if request.run_id != self.run_id or request.stage != self.worker.stage:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"state of run {request.run_id!r} stage {request.stage} is not served here")
+        data = await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.state_bytes)
+        for offset in range(0, len(data), STATE_CHUNK):
+            yield pb.StateChunk(data=data[offset:offset + STATE_CHUNK], total_bytes=len(data))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

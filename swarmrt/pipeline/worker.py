@@ -1,0 +1,279 @@
+"""The stage worker: one stage's module, its optimizer, and the forward/backward it serves.
+
+No network here: the gRPC servicer (``swarmrt.wire.server``) calls these methods
+on a single compute thread, so the module, the gradient accumulators and the
+optimizer are only ever touched by one thread.
+
+Backward strategy (SWARM-style recomputation): a forward may keep its autograd
+context for a bounded time and memory; a backward that finds no context
+(evicted, or the forward ran on another peer that has since died) recomputes
+the forward from the stage input the trainer sends along. So a backward hop can
+be retried on any peer of the stage, and a microbatch never has to be redone
+from the start once its forward pass has finished.
+
+Exactly-once: gradients of a microbatch are added to the accumulators only if
+the request's deadline has not passed (the trainer retries elsewhere after
+its deadline), and a microbatch id seen before is never applied twice here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import threading
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from swarmrt.config import RunConfig
+
+
+class StageError(ValueError):
+    """Bad request to a stage; the message says what was wrong."""
+
+
+class ContextMissing(RuntimeError):
+    """The backward found no kept context and no input to recompute from."""
+
+
+class DeadlineExpired(RuntimeError):
+    """The request's deadline passed before its gradients could be applied."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a stage accepts: dtype and the shape after the batch dimensions."""
+
+    dtype: torch.dtype
+    batch_dims: int
+    trailing: tuple[int, ...]
+
+    def check(self, x: torch.Tensor, what: str) -> None:
+        if x.dtype != self.dtype:
+            raise StageError(f"{what}: dtype {str(x.dtype).removeprefix('torch.')} but this stage takes "
+                             f"{str(self.dtype).removeprefix('torch.')}")
+        if x.dim() != self.batch_dims + len(self.trailing) or tuple(x.shape[self.batch_dims:]) != self.trailing:
+            want = ["B"] + ["T"] * (self.batch_dims - 1) + list(self.trailing)
+            raise StageError(f"{what}: shape {list(x.shape)} but this stage takes [{', '.join(map(str, want))}]")
+        if x.shape[0] == 0:
+            raise StageError(f"{what}: empty batch")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise StageError(f"{what}: contains NaN or Inf")
+
+
+def infer_input_spec(layers_before: list[nn.Module], sample: torch.Tensor) -> InputSpec:
+    """Run a one-sample input through the earlier layers to learn this stage's input spec."""
+    x = sample
+    with torch.no_grad():
+        for layer in layers_before:
+            x = layer(x)
+    batch_dims = 2 if sample.dtype == torch.long else 1  # text: [B, T, ...]; regression: [B, ...]
+    return InputSpec(dtype=x.dtype, batch_dims=batch_dims, trailing=tuple(x.shape[batch_dims:]))
+
+
+@dataclasses.dataclass
+class _Context:
+    input: torch.Tensor
+    output: torch.Tensor
+    created: float
+    nbytes: int
+    forward_s: float
+    epoch: int
+
+
+def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+class StageWorker:
+    def __init__(self, module: nn.Module, config: RunConfig, stage: int, spec: InputSpec,
+                 clock: Callable[[], float] = time.monotonic, compute_delay_s: float = 0.0,
+                 slowdown: float = 1.0, ledger_path: str | None = None):
+        self.module = module
+        self.config = config
+        self.stage = stage
+        self.spec = spec
+        self.clock = clock
+        self.compute_delay_s = compute_delay_s
+        self.slowdown = slowdown
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, config) if self.params else None  # a stage may hold no weights
+        self.contexts: collections.OrderedDict[str, _Context] = collections.OrderedDict()
+        self.context_bytes = 0
+        self.applied: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.samples_pending = 0
+        self.version = 0
+        self.samples_applied = 0
+        self.microbatches_applied = 0
+        self.throughput = 0.0  # samples/s of forward+backward, EMA
+        self.outer = None  # swarmrt.local_sgd.outer.OuterSync when local SGD is on
+        self.epoch = 0  # bumped whenever parameters change in place; kept contexts of older epochs are stale
+        self._ledger = open(ledger_path, "a", buffering=1) if ledger_path else None
+        self._lock = threading.Lock()  # guards counters read by other threads (Info, heartbeats)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _delay(self, started: float) -> None:
+        """Emulated compute time: a fixed delay and/or a slowdown factor (benchmarks, fault tests)."""
+        extra = self.compute_delay_s + (self.slowdown - 1.0) * (self.clock() - started)
+        if extra > 0:
+            time.sleep(extra)
+
+    def _evict(self, now: float) -> None:
+        ttl, cap = self.config.network.context_ttl_s, self.config.network.context_max_mb * 2**20
+        while self.contexts:
+            mb, ctx = next(iter(self.contexts.items()))
+            if now - ctx.created <= ttl and self.context_bytes <= cap:
+                break
+            self.contexts.popitem(last=False)
+            self.context_bytes -= ctx.nbytes
+
+    def _observe(self, samples: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = samples / seconds
+        with self._lock:
+            self.throughput = rate if self.throughput == 0 else 0.8 * self.throughput + 0.2 * rate
+
+    # -- the two calls ----------------------------------------------------------------------
+    def forward(self, microbatch_id: str, x: torch.Tensor, keep_context: bool) -> torch.Tensor:
+        self.spec.check(x, "input")
+        started = self.clock()
+        if keep_context:
+            x_in = x.detach().requires_grad_(x.is_floating_point())
+            with torch.enable_grad():
+                out = self.module(x_in)
+        else:
+            with torch.no_grad():
+                out = self.module(x)
+        self._delay(started)
+        elapsed = self.clock() - started
+        if keep_context:
+            nbytes = (x.nelement() * x.element_size() + out.nelement() * out.element_size()) * max(1, len(self.module))
+            self._evict(self.clock())
+            old = self.contexts.pop(microbatch_id, None)
+            if old is not None:
+                self.context_bytes -= old.nbytes
+            self.contexts[microbatch_id] = _Context(x_in, out, self.clock(), nbytes, elapsed, self.epoch)
+            self.context_bytes += nbytes
+            self._evict(self.clock())
+        return out.detach()
+
+    def backward(self, microbatch_id: str, grad_output: torch.Tensor, x: torch.Tensor | None, samples: int,
+                 need_grad_input: bool, deadline: float | None) -> tuple[torch.Tensor | None, bool]:
+        """Returns ``(grad_input, stepped)``. Raises DeadlineExpired without applying anything."""
+        if samples < 1:
+            raise StageError(f"samples must be >= 1, got {samples}")
+        if not torch.isfinite(grad_output).all():
+            raise StageError("grad_output: contains NaN or Inf")
+        started = self.clock()
+        ctx = self.contexts.pop(microbatch_id, None)
+        forward_s = 0.0
+        if ctx is not None:
+            self.context_bytes -= ctx.nbytes
+            if x is None:
+                x = ctx.input.detach()
+        if ctx is not None and ctx.epoch == self.epoch:
+            x_in, out, forward_s = ctx.input, ctx.output, ctx.forward_s
+        elif x is not None:
+            # recompute: the forward ran elsewhere, its context was evicted, or an optimizer
+            # step or outer round since then changed the weights its autograd graph saved
+            self.spec.check(x, "input")
+            x_in = x.detach().requires_grad_(x.is_floating_point())
+            with torch.enable_grad():
+                out = self.module(x_in)
+        else:
+            raise ContextMissing(f"no kept context for microbatch {microbatch_id} and no input to recompute from")
+        if tuple(grad_output.shape) != tuple(out.shape) or grad_output.dtype != out.dtype:
+            raise StageError(f"grad_output: shape {list(grad_output.shape)} {grad_output.dtype} does not match "
+                             f"the output {list(out.shape)} {out.dtype}")
+        wants_input = need_grad_input and x_in.is_floating_point()
+        targets = ([x_in] if wants_input else []) + self.params
+        grads = torch.autograd.grad(out, targets, grad_output, allow_unused=True)
+        grad_input = grads[0] if wants_input else None
+        param_grads = grads[1:] if wants_input else grads
+        self._delay(started)
+        if deadline is not None and self.clock() > deadline:
+            raise DeadlineExpired(f"microbatch {microbatch_id}: deadline passed before applying; not applied")
+        stepped = False
+        if microbatch_id not in self.applied:
+            for p, g in zip(self.params, param_grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.detach().clone()
+                else:
+                    p.grad.add_(g)
+            self.applied[microbatch_id] = None
+            while len(self.applied) > 100_000:
+                self.applied.popitem(last=False)
+            with self._lock:
+                self.samples_pending += samples
+                self.samples_applied += samples
+                self.microbatches_applied += 1
+            if self._ledger is not None:
+                self._ledger.write(f"{microbatch_id}\n")
+            if self.samples_pending >= self.config.optimizer.samples_per_step:
+                self._step()
+                stepped = True
+        self._observe(samples, forward_s + (self.clock() - started))
+        return (grad_input.detach() if grad_input is not None else None), stepped
+
+    def _step(self) -> None:
+        scale = 1.0 / self.samples_pending
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        if self.config.optimizer.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.params_changed()
+        with self._lock:
+            self.samples_pending = 0
+            self.version += 1
+        if self.outer is not None:
+            self.outer.after_inner_step()
+
+    def params_changed(self) -> None:
+        """Call (on the compute thread) after changing parameters in place."""
+        self.epoch += 1
+
+    # -- state for joiners and checkpoints ------------------------------------------------------
+    def state_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                    "version": self.version, "samples_applied": self.samples_applied,
+                    "outer": self.outer.state_dict() if self.outer is not None else None}, buffer)
+        return buffer.getvalue()
+
+    def load_state_bytes(self, data: bytes) -> None:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+        if state.get("stage") != self.stage:
+            raise StageError(f"state is for stage {state.get('stage')}, this peer serves stage {self.stage}")
+        self.module.load_state_dict(state["module"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.params_changed()
+        if self.outer is not None and state.get("outer") is not None:
+            self.outer.load_state_dict(state["outer"])  # global params + outer momentum; local := global
+            self.module.load_state_dict(state["module"])  # then the donor's local params on top
+        with self._lock:
+            self.version = int(state["version"])
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"throughput": self.throughput, "version": self.version, "samples_applied": self.samples_applied,
+                    "microbatches_applied": self.microbatches_applied}
+
+    def close(self) -> None:
+        if self.outer is not None:
+            self.outer.close()
+        if self._ledger is not None:
+            self._ledger.close()

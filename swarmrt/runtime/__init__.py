@@ -1,1 +1,0 @@
-"""Runtime loops: stage peer, trainer, demo, signals."""

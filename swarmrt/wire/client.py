@@ -1,0 +1,44 @@
+"""Client side of the stage service: one ``grpc.aio`` channel per peer address."""
+
+from __future__ import annotations
+
+import grpc
+
+from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
+from swarmrt.wire.server import grpc_options
+
+
+class StageClient:
+    def __init__(self, max_tensor_mb: int = 256, interceptors=()):
+        self.max_tensor_mb = max_tensor_mb
+        self.interceptors = list(interceptors)
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.StageStub]] = {}
+
+    def stub(self, address: str) -> pb_grpc.StageStub:
+        entry = self._stubs.get(address)
+        if entry is None:
+            channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_tensor_mb),
+                                                interceptors=self.interceptors or None)
+            entry = self._stubs[address] = (channel, pb_grpc.StageStub(channel))
+        return entry[1]
+
+    async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+        return await self.stub(address).Forward(request, timeout=timeout)
+
+    async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
+        return await self.stub(address).Backward(request, timeout=timeout)
+
+    async def info(self, address: str, timeout: float = 5.0) -> pb.InfoResponse:
+        return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout)
+
+    async def get_state(self, address: str, run_id: str, stage: int, timeout: float) -> bytes:
+        chunks = []
+        async for chunk in self.stub(address).GetState(pb.StateRequest(run_id=run_id, stage=stage), timeout=timeout):
+            chunks.append(chunk.data)
+        return b"".join(chunks)
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()

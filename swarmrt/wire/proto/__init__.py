@@ -1,0 +1,1 @@
+"""Generated from proto/swarmrt.proto by swarmrt.wire.protogen; do not edit."""

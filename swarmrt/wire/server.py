@@ -1,0 +1,28 @@
+"""The gRPC server and channel options of the stage service (``grpc.aio``).
+
+What a request *means* lives in :mod:`swarmrt.pipeline.service`; this module
+only knows how to listen and how large a message may be.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
+
+
+def grpc_options(max_tensor_mb: int) -> list[tuple[str, int]]:
+    """Message limits raised deliberately from gRPC's 4 MiB default to the configured tensor cap."""
+    limit = max_tensor_mb * 2**20 + 2**20  # + room for the message envelope
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+async def start_server(servicer: pb_grpc.StageServicer, host: str, port: int, max_tensor_mb: int,
+                       interceptors=()) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=grpc_options(max_tensor_mb), interceptors=list(interceptors))
+    pb_grpc.add_StageServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, bound
