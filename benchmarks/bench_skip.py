@@ -2,7 +2,10 @@
 
 Run from the repository root:
 
-    python benchmarks/bench_skip.py [../shared/scenarios/geo-aws18.json] [--seeds 3] [--budget-s 0.8]
+    python benchmarks/bench_skip.py [SCENARIO.json] [--seeds 3] [--budget-s 0.8]
+
+The scenario (format: docs/scenarios.md) defaults to the shipped
+swarmrt/sim/scenarios/geo-aws18.json.
 
 Prints markdown tables (paste them into the benchmarks doc):
 

@@ -376,7 +376,7 @@ class LocalSwarm:
                         latency_scale: float = 1.0, bandwidth_scale: float = 1.0) -> None:
         """Give the peers' links latency and bandwidth: ``link`` for every peer and caller,
         ``links`` per peer name ``{peer: {caller: link}}``, or a scenario file with ``nodes``
-        mapping local names (peers, trainers) to its node ids (see ``shared/scenarios``).
+        mapping local names (peers, trainers) to its node ids (format: ``docs/scenarios.md``).
         Trainers started later keep their names (``trainerN``), so map them in advance."""
         from swarmrt.wire.emulation import scenario_links
 

@@ -16,7 +16,7 @@ Three models:
   has measured, keyed by whatever peer ids it uses).
 
 Transfer time of one activation = latency + activation_bytes / bandwidth +
-per_hop_overhead_s (the scenario README's formula). A peer sending to itself
+per_hop_overhead_s (the scenario format's formula, docs/scenarios.md). A peer sending to itself
 costs nothing. Pure: numpy only.
 """
 

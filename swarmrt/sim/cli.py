@@ -69,7 +69,7 @@ def _load(args: argparse.Namespace) -> Scenario:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", help="scenario JSON (format: shared/scenarios/README.md)")
+    p.add_argument("scenario", help="scenario JSON (format: docs/scenarios.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--generate-peers", type=_positive_int, default=None, metavar="N",
                    help="instead of the scenario's nodes, N peers spread over its regions (seeded)")

@@ -1,7 +1,7 @@
 """A swarm on paper: nodes, their stages and speeds, and the links between them.
 
-The JSON format is described in ``../shared/scenarios/README.md``. This
-module turns such a file into a frozen :class:`Scenario` and refuses bad
+The JSON format is described in ``docs/scenarios.md`` (this module is its
+definition). It turns such a file into a frozen :class:`Scenario` and refuses bad
 input with an error that names the bad field (``nodes[3].forward_s must be
 > 0``). It can also *generate* a larger swarm over the regions of a given
 scenario (:func:`generate_scenario`: e.g. 1,000 peers over geo-aws18's 11

@@ -288,7 +288,7 @@ def transfer_time(nbytes: int, spec: LinkSpec) -> float:
 
 def scenario_links(scenario: str | os.PathLike | Mapping, nodes: Mapping[str, int],
                    latency_scale: float = 1.0, bandwidth_scale: float = 1.0) -> dict[str, dict]:
-    """Per-peer ``links`` rules from a scenario file (``shared/scenarios`` format).
+    """Per-peer ``links`` rules from a scenario file (format: ``docs/scenarios.md``).
 
     ``nodes`` maps local names (peers and trainers) to scenario node ids; the
     result maps each local name to the rules keys ``{"links": {caller: link}}``

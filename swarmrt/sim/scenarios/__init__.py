@@ -1,7 +1,10 @@
-"""Network scenarios shipped with swarmrt (format: docs/benchmarks-skip.md, shared/scenarios/README.md).
+"""Network scenarios shipped with swarmrt, as package data (the format: docs/scenarios.md).
 
-``geo-aws18.json``: 18 nodes in 11 regions, 4 stages, 3 visited; SkipPipe's published
-DT-FM-style network table. ``path("geo-aws18")`` gives the file's path.
+``geo-aws18.json``: 18 nodes in 11 regions, 4 stages of which each microbatch visits 3,
+stage 0 also last; SkipPipe's published inter-region latency and bandwidth table and
+constants. docs/benchmarks-skip.md has what each routing policy does on it.
+
+``path("geo-aws18")`` gives the file's path, in a checkout or an installed package.
 """
 
 import importlib.resources
