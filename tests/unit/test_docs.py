@@ -173,6 +173,20 @@ def problems(text: str, base: pathlib.Path, markdown: bool = True) -> list[str]:
     return out
 
 
+def layout_problems(text: str) -> list[str]:
+    """README's layout block names files by their bare names beside their folder
+    (``swarmrt/sim/   ... planning (planner.py)``): each must be in that folder."""
+    section = text.partition("\n## Layout")[2].partition("\n## ")[0]
+    block = section.partition("```")[2].partition("```")[0]
+    out = []
+    for line in block.splitlines():
+        folder, _, description = line.partition(" ")
+        if folder.endswith("/"):
+            out += [f"layout: {folder}{name}: does not exist" for name in re.findall(r"\b\w+\.py\b", description)
+                    if not (ROOT / folder / name).exists()]
+    return out
+
+
 def _docstring_of(path: pathlib.Path) -> str:
     return ast.get_docstring(ast.parse(path.read_text(), str(path)), clean=False) or ""
 
@@ -209,6 +223,8 @@ def test_the_checks_reject_what_is_not_there():
     assert module_problem("swarmrt.core.routing") is not None
     assert module_problem("swarmrt.cli:no_such_function") is not None
     assert module_problem("swarmrt.routing.policies.NoSuchPolicy") is not None
+    assert layout_problems("\n## Layout\n```\nswarmrt/sim/   the simulator (simulator.py, gone.py)\n```\n") == [
+        "layout: swarmrt/sim/gone.py: does not exist"]
     assert problems("moved to swarmrt/net/x.py and swarmrt.net.x", ROOT) == [
         "line 1: swarmrt/net/x.py: does not exist", "line 1: swarmrt.net.x: no module or attribute swarmrt.net"]
 
@@ -217,6 +233,13 @@ def test_the_checks_reject_what_is_not_there():
 def test_every_path_and_module_a_doc_mentions_exists(doc):
     found = problems(doc.read_text(), doc.parent)
     assert not found, f"{doc.relative_to(ROOT)} mentions what is not in the repository:\n" + "\n".join(found)
+
+
+def test_the_readme_layout_names_real_files():
+    readme = (ROOT / "README.md").read_text()
+    assert "## Layout" in readme, "README.md has no Layout section to check"
+    found = layout_problems(readme)
+    assert not found, "README.md's layout names files that are not there:\n" + "\n".join(found)
 
 
 def test_every_path_and_module_a_module_docstring_mentions_exists():
