@@ -187,6 +187,24 @@ def layout_problems(text: str) -> list[str]:
     return out
 
 
+def package_table_problems(text: str) -> list[str]:
+    """docs/architecture.md's package table names each package's modules by bare name
+    (``| `swarmrt.sim` | ... | `scenario.py`, `planner.py` |``): each must be in that package
+    (or, for a top-level module such as ``swarmrt.config``, directly under swarmrt/)."""
+    out = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        packages = re.findall(r"`swarmrt\.(\w+)`", cells[0]) if len(cells) >= 3 else []
+        if not packages:
+            continue
+        dirs = [ROOT / "swarmrt" / p for p in packages]
+        bases = [d for d in dirs if d.is_dir()] + ([ROOT / "swarmrt"] if not all(d.is_dir() for d in dirs) else [])
+        for name in re.findall(r"`([\w.]+\.py|\w+/)`", cells[-1]):
+            if not any((base / name).exists() for base in bases):
+                out.append(f"package table: {', '.join(packages)}: {name}: does not exist")
+    return out
+
+
 def _docstring_of(path: pathlib.Path) -> str:
     return ast.get_docstring(ast.parse(path.read_text(), str(path)), clean=False) or ""
 
@@ -225,6 +243,11 @@ def test_the_checks_reject_what_is_not_there():
     assert module_problem("swarmrt.routing.policies.NoSuchPolicy") is not None
     assert layout_problems("\n## Layout\n```\nswarmrt/sim/   the simulator (simulator.py, gone.py)\n```\n") == [
         "layout: swarmrt/sim/gone.py: does not exist"]
+    assert package_table_problems("| `swarmrt.sim` | the simulator | `simulator.py`, `gone.py`, `scenarios/` |") == [
+        "package table: sim: gone.py: does not exist"]
+    assert package_table_problems("| `swarmrt.sim` | not the run config | `config.py` |") == [
+        "package table: sim: config.py: does not exist"]
+    assert package_table_problems("| `swarmrt.config` | the run config | `config.py` |") == []
     assert problems("moved to swarmrt/net/x.py and swarmrt.net.x", ROOT) == [
         "line 1: swarmrt/net/x.py: does not exist", "line 1: swarmrt.net.x: no module or attribute swarmrt.net"]
 
@@ -240,6 +263,13 @@ def test_the_readme_layout_names_real_files():
     assert "## Layout" in readme, "README.md has no Layout section to check"
     found = layout_problems(readme)
     assert not found, "README.md's layout names files that are not there:\n" + "\n".join(found)
+
+
+def test_the_architecture_package_table_names_real_modules():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert "| `swarmrt.routing` |" in text, "docs/architecture.md has no package table to check"
+    found = package_table_problems(text)
+    assert not found, "docs/architecture.md's package table names modules that are not there:\n" + "\n".join(found)
 
 
 def test_every_path_and_module_a_module_docstring_mentions_exists():
