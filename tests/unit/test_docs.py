@@ -252,6 +252,15 @@ def test_the_checks_reject_what_is_not_there():
         "line 1: swarmrt/net/x.py: does not exist", "line 1: swarmrt.net.x: no module or attribute swarmrt.net"]
 
 
+def test_the_scan_reads_the_real_docs():
+    """Guards against a scan that silently finds nothing (a renamed folder, a broken pattern)."""
+    readme = {(kind, mention) for kind, mention, _ in extract((ROOT / "README.md").read_text())}
+    assert {("path", "swarmrt/config.py"), ("link", "deploy/README.md"), ("module", "swarmrt.models:tiny_llama")} <= readme
+    architecture = {m for _, m, _ in extract((ROOT / "docs" / "architecture.md").read_text())}
+    assert "swarmrt.routing.wiring.choose_peer" in architecture
+    assert ROOT / "docs" / "scenarios.md" in DOCS
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_path_and_module_a_doc_mentions_exists(doc):
     found = problems(doc.read_text(), doc.parent)

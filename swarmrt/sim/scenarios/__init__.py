@@ -12,6 +12,7 @@ import pathlib
 
 
 def path(name: str) -> str:
+    """The file of the shipped scenario ``name`` (``"geo-aws18"``); FileNotFoundError names a missing one."""
     file = pathlib.Path(str(importlib.resources.files("swarmrt.sim.scenarios") / f"{name}.json"))
     if not file.is_file():
         raise FileNotFoundError(f"no shipped scenario {name!r}")
