@@ -143,7 +143,7 @@ class SwarmWiring(Policy):
     def __init__(self, rules: PathRules, table: PeerTable, config: SchedulerConfig | None = None) -> None:
         super().__init__(rules, table, config)
         self._routed: dict[PeerId, int] = {}
-        """This policy's microbatches routed through each peer and not finished or aborted yet."""
+        """This policy's microbatches routed through each peer (origins included) and not finished or aborted yet."""
 
     def view(self, peer: PeerId) -> PeerView:
         """What the wiring rule sees of a live peer.
@@ -168,6 +168,11 @@ class SwarmWiring(Policy):
         chosen, why = choose_peer(views, None, now, rng)
         return chosen.peer_id, why
 
+    def choose_origin(self, now: float, rng: random.Random) -> tuple[PeerId | None, str]:
+        """The stage-0 peer a new microbatch starts on, drawn by the same rule as the peers of every other stage."""
+        peer, why = self._pick_peer(0, (), now, rng)
+        return peer, (f"origin: {why}" if peer is not None else why)
+
     def _route(self, origin: PeerId, now: float, rng: random.Random, mb: int) -> tuple[Route | None, str]:
         stages = tuple(range(1, self.rules.stages))
         peers, why = [], []
@@ -177,28 +182,27 @@ class SwarmWiring(Policy):
                 return None, w
             peers.append(p)
             why.append(f"stage {s}: {w}")
-        for p in peers:
-            self._routed[p] = self._routed.get(p, 0) + 1
         middle = tuple(s for s in stages if s in self.rules.middle_stages)
         r = self.make_route(origin, peers, stages, mb)
+        self._count(r, +1)
         return self._register(r, middle), "SWARM wiring: " + "; ".join(why)
 
-    def _forget_load(self, route: Route) -> None:
-        for h in route.hops[1:]:
-            if h.peer in self._routed and h.peer != route.origin:
-                self._routed[h.peer] = max(0, self._routed[h.peer] - 1)
+    def _count(self, route: Route, delta: int) -> None:
+        """Change this policy's in-flight count of every peer of ``route`` (its origin once) by ``delta``."""
+        for p in set(route.path):
+            self._routed[p] = max(0, self._routed.get(p, 0) + delta)
 
     def finished(self, route: Route) -> None:
         entry = self._live.get(route.microbatch)
         super().finished(route)
         if entry is not None:
-            self._forget_load(entry[0])
+            self._count(entry[0], -1)
 
     def aborted(self, route: Route) -> None:
         entry = self._live.get(route.microbatch)
         super().aborted(route)
         if entry is not None:
-            self._forget_load(entry[0])
+            self._count(entry[0], -1)
 
     def replan(self, route: Route, position: int, dead: Collection[PeerId], now: float,
                rng: random.Random) -> tuple[Route | None, str]:
@@ -206,10 +210,8 @@ class SwarmWiring(Policy):
         new, why = super().replan(route, position, dead, now, rng)
         if new is not None:
             if old is not None:
-                self._forget_load(old[0])
-            for h in new.hops[1:]:
-                if h.peer != new.origin:
-                    self._routed[h.peer] = self._routed.get(h.peer, 0) + 1
+                self._count(old[0], -1)
+            self._count(new, +1)
         return new, why
 
 

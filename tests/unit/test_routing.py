@@ -81,11 +81,12 @@ def test_joiner_picks_the_stage_with_least_capacity():
 
 
 def _wiring_table():
-    """Stage 0: origin "o". Stage 1: a, b, c with throughput 1:2:4 (seconds of forward + backward 4, 2, 1,
+    """Stage 0: origins "o" and "o2" (throughput 1:3). Stage 1: a, b, c with throughput 1:2:4 (seconds of forward + backward 4, 2, 1,
     split 1:2) and d, whose figures are a slow stand-in (not measured yet). Stage 2: e and f, equally fast
     in total but with different forward / backward splits."""
     table = PeerTable(3, FunctionLinks(lambda src, dst: 0.01))
     table.upsert("o", 0, 1.0, 2.0, 4)
+    table.upsert("o2", 0, 1.0 / 3, 2.0 / 3, 4)
     for peer, seconds in (("a", 4.0), ("b", 2.0), ("c", 1.0)):
         table.upsert(peer, 1, seconds / 3, 2 * seconds / 3, 4)
     table.upsert("d", 1, 9.0, 18.0, 4, measured=False)
@@ -106,7 +107,8 @@ def _route_many(policy, n, rng):
 def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
     """Same table, same seeded rng: every peer SwarmWiring picks is choose_peer's pick over the views the
     trainer would build (throughput from the compute times, None when unmeasured; load = the announced
-    in-flight count plus the microbatches this router has in flight there)."""
+    in-flight count plus the microbatches this router has in flight there), the stage-0 peer included when
+    the policy picks it (a trainer that holds the data itself)."""
     table = _wiring_table()
     table.set_in_flight("b", 2)
     table.set_in_flight("e", 1)
@@ -115,9 +117,9 @@ def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
     own = collections.Counter()
     live = []
     for i in range(300):
-        route, _ = policy.route("o", 0.0, ours, microbatch=i)
+        route, _ = policy.route(None, 0.0, ours, microbatch=i)
         expected = []
-        for stage in (1, 2):
+        for stage in (0, 1, 2):
             views = []
             for p in table.peers_of(stage):
                 info = table.get(p)
@@ -125,14 +127,14 @@ def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
                 views.append(PeerView(p, throughput, table.in_flight(p) + own[p]))
             peer, _ = choose_peer(views, None, 0.0, theirs)
             expected.append(peer.peer_id)
-        assert list(route.path[1:]) == expected, f"microbatch {i}: policy {route.path[1:]}, rule {expected}"
+        assert list(route.path) == expected, f"microbatch {i}: policy {route.path}, rule {expected}"
         own.update(expected)
         live.append(route)
         if i % 3 == 2:  # finish the oldest now and then: loads go up and down
             done = live.pop(0)
             policy.finished(done)
-            own.subtract(done.path[1:])
-    assert {p for r in live for p in r.path[1:]} >= {"a", "b", "c", "d"}  # every kind of peer was drawn
+            own.subtract(done.path)
+    assert {p for r in live for p in r.path} >= {"o", "o2", "a", "b", "c", "d"}  # every kind of peer was drawn
 
 
 def test_the_swarm_policy_splits_work_1_2_4_by_throughput():
