@@ -154,3 +154,23 @@ def test_the_swarm_policy_gives_an_unmeasured_peer_the_optimistic_prior():
     assert table.get("d").measured
     counts = _route_many(make_policy("swarm", PathRules(stages=3), table), 2000, random.Random(2))
     assert counts["d"] / 2000 < 0.02, counts
+
+
+def test_routing_never_imports_the_simulator_or_the_planner():
+    """The planner (swarmrt.sim.planner) is built on the routing policies, never the other way round."""
+    import ast
+    import pathlib
+
+    import swarmrt.routing
+
+    problems = []
+    for path in sorted(pathlib.Path(swarmrt.routing.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]  # from swarmrt import sim: swarmrt.sim
+            else:
+                continue
+            problems += [f"{path.name} line {node.lineno}: {n}" for n in names if n.startswith("swarmrt.sim")]
+    assert not problems, problems
