@@ -39,6 +39,9 @@ class PeerInfo:
     """Activations it can hold at once."""
     head_s: float = 0.0
     """Stage 0 when it is also the last stage: seconds of the loss head (forward and backward) at the end."""
+    measured: bool = True
+    """False while ``forward_s`` and ``backward_s`` are a stand-in (the peer has not measured itself yet):
+    SWARM's wiring then gives the peer its optimistic prior instead (:func:`swarmrt.routing.wiring.choose_peer`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.stage, int) or self.stage < 0:
@@ -85,12 +88,12 @@ class PeerTable:
     # --- updates -------------------------------------------------------------------------
 
     def upsert(self, peer: PeerId, stage: int, forward_s: float, backward_s: float,
-               memory_microbatches: int, head_s: float = 0.0) -> None:
-        """Add a peer (joined, came back) or replace its figures."""
+               memory_microbatches: int, head_s: float = 0.0, measured: bool = True) -> None:
+        """Add a peer (joined, came back) or replace its figures (``measured`` False: they are a stand-in)."""
         if not (0 <= stage < self.stages):
             raise ValueError(f"peer {peer!r}: stage must be in [0, {self.stages}), got {stage}")
         self._peers[peer] = PeerInfo(peer, stage, float(forward_s), float(backward_s),
-                                     int(memory_microbatches), float(head_s))
+                                     int(memory_microbatches), float(head_s), bool(measured))
         self._in_flight.setdefault(peer, 0)
         self._changed()
 
@@ -104,11 +107,13 @@ class PeerTable:
 
     def observe(self, peer: PeerId, forward_s: float | None = None, backward_s: float | None = None,
                 weight: float = 0.3) -> None:
-        """Blend a new measurement into a peer's figures (exponential moving average, ``weight`` on the new one)."""
+        """Blend a new measurement into a peer's figures (exponential moving average, ``weight`` on the new one);
+        the figures then count as measured."""
         info = self._peers[peer]
         fwd = info.forward_s if forward_s is None else (1 - weight) * info.forward_s + weight * forward_s
         bwd = info.backward_s if backward_s is None else (1 - weight) * info.backward_s + weight * backward_s
-        self._peers[peer] = dataclasses.replace(info, forward_s=fwd, backward_s=bwd)
+        measured = info.measured or forward_s is not None or backward_s is not None
+        self._peers[peer] = dataclasses.replace(info, forward_s=fwd, backward_s=bwd, measured=measured)
         self._changed()
 
     def set_in_flight(self, peer: PeerId, count: int) -> None:

@@ -2,8 +2,8 @@
 
 ``plan`` routes one iteration of a scenario and writes the routes as JSON;
 ``simulate`` runs the event-driven simulator for one or more policies and
-prints a table. Both are thin: the work is in :mod:`swarmrt.routing.policies`
-and :mod:`swarmrt.sim.simulator`. This module, unlike the pure planner and simulator, may
+prints a table. Both are thin: the work is in :mod:`swarmrt.routing.policies`,
+:mod:`swarmrt.sim.planner` and :mod:`swarmrt.sim.simulator`. This module, unlike the pure planner and simulator, may
 read the wall clock (planning budgets and timings).
 
 The main CLI wires them in with::
@@ -30,6 +30,7 @@ from typing import Sequence
 from swarmrt.routing.paths import PathRules, validate_route
 from swarmrt.sim.scenario import Scenario, ScenarioError, generate_scenario, load_scenario, peer_table
 from swarmrt.routing.policies import POLICIES, SkipScheduler, make_policy
+from swarmrt.sim.planner import plan_iteration
 from swarmrt.sim.simulator import SimConfig, SimReport, plan_evaluator, simulate
 
 POLICY_ORDER = ("full", "swarm", "random-skip", "swarmrt")
@@ -101,9 +102,9 @@ def plan_routes(scenario: Scenario, policy: str, seed: int, budget_s: float) -> 
     evaluate = plan_evaluator(scenario)
     start = time.perf_counter()
     if isinstance(sched, SkipScheduler):
-        plan = sched.plan_iteration(counts, 0.0, rng, clock=time.perf_counter, budget_s=budget_s, evaluate=evaluate)
+        plan = plan_iteration(sched, counts, 0.0, rng, clock=time.perf_counter, budget_s=budget_s, evaluate=evaluate)
     else:
-        plan = sched.plan_iteration(counts, 0.0, rng)
+        plan = plan_iteration(sched, counts, 0.0, rng)
     planning_s = time.perf_counter() - start
     rules = scenario.rules if sched.skips else PathRules(scenario.stages, 0.0, scenario.first_stage_is_also_last)
     stage_of = {n.id: n.stage for n in scenario.nodes}

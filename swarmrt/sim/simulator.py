@@ -1,8 +1,10 @@
 """An event-driven simulator of a swarm training iteration, driving the real schedulers.
 
 The simulator executes what a policy from :mod:`swarmrt.routing.policies`
-decides, with the same calls a trainer makes (``begin_iteration`` /
-``plan_iteration``, ``route``, ``replan``, ``finished``, ``aborted``) and a
+decides, made by the same :func:`~swarmrt.routing.policies.make_policy` and
+with the same calls a trainer makes (``begin_iteration``, ``route``,
+``replan``, ``finished``, ``aborted``; swarmrt's scheduler may instead have
+each iteration planned ahead by :func:`swarmrt.sim.planner.plan_iteration`) and a
 :class:`~swarmrt.routing.peer_table.PeerTable` it keeps current (membership,
 in-flight load). Time is simulated: a heap of events, never fixed steps, and
 no wall clock (a caller may pass one for the planning budget only).
@@ -51,7 +53,7 @@ previous one has completed or been lost (and the outer sync is done).
 
 :func:`plan_evaluator` turns the simulator into a scorer of whole plans (one
 iteration of fixed routes, :class:`ReplayPolicy`, no failures): swarmrt's
-``plan_iteration`` uses it to choose and improve plans, and ``swarmrt plan``
+the planner (:mod:`swarmrt.sim.planner`) uses it to choose and improve plans, and ``swarmrt plan``
 to predict the iteration time it writes.
 """
 
@@ -69,6 +71,7 @@ from swarmrt.routing.paths import Hop, Route
 from swarmrt.routing.peer_table import PeerTable
 from swarmrt.sim.scenario import HEAD_FACTOR, Scenario, peer_table
 from swarmrt.routing.policies import Policy, SchedulerConfig, SkipScheduler, make_policy
+from swarmrt.sim.planner import plan_iteration
 
 _FWD, _HEAD, _BWD = 0, 1, 2
 _EV_DONE, _EV_SENT, _EV_ARRIVE, _EV_FAIL, _EV_RECOVER = range(5)
@@ -563,9 +566,9 @@ class Simulation:
         if origins:
             total = sum(counts.values())
             if self.cfg.plan_ahead and isinstance(self.policy, SkipScheduler):
-                plan = self.policy.plan_iteration(counts, self.now, self.rng, clock=self.clock,
-                                                  budget_s=self.cfg.plan_budget_s,
-                                                  evaluate=plan_evaluator(self.sc, self.cfg.head_factor, self.now))
+                plan = plan_iteration(self.policy, counts, self.now, self.rng, clock=self.clock,
+                                      budget_s=self.cfg.plan_budget_s,
+                                      evaluate=plan_evaluator(self.sc, self.cfg.head_factor, self.now))
                 if it == 0:
                     self.forecast = plan.predicted_iteration_s
             else:
@@ -685,7 +688,7 @@ class PlanEvaluator:
     """Scores a plan by simulating one iteration of it (no failures): its seconds.
 
     After each call, ``finish_by_origin`` says when each origin's last
-    microbatch finished (see :data:`swarmrt.routing.policies.Evaluator`).
+    microbatch finished (see :data:`swarmrt.sim.planner.Evaluator`).
     ``start_s`` is the simulated time the plan starts at: the simulator
     passes its own clock so that the replay does the very same float
     arithmetic as the execution (simultaneous events are ordered

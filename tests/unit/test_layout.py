@@ -30,6 +30,8 @@ PURE = {
     "swarmrt.routing.paths",
     "swarmrt.routing.wiring",
     "swarmrt.routing.policies",
+    "swarmrt.routing.policy",
+    "swarmrt.routing.skip_scheduler",
     "swarmrt.routing.peer_table",
     "swarmrt.routing.links",
     "swarmrt.routing.timeline",

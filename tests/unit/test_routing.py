@@ -3,6 +3,10 @@ import random
 
 import pytest
 
+from swarmrt.routing.links import FunctionLinks
+from swarmrt.routing.paths import PathRules
+from swarmrt.routing.peer_table import PeerTable
+from swarmrt.routing.policies import make_policy
 from swarmrt.routing.wiring import BanList, PeerView, choose_peer, choose_stage
 
 
@@ -71,3 +75,102 @@ def test_joiner_picks_the_stage_with_least_capacity():
     assert stage == 2  # no peers at all
     picks = {choose_stage({}, 3, random.Random(s))[0] for s in range(30)}
     assert picks == {0, 1, 2}  # ties broken at random
+
+
+# --- the "swarm" routing policy runs this very rule --------------------------------------------
+
+
+def _wiring_table():
+    """Stage 0: origins "o" and "o2" (throughput 1:3). Stage 1: a, b, c with throughput 1:2:4 (seconds of forward + backward 4, 2, 1,
+    split 1:2) and d, whose figures are a slow stand-in (not measured yet). Stage 2: e and f, equally fast
+    in total but with different forward / backward splits."""
+    table = PeerTable(3, FunctionLinks(lambda src, dst: 0.01))
+    table.upsert("o", 0, 1.0, 2.0, 4)
+    table.upsert("o2", 0, 1.0 / 3, 2.0 / 3, 4)
+    for peer, seconds in (("a", 4.0), ("b", 2.0), ("c", 1.0)):
+        table.upsert(peer, 1, seconds / 3, 2 * seconds / 3, 4)
+    table.upsert("d", 1, 9.0, 18.0, 4, measured=False)
+    table.upsert("e", 2, 1.0, 1.0, 4)
+    table.upsert("f", 2, 0.5, 1.5, 4)
+    return table
+
+
+def _route_many(policy, n, rng):
+    counts = collections.Counter()
+    for i in range(n):
+        route, _ = policy.route("o", 0.0, rng, microbatch=i)
+        counts.update(route.path[1:])
+        policy.finished(route)
+    return counts
+
+
+def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
+    """Same table, same seeded rng: every peer SwarmWiring picks is choose_peer's pick over the views the
+    trainer would build (throughput from the compute times, None when unmeasured; load = the announced
+    in-flight count plus the microbatches this router has in flight there), the stage-0 peer included when
+    the policy picks it (a trainer that holds the data itself)."""
+    table = _wiring_table()
+    table.set_in_flight("b", 2)
+    table.set_in_flight("e", 1)
+    policy = make_policy("swarm", PathRules(stages=3), table)
+    ours, theirs = random.Random(5), random.Random(5)
+    own = collections.Counter()
+    live = []
+    for i in range(300):
+        route, _ = policy.route(None, 0.0, ours, microbatch=i)
+        expected = []
+        for stage in (0, 1, 2):
+            views = []
+            for p in table.peers_of(stage):
+                info = table.get(p)
+                throughput = 1.0 / (info.forward_s + info.backward_s) if info.measured else None
+                views.append(PeerView(p, throughput, table.in_flight(p) + own[p]))
+            peer, _ = choose_peer(views, None, 0.0, theirs)
+            expected.append(peer.peer_id)
+        assert list(route.path) == expected, f"microbatch {i}: policy {route.path}, rule {expected}"
+        own.update(expected)
+        live.append(route)
+        if i % 3 == 2:  # finish the oldest now and then: loads go up and down
+            done = live.pop(0)
+            policy.finished(done)
+            own.subtract(done.path)
+    assert {p for r in live for p in r.path} >= {"o", "o2", "a", "b", "c", "d"}  # every kind of peer was drawn
+
+
+def test_the_swarm_policy_splits_work_1_2_4_by_throughput():
+    table = _wiring_table()
+    table.remove("d")
+    counts = _route_many(make_policy("swarm", PathRules(stages=3), table), 7000, random.Random(0))
+    for peer, expected in (("a", 1 / 7), ("b", 2 / 7), ("c", 4 / 7)):
+        assert counts[peer] / 7000 == pytest.approx(expected, abs=0.015), (peer, counts)
+    assert counts["e"] / 7000 == pytest.approx(0.5, abs=0.02)  # same seconds in total: same throughput
+
+
+def test_the_swarm_policy_gives_an_unmeasured_peer_the_optimistic_prior():
+    table = _wiring_table()  # d's stand-in figures are 27 s; as unmeasured it counts as fast as c
+    counts = _route_many(make_policy("swarm", PathRules(stages=3), table), 5500, random.Random(1))
+    assert counts["d"] / 5500 == pytest.approx(4 / 11, abs=0.02), counts
+    table.observe("d", forward_s=9.0, backward_s=18.0)  # once measured, its own figure counts
+    assert table.get("d").measured
+    counts = _route_many(make_policy("swarm", PathRules(stages=3), table), 2000, random.Random(2))
+    assert counts["d"] / 2000 < 0.02, counts
+
+
+def test_routing_never_imports_the_simulator_or_the_planner():
+    """The planner (swarmrt.sim.planner) is built on the routing policies, never the other way round."""
+    import ast
+    import pathlib
+
+    import swarmrt.routing
+
+    problems = []
+    for path in sorted(pathlib.Path(swarmrt.routing.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]  # from swarmrt import sim: swarmrt.sim
+            else:
+                continue
+            problems += [f"{path.name} line {node.lineno}: {n}" for n in names if n.startswith("swarmrt.sim")]
+    assert not problems, problems

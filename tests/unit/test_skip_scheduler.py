@@ -22,6 +22,7 @@ from swarmrt.routing.policies import (
     SwarmWiring,
     make_policy,
 )
+from swarmrt.sim.planner import plan_iteration
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,7 +138,7 @@ def test_never_returns_an_illegal_route_on_random_swarms():
             dealt = sched.deal(counts)
             effective = rules if sched.skips else PathRules(rules.stages, 0.0, rules.first_stage_is_also_last)
             if name == "swarmrt" and trial % 2:
-                routes = list(sched.plan_iteration(dealt, 0.0, random.Random(trial)).routes)
+                routes = list(plan_iteration(sched, dealt, 0.0, random.Random(trial)).routes)
             else:
                 sched.begin_iteration(dealt, 0.0, random.Random(trial))
                 routes = []
@@ -220,7 +221,7 @@ def test_balance_within_ten_percent_over_a_geo_iteration():
     online = SkipScheduler(rules, peer_table(scenario))
     online.begin_iteration(counts, 0.0, random.Random(0))
     routes = [online.route(o, 0.0, random.Random(j))[0] for j in range(6) for o in scenario.origins]
-    planned = SkipScheduler(rules, peer_table(scenario)).plan_iteration(counts, 0.0, random.Random(0)).routes
+    planned = plan_iteration(SkipScheduler(rules, peer_table(scenario)), counts, 0.0, random.Random(0)).routes
     for rs in (routes, planned):
         counts_by_stage = stage_counts(rs, rules)
         assert sum(counts_by_stage.values()) == 72
@@ -232,7 +233,7 @@ def test_planned_routes_are_served_in_order_and_renumbered():
     scenario = geo()
     sched = SkipScheduler(scenario.rules, peer_table(scenario))
     counts = {o: 6 for o in scenario.origins}
-    plan = sched.plan_iteration(counts, 0.0, random.Random(0))
+    plan = plan_iteration(sched, counts, 0.0, random.Random(0))
     mine = [r for r in plan.routes if r.origin == 3]
     served = [sched.route(3, 0.0, random.Random(0), microbatch=100 + i) for i in range(6)]
     assert [r.path for r, _ in served] == [r.path for r in mine]
@@ -291,7 +292,7 @@ def test_planning_geo_takes_under_a_second_and_a_route_milliseconds():
     scenario = geo()
     sched = SkipScheduler(scenario.rules, peer_table(scenario))
     start = time.perf_counter()
-    plan = sched.plan_iteration({o: 6 for o in scenario.origins}, 0.0, random.Random(0),
+    plan = plan_iteration(sched, {o: 6 for o in scenario.origins}, 0.0, random.Random(0),
                                 clock=time.perf_counter, budget_s=0.5)
     assert time.perf_counter() - start < 1.0
     assert len(plan.routes) == 36 and plan.passes >= 1
@@ -336,6 +337,13 @@ def test_policy_picks_the_origin_when_the_trainer_holds_the_data(policy):
     first, why = sched.route(None, 0.0, random.Random(0), microbatch=0)
     assert first is not None and first.origin in (0, 1) and "origin" in why
     table.set_in_flight(first.origin, 1)  # it holds the first microbatch now (memory 1)
+    if policy == "swarm":
+        # SWARM draws the origin by the trainer's rule too (wiring.choose_peer): the busy origin's load is
+        # 1 announced + 1 routed by this policy, so it gets (1 / 3) / (1 / 3 + 1) of the draws
+        rng = random.Random(1)
+        picks = collections.Counter(sched.choose_origin(0.0, rng)[0] for _ in range(4000))
+        assert picks[first.origin] / 4000 == pytest.approx(0.25, abs=0.03)
+        return
     second, _ = sched.route(None, 0.0, random.Random(0), microbatch=1)
     assert second.origin != first.origin
 
@@ -348,11 +356,11 @@ def test_the_previous_plan_is_improved_not_forgotten():
     counts = {o: 6 for o in scenario.origins}
     ticks = iter(range(10_000))
     clock = lambda: next(ticks) * 0.001  # a fake clock: 1 ms per reading, so the search is deterministic
-    first = sched.plan_iteration(counts, 0.0, random.Random(0), clock=clock, budget_s=0.2, evaluate=evaluate)
-    second = sched.plan_iteration(counts, 100.0, random.Random(1), clock=clock, budget_s=0.2, evaluate=evaluate)
+    first = plan_iteration(sched, counts, 0.0, random.Random(0), clock=clock, budget_s=0.2, evaluate=evaluate)
+    second = plan_iteration(sched, counts, 100.0, random.Random(1), clock=clock, budget_s=0.2, evaluate=evaluate)
     assert second.predicted_iteration_s <= first.predicted_iteration_s
     assert evaluate(second.routes) == pytest.approx(second.predicted_iteration_s)
     table_peer = first.routes[0].path[1]
     sched.table.remove(table_peer)  # the old plan no longer fits: planned afresh
-    third = sched.plan_iteration(counts, 200.0, random.Random(2), clock=clock, budget_s=0.0, evaluate=evaluate)
+    third = plan_iteration(sched, counts, 200.0, random.Random(2), clock=clock, budget_s=0.0, evaluate=evaluate)
     assert all(table_peer not in r.path for r in third.routes)

@@ -159,28 +159,21 @@ def test_jitter_is_seeded_noise_on_compute():
     assert all(abs(x - 12.2) < 12.2 * 0.5 for x in a)
 
 
-def test_planned_iterations_run_exactly_as_predicted():
+def test_planned_iterations_run_exactly_as_predicted(monkeypatch):
     import itertools
 
-    from swarmrt.routing.policies import SkipScheduler
+    from swarmrt.sim import planner, simulator
     scenario = load_scenario(GEO)
     predicted = []
-    sim_policy = {}
 
-    def factory(table):
-        sched = SkipScheduler(scenario.rules, table)
-        plan = sched.plan_iteration
-
-        def spy(*args, **kwargs):
-            p = plan(*args, **kwargs)
-            predicted.append(p.predicted_iteration_s)
-            return p
-        sched.plan_iteration = spy
-        sim_policy["p"] = sched
-        return sched
+    def spy(*args, **kwargs):
+        p = planner.plan_iteration(*args, **kwargs)
+        predicted.append(p.predicted_iteration_s)
+        return p
+    monkeypatch.setattr(simulator, "plan_iteration", spy)
 
     ticks = itertools.count()
-    report = simulate(scenario, factory, SimConfig(iterations=4, plan_budget_s=0.3), random.Random(2),
+    report = simulate(scenario, "swarmrt", SimConfig(iterations=4, plan_budget_s=0.3), random.Random(2),
                       clock=lambda: next(ticks) * 0.002)
     assert len(predicted) == 4
     assert list(report.iteration_s) == pytest.approx(predicted)
