@@ -16,7 +16,6 @@ whether every microbatch was still applied exactly once.
 from __future__ import annotations
 
 import importlib.resources
-import json
 import pathlib
 import sys
 import time

@@ -52,3 +52,11 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert e.value.code == 0
         assert "usage: swarmrt " + command in capsys.readouterr().out
+
+
+def test_resume_without_a_checkpoint_location_is_a_usage_error(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model]\nstages = 2\n")
+    # an unreachable initial peer: the check must come before the DHT is started
+    code, err = run(["peer", "--config", str(cfg), "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--resume"], capsys)
+    assert code == 2 and "--resume needs [checkpoint] location" in err and len(err.splitlines()) == 1
