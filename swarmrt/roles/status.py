@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from swarmrt.discovery.dht import read_runs, read_stage, start_dht
 
 
-def read_status(dht, now: float) -> dict[str, dict[str, Any]]:
-    """``{run id: {"config": hash, "stages": [[record dict + heartbeat_age_s, ...] per stage]}}``."""
+def read_status(dht, clock: Callable[[], float] = time.time) -> dict[str, dict[str, Any]]:
+    """``{run id: {"config": hash, "stages": [[record dict + heartbeat_age_s, ...] per stage]}}``.
+    Ages are taken on ``clock`` right after each stage is read (a heartbeat may land during the read)."""
     report = {}
     for run_id, meta in sorted(read_runs(dht).items()):
-        stages = [[{**r.to_value(), "heartbeat_age_s": round(now - r.heartbeat, 2)} for r in read_stage(dht, run_id, s)]
-                  for s in range(int(meta.get("stages", 0)))]
+        stages = []
+        for s in range(int(meta.get("stages", 0))):
+            records = read_stage(dht, run_id, s)
+            now = clock()
+            stages.append([{**r.to_value(), "heartbeat_age_s": round(now - r.heartbeat, 2)} for r in records])
         report[run_id] = {"config": meta.get("config"), "stages": stages}
     return report
 
@@ -22,7 +26,7 @@ def swarm_status(initial_peers: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Join the DHT as a client, read :func:`read_status`, leave."""
     dht = start_dht(list(initial_peers), client_mode=True)
     try:
-        return read_status(dht, time.time())
+        return read_status(dht)
     finally:
         dht.shutdown()
 
