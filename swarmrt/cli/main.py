@@ -42,39 +42,20 @@ def _common(p: argparse.ArgumentParser, config: bool = True, peers: bool = True)
 
 # -- bootstrap ---------------------------------------------------------------------------------
 def cmd_bootstrap(args) -> int:
-    from swarmrt.discovery.dht import start_dht, visible_maddrs
-    from swarmrt.roles.proc import install_stop_handlers, run
+    from swarmrt.roles.bootstrap import serve_bootstrap
+    from swarmrt.roles.proc import run
 
-    async def main() -> int:
-        stop = asyncio.Event()
-        install_stop_handlers(asyncio.get_running_loop(), stop)
-        dht = await asyncio.to_thread(start_dht, args.initial_peers, args.host, args.port)
-        try:
-            maddrs = visible_maddrs(dht)
-            print("\n".join(maddrs), flush=True)
-            if args.addr_file:
-                path = pathlib.Path(args.addr_file)
-                path.with_suffix(".tmp").write_text("\n".join(maddrs) + "\n")
-                path.with_suffix(".tmp").rename(path)
-            await stop.wait()
-            return 0
-        finally:
-            await asyncio.to_thread(dht.shutdown)
-
-    return run(main())
+    return run(serve_bootstrap(args.initial_peers, args.host, args.port, args.addr_file))
 
 
 # -- peer --------------------------------------------------------------------------------------
 def cmd_peer(args) -> int:
     from swarmrt.roles.peer import PeerOptions, serve_peer
     from swarmrt.roles.proc import run
-
     from swarmrt.wire.emulation import load_rules, rules_path
 
     config = load_config(args.config)
     _check_skip(config)
-    if args.stage is not None and not 0 <= args.stage < config.num_stages:
-        raise ConfigError(f"--stage {args.stage}: the run has stages 0..{config.num_stages - 1}")
     net_rules = rules_path(args.net_rules)
     if net_rules:
         load_rules(net_rules)  # a bad rules file is a usage error naming the key
@@ -189,34 +170,10 @@ def add_eval_parser(sub) -> None:
 
 # -- status ------------------------------------------------------------------------------------
 def cmd_status(args) -> int:
-    from swarmrt.discovery.dht import read_runs, read_stage, start_dht
+    from swarmrt.roles.status import format_status, swarm_status
 
-    dht = start_dht(args.initial_peers, client_mode=True)
-    try:
-        runs = read_runs(dht)
-        report = {}
-        for run_id, meta in sorted(runs.items()):
-            stages = []
-            for s in range(int(meta.get("stages", 0))):
-                stages.append([{**r.to_value(), "heartbeat_age_s": round(time.time() - r.heartbeat, 2)}
-                               for r in read_stage(dht, run_id, s)])
-            report[run_id] = {"config": meta.get("config"), "stages": stages}
-    finally:
-        dht.shutdown()
-    if args.json:
-        print(json.dumps(report, indent=1))
-        return 0
-    if not report:
-        print("no runs announced in this DHT")
-    for run_id, info in report.items():
-        print(f"run {run_id} (config {info['config']}), {len(info['stages'])} stages")
-        for s, peers in enumerate(info["stages"]):
-            if not peers:
-                print(f"  stage {s}: no peers")
-            for r in peers:
-                print(f"  stage {s}: {r['peer_id'][-12:]} {r['address']:<21} {r['state']:<8} "
-                      f"{r['throughput']:8.1f} samples/s  load {r['load']}  version {r['version']}  "
-                      f"heartbeat {r['heartbeat_age_s']:.1f} s ago")
+    report = swarm_status(args.initial_peers)
+    print(json.dumps(report, indent=1) if args.json else "\n".join(format_status(report)))
     return 0
 
 

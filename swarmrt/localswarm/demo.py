@@ -1,11 +1,11 @@
 """``swarmrt demo``: a whole swarm on 127.0.0.1, trained end to end, then torn down.
 
 Bootstrap, ``stages x peers_per_stage`` stage peers and the trainers run as
-separate OS processes (via :class:`swarmrt.testing.LocalSwarm`); the trainer's
+separate OS processes (via :class:`swarmrt.localswarm.swarm.LocalSwarm`); the trainer's
 progress bar shows loss, samples/s and live peers per stage; every process,
 hivemind's p2pd included, is gone when it returns.
 
-``--chaos``: while it trains, a seeded :class:`~swarmrt.testing.FaultPlan`
+``--chaos``: while it trains, a seeded :class:`~swarmrt.localswarm.faults.FaultPlan`
 kills (SIGKILL), hangs (SIGSTOP, then SIGCONT) and preempts (SIGTERM) random
 peers, and starts a replacement a few steps after each peer it takes down. The
 demo prints each fault as it fires and, at the end, what the run did about
@@ -16,12 +16,12 @@ whether every microbatch was still applied exactly once.
 from __future__ import annotations
 
 import importlib.resources
-import json
 import pathlib
 import sys
 import time
 
 from swarmrt.config import load_config, with_overrides
+from swarmrt.localswarm.ledger import check_exactly_once
 from swarmrt.localswarm.swarm import LocalSwarm
 
 
@@ -88,8 +88,8 @@ def _follow(swarm: LocalSwarm, role, steps: int, show: bool) -> dict:
 
 # -- chaos -------------------------------------------------------------------------------------
 def run_chaos(args, config) -> int:
-    from swarmrt.testing.asserts import assert_exactly_once
     from swarmrt.localswarm.faults import FaultPlan
+    from swarmrt.localswarm.inject import run_with_faults
 
     plan = FaultPlan.chaos(seed=args.seed, stages=config.num_stages, steps=args.steps, faults=args.faults)
     net = config.network
@@ -122,14 +122,12 @@ def run_chaos(args, config) -> int:
                       flush=True)
 
         try:
-            run = swarm.run_with_faults(plan, trainer=trainer, timeout=max(600.0, args.steps * 5.0), check=False,
-                                        on_event=on_event, on_step=on_step)
+            run = run_with_faults(swarm, plan, trainer=trainer, timeout=max(600.0, args.steps * 5.0), check=False,
+                                  on_event=on_event, on_step=on_step)
             summaries = [run.summary] + [swarm.wait_trainer(t) for t in others]
-            try:
-                assert_exactly_once(swarm, run.summary, trainer)
-                exactly_once = "every microbatch applied exactly once on every stage (trainer and peer ledgers agree)"
-            except AssertionError as e:
-                exactly_once, failed = f"EXACTLY-ONCE VIOLATED: {e}", "exactly-once"
+            ledgers = check_exactly_once(swarm, run.summary, trainer)
+            exactly_once = ledgers.describe() if ledgers.ok else f"EXACTLY-ONCE VIOLATED: {ledgers.describe()}"
+            failed = None if ledgers.ok else "exactly-once"
         except Exception as e:  # the trainer failed: say so, still tear down and report
             print(f"\nthe run failed: {e}", flush=True)
             run, summaries, exactly_once, failed = None, [], "", "run"

@@ -12,8 +12,10 @@ started and checks that none is left.
 
 Faults and networks (see docs/testing.md): every peer and trainer gets a
 rules file (``swarmrt.wire.emulation``) naming it, so links can be slowed and
-RPCs dropped while it runs; :meth:`LocalSwarm.run_with_faults` fires a
-:class:`~swarmrt.localswarm.faults.FaultPlan` against a training run. Every
+RPCs dropped while it runs; :func:`swarmrt.localswarm.inject.run_with_faults` fires a
+:class:`~swarmrt.localswarm.faults.FaultPlan` against a training run, and
+:func:`swarmrt.localswarm.ledger.check_exactly_once` checks its ledgers
+(``swarmrt.testing.LocalSwarm`` has both as methods). Every
 child carries ``SWARMRT_SWARM_ID`` in its environment, and a small reaper
 process kills them all if the owner dies without stopping the swarm (SIGKILL,
 pytest-timeout's ``os._exit``).
@@ -340,7 +342,7 @@ class LocalSwarm:
         groups = [r.pgid for r in self.roles if _alive_group(r.pgid)]
         return sorted(set(groups) | set(tagged_processes(self.swarm_id)))
 
-    # -- networks, faults, checks ---------------------------------------------------------------
+    # -- networks and faults -------------------------------------------------------------------
     def role(self, name: str) -> Role:
         """The role called ``name`` (e.g. ``peer3-s1``, ``trainer7``)."""
         for role in self.roles:
@@ -405,19 +407,6 @@ class LocalSwarm:
         """Poll the trainer's metrics until it has completed ``steps`` steps (fails if it exits first)."""
         return _wait_for(lambda: len(self.metrics(trainer)) >= steps and self.metrics(trainer), timeout,
                          f"{trainer.name} to complete {steps} steps", [trainer])
-
-    def run_with_faults(self, plan, trainer: Role | None = None, steps: int | None = None, **kwargs):
-        """Train (or follow a started ``trainer``) while firing ``plan``; see
-        :func:`swarmrt.localswarm.inject.run_with_faults` for the keyword arguments."""
-        from swarmrt.localswarm.inject import run_with_faults
-
-        return run_with_faults(self, plan, trainer=trainer, steps=steps, **kwargs)
-
-    def assert_exactly_once(self, summary: dict, trainer: Role | None = None) -> dict[int, set[str]]:
-        """See :func:`swarmrt.testing.asserts.assert_exactly_once`."""
-        from swarmrt.testing.asserts import assert_exactly_once
-
-        return assert_exactly_once(self, summary, trainer)
 
     def __enter__(self) -> "LocalSwarm":
         try:

@@ -1,14 +1,20 @@
 """A stage peer: joins the DHT, serves one stage over gRPC, heartbeats, drains on SIGTERM.
 
-Lifecycle: start the DHT node -> pick a stage (given, or the one with the least
-capacity) -> build the stage module -> start the gRPC service -> take over the
-stage's state (from a serving peer of the stage; else, or with ``--resume``,
-from the newest checkpoint) -> announce ``serving`` and heartbeat (writing
-periodic checkpoints if this peer is the stage's writer) -> on SIGTERM/SIGINT
-announce ``leaving`` (routers stop picking it at once), refuse new forwards,
-finish what is in flight (up to the grace period), write a checkpoint if it is
-the last peer of its stage, leave, exit 0. A second signal exits at once,
-still reaping the DHT child and p2pd.
+Lifecycle (:func:`serve_peer`): start the DHT node -> :meth:`Peer.join`: pick a
+stage (given, or the one with the least capacity: :func:`pick_stage`) -> build
+the stage module (:func:`build_stage_worker`) -> start the gRPC service -> take
+over the stage's state (:meth:`Peer.take_over_state`: from a serving peer of
+the stage, :func:`download_state`; else, or with ``--resume``, from the newest
+checkpoint) -> announce ``serving`` -> :func:`heartbeat` until stopped
+(re-announcing, and writing periodic checkpoints if this peer is the stage's
+writer) -> on SIGTERM/SIGINT :func:`drain`: announce ``leaving`` (routers stop
+picking it at once), refuse new forwards, finish what is in flight (up to the
+grace period), write a checkpoint if it is the last peer of its stage -> leave,
+exit 0. A second signal exits at once, still reaping the DHT child and p2pd
+(:func:`swarmrt.roles.proc.install_stop_handlers`).
+
+Each part is handed its collaborators (the DHT, the servicer, the announcer,
+the checkpointer), so it can be driven with fakes.
 """
 
 from __future__ import annotations
@@ -16,26 +22,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import pathlib
 import random
 import time
 
 from torch import nn
 
-from swarmrt.checkpoint.policy import (checkpoint_due, is_checkpoint_writer, leave_checkpoint_due,
-                                            training_config_hash)
+from swarmrt.checkpoint.checkpointer import Checkpointer
+from swarmrt.checkpoint.policy import training_config_hash
+from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.config import ConfigError, RunConfig
-from swarmrt.routing.wiring import choose_stage
 from swarmrt.data import sample_input
-from swarmrt.models.build import build_layers, partition_hash, stage_ranges
 from swarmrt.discovery import dht as dht_records
+from swarmrt.models.build import build_layers, partition_hash, stage_ranges
+from swarmrt.pipeline.service import StageServicer
+from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.roles.proc import install_stop_handlers, write_atomically
+from swarmrt.routing.wiring import choose_stage
 from swarmrt.wire.client import StageClient
 from swarmrt.wire.emulation import server_interceptors
-from swarmrt.pipeline.service import StageServicer
 from swarmrt.wire.server import start_server
-from swarmrt.checkpoint import store as ckpt
-from swarmrt.roles.proc import install_stop_handlers
-from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 
 logger = logging.getLogger("swarmrt.peer")
 
@@ -63,12 +68,23 @@ class PeerOptions:
     net_rules: str | None = None
     """Emulated links and RPC faults (``swarmrt.wire.emulation``), re-read when the file changes."""
 
+    def check(self, config: RunConfig) -> None:
+        """Raise :class:`ConfigError` naming the flag when these options cannot serve ``config``."""
+        if self.stage is not None and not 0 <= self.stage < config.num_stages:
+            raise ConfigError(f"--stage {self.stage}: the run has stages 0..{config.num_stages - 1}")
+        if self.resume and not config.checkpoint.enabled:
+            raise ConfigError("--resume needs [checkpoint] location in the run config")
+
 
 def say(message: str) -> None:
+    """A line of the peer's log (stdout); tests and LocalSwarm read some of them."""
     print(message, flush=True)
 
 
-async def _pick_stage(dht, config: RunConfig, rng: random.Random) -> tuple[int, str]:
+# -- the parts ----------------------------------------------------------------------------------
+async def pick_stage(dht, config: RunConfig, rng: random.Random) -> tuple[int, str]:
+    """The stage with the least announced capacity (:func:`swarmrt.routing.wiring.choose_stage`
+    decides); ``(stage, reason)``."""
     capacity = {}
     for s in range(config.num_stages):
         records = await asyncio.to_thread(dht_records.read_stage, dht, config.run.id, s)
@@ -76,187 +92,201 @@ async def _pick_stage(dht, config: RunConfig, rng: random.Random) -> tuple[int, 
     return choose_stage(capacity, config.num_stages, rng)
 
 
-async def _download_state(worker: StageWorker, config: RunConfig, donors: list[dht_records.StageRecord]) -> str | None:
-    client = StageClient(config.network.max_tensor_mb)
-    try:
-        for donor in sorted(donors, key=lambda r: -r.version):
-            try:
-                data = await client.get_state(donor.address, config.run.id, worker.stage, timeout=60.0)
-                worker.load_state_bytes(data)
-                return f"loaded state (version {worker.version}, {len(data)} bytes) from {donor.peer_id}"
-            except Exception as e:  # try the next donor
-                logger.warning("state download from %s failed: %s", donor.peer_id, e)
-        return None
-    finally:
-        await client.close()
+def build_stage_worker(config: RunConfig, stage: int, options: PeerOptions) -> tuple[StageWorker, range, str]:
+    """The stage's module and optimizer: ``(worker, its layer indices, the partition hash)``."""
+    layers = build_layers(config)
+    ranges = stage_ranges(config, layers)
+    start, end = ranges[stage]
+    worker = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
+                         infer_input_spec(layers[:start], sample_input(config.data)),
+                         compute_delay_s=options.compute_delay_s, slowdown=options.slowdown,
+                         ledger_path=options.ledger)
+    return worker, range(start, end), partition_hash(config, ranges)
 
 
-class Checkpointer:
-    """Periodic and on-leave checkpoints of one stage, per ``[checkpoint]``."""
+async def download_state(worker: StageWorker, client: StageClient, run_id: str,
+                         donors: list[dht_records.StageRecord]) -> str | None:
+    """Load the stage's state from the donor with the highest version that answers; returns what
+    was loaded, or None when every donor failed."""
+    for donor in sorted(donors, key=lambda r: -r.version):
+        try:
+            data = await client.get_state(donor.address, run_id, worker.stage, timeout=60.0)
+            worker.load_state_bytes(data)
+            return f"loaded state (version {worker.version}, {len(data)} bytes) from {donor.peer_id}"
+        except Exception as e:  # try the next donor
+            logger.warning("state download from %s failed: %s", donor.peer_id, e)
+    return None
 
-    def __init__(self, config: RunConfig, worker: StageWorker, peer_id: str, partition: str, compute):
-        self.section = config.checkpoint
-        self.config, self.worker, self.peer_id, self.partition = config, worker, peer_id, partition
+
+class StageAnnouncer:
+    """This peer's record in the DHT (``serving`` on every heartbeat, ``leaving`` when it drains),
+    and which peers serve its stage."""
+
+    def __init__(self, dht, config: RunConfig, peer_id: str, stage: int, address: str, worker: StageWorker,
+                 servicer: StageServicer):
+        self.dht, self.config, self.peer_id, self.stage, self.address = dht, config, peer_id, stage, address
+        self.worker, self.servicer = worker, servicer
         self.config_hash = training_config_hash(config)
-        self.compute = compute  # runs a function on the stage's compute thread
-        self.last_step, self.last_time = worker.version, time.monotonic()
 
-    def resume(self) -> str | None:
-        """Load the newest checkpoint of the stage; None when there is none."""
-        found = ckpt.load_latest_checkpoint(self.section.location, self.config.run.id, self.worker.stage,
-                                            self.partition)
-        if found is None:
-            return None
-        meta, state, path = found
-        if meta.config_hash != self.config_hash:
-            logger.warning("checkpoint %s was written under config %s, this run's is %s", path, meta.config_hash,
-                           self.config_hash)
-        self.worker.load_state_bytes(state)
-        self.last_step = self.worker.version
-        return f"resumed from checkpoint {path} (step {meta.step})"
+    def record(self, state: str) -> dht_records.StageRecord:
+        stats = self.worker.stats()
+        return dht_records.StageRecord(peer_id=self.peer_id, stage=self.stage, address=self.address,
+                                       throughput=float(stats["throughput"]), load=self.servicer.inflight,
+                                       version=int(stats["version"]), state=state, heartbeat=time.time())
 
-    async def write(self, reason: str) -> str:
-        state = await self.compute(self.worker.state_bytes)
-        step = self.worker.version
-        path = await asyncio.to_thread(ckpt.save_checkpoint, self.section.location, self.config.run.id,
-                                       self.worker.stage, step, state, config_hash=self.config_hash,
-                                       partition_hash=self.partition, writer=self.peer_id, keep=self.section.keep)
-        self.last_step, self.last_time = step, time.monotonic()
-        say(f"stage {self.worker.stage}: checkpoint step {step} written to {path} ({reason})")
-        return path
+    async def announce(self, state: str) -> None:
+        ttl = self.config.network.record_ttl_s
+        await asyncio.to_thread(dht_records.announce, self.dht, self.config.run.id, self.record(state), ttl)
+        await asyncio.to_thread(dht_records.announce_run, self.dht, self.config.run.id, self.config.num_stages,
+                                self.config_hash, ttl)
 
-    async def maybe_periodic(self, serving_ids: list[str]) -> None:
-        due, reason = checkpoint_due(self.worker.version, self.last_step, time.monotonic(), self.last_time,
-                                     self.section)
-        if not due:
+    async def stage_records(self) -> list[dht_records.StageRecord]:
+        return await asyncio.to_thread(dht_records.read_stage, self.dht, self.config.run.id, self.stage)
+
+    async def serving_ids(self) -> list[str]:
+        return [r.peer_id for r in await self.stage_records() if r.state == "serving"]
+
+
+async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnnouncer,
+                    checkpoints: Checkpointer | None) -> None:
+    """Until ``stop`` is set: every ``interval_s``, announce ``serving`` and write a periodic
+    checkpoint if one is due. A failed beat is logged, not fatal: the next one may pass."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        except asyncio.TimeoutError:
+            pass
+        if stop.is_set():
             return
-        writer, why = is_checkpoint_writer(self.peer_id, serving_ids)
-        if writer:
-            await self.write(reason)
-        else:  # another peer of the stage writes this one; move on together
-            self.last_step, self.last_time = self.worker.version, time.monotonic()
-            logger.info("checkpoint due (%s) but %s", reason, why)
-
-    async def maybe_on_leave(self, serving_ids: list[str]) -> None:
-        due, reason = leave_checkpoint_due(self.peer_id, serving_ids, self.section)
-        if due:
-            await self.write(reason)
+        try:
+            await announcer.announce("serving")
+            if checkpoints is not None:
+                await checkpoints.maybe_periodic(await announcer.serving_ids())
+        except Exception as e:
+            logger.warning("heartbeat failed: %s", e)
 
 
-async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    install_stop_handlers(loop, stop)
-    net = config.network
-    dht = await asyncio.to_thread(dht_records.start_dht, list(options.initial_peers), net.host)
-    servicer = server = None
+async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints: Checkpointer | None,
+                grace_s: float) -> None:
+    """Leave cleanly: refuse new forwards and announce ``leaving`` (routers stop picking this peer
+    at once), finish in-flight work within ``grace_s``, then write the stage's checkpoint if no
+    other peer serves it (within what is left of the grace period, at least 1 s)."""
+    servicer.state = "leaving"
+    started = time.monotonic()
     try:
-        peer_id = str(dht.peer_id)
+        await announcer.announce("leaving")
+    except Exception as e:
+        logger.warning("could not announce leaving: %s", e)
+    try:
+        await asyncio.wait_for(servicer.idle.wait(), timeout=grace_s)
+    except asyncio.TimeoutError:
+        logger.warning("grace period over with %d requests in flight", servicer.inflight)
+    if checkpoints is None:
+        return
+    try:
+        serving = await announcer.serving_ids()
+        await asyncio.wait_for(checkpoints.maybe_on_leave(serving),
+                               timeout=max(1.0, grace_s - (time.monotonic() - started)))
+    except Exception as e:
+        logger.error("could not write the leaving checkpoint: %s", e)
+
+
+# -- the peer -----------------------------------------------------------------------------------
+class Peer:
+    """One stage peer over a started DHT node: :meth:`join`, then :func:`heartbeat` and
+    :func:`drain` over its parts, then :meth:`close`."""
+
+    def __init__(self, config: RunConfig, options: PeerOptions, dht):
+        self.config, self.options, self.dht = config, options, dht
+        self.peer_id = str(dht.peer_id)
+        self.stage: int | None = None
+        self.worker: StageWorker | None = None
+        self.servicer: StageServicer | None = None
+        self.server = None
+        self.checkpoints: Checkpointer | None = None
+        self.announcer: StageAnnouncer | None = None
+
+    async def join(self) -> None:
+        """Pick the stage, build it, serve it over gRPC, take over its state, announce ``serving``."""
+        config, options, net = self.config, self.options, self.config.network
         if options.stage is None:
-            stage, reason = await _pick_stage(dht, config, random.Random(peer_id))
-            say(f"picked stage {stage}: {reason}")
+            self.stage, reason = await pick_stage(self.dht, config, random.Random(self.peer_id))
+            say(f"picked stage {self.stage}: {reason}")
         else:
-            stage = options.stage
-        layers = build_layers(config)
-        ranges = stage_ranges(config, layers)
-        start, end = ranges[stage]
-        worker = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
-                             infer_input_spec(layers[:start], sample_input(config.data)),
-                             compute_delay_s=options.compute_delay_s, slowdown=options.slowdown,
-                             ledger_path=options.ledger)
-        del layers
-        servicer = StageServicer(worker, config.run.id, peer_id, net.max_tensor_mb * 2**20)
+            self.stage = options.stage
+        self.worker, layers, partition = build_stage_worker(config, self.stage, options)
+        self.servicer = StageServicer(self.worker, config.run.id, self.peer_id, net.max_tensor_mb * 2**20)
+        self.start_outer_sync()
+        if config.checkpoint.enabled:
+            self.checkpoints = Checkpointer(config, self.worker, self.peer_id, partition, self.on_compute_thread)
+        self.server, port = await start_server(self.servicer, net.host, options.port, net.max_tensor_mb,
+                                               interceptors=server_interceptors(options.net_rules, self.worker))
+        address = f"{net.host}:{port}"
+        self.announcer = StageAnnouncer(self.dht, config, self.peer_id, self.stage, address, self.worker,
+                                        self.servicer)
+        note = await self.take_over_state()
+        self.servicer.state = "serving"
+        await self.announcer.announce("serving")
+        if options.ready_file:
+            write_atomically(options.ready_file, f"{self.stage} {address} {self.peer_id}\n")
+        say(f"serving stage {self.stage} (layers {layers.start}..{layers.stop - 1}) at {address} as {self.peer_id}; "
+            f"{note}")
 
-        async def compute(fn, *args):
-            return await loop.run_in_executor(servicer.executor, fn, *args)
-
-        if config.local_sgd.inner_steps > 0 and worker.params:  # before the gRPC server starts: the averager forks
+    def start_outer_sync(self) -> None:
+        """Local SGD's outer loop, before the gRPC server starts: the averager forks."""
+        worker, servicer, stage, dht, config = self.worker, self.servicer, self.stage, self.dht, self.config
+        if config.local_sgd.inner_steps > 0 and worker.params:
             from swarmrt.local_sgd.outer import OuterSync
 
             worker.outer = OuterSync(worker, dht, config, submit_to_compute=servicer.executor.submit,
                                      log=lambda line: say(f"stage {stage}: {line}"))
-        checkpoints = Checkpointer(config, worker, peer_id, partition_hash(config, ranges), compute) \
-            if config.checkpoint.enabled else None
-        if options.resume and checkpoints is None:
-            raise ConfigError("--resume needs [checkpoint] location in the run config")
-        server, port = await start_server(servicer, net.host, options.port, net.max_tensor_mb,
-                                          interceptors=server_interceptors(options.net_rules, worker))
-        address = f"{net.host}:{port}"
 
-        # take over the stage's state: a live peer of the stage first, else the newest checkpoint
-        serving = [r for r in await asyncio.to_thread(dht_records.read_stage, dht, config.run.id, stage)
-                   if r.state == "serving" and r.peer_id != peer_id]
+    async def on_compute_thread(self, fn, *args):
+        """Run ``fn(*args)`` on the stage's compute thread (where forwards and backwards run)."""
+        return await asyncio.get_running_loop().run_in_executor(self.servicer.executor, fn, *args)
+
+    async def take_over_state(self) -> str:
+        """The stage's state: a live peer of the stage first, else (or with ``--resume``) the newest
+        checkpoint, else the initial weights. Returns what happened, for the ``serving`` line."""
+        donors = [r for r in await self.announcer.stage_records()
+                  if r.state == "serving" and r.peer_id != self.peer_id]
         note = None
-        if checkpoints is not None and (options.resume or not serving):
-            note = checkpoints.resume()
-            if note is None and options.resume:
-                raise ckpt.CheckpointError(f"--resume: no checkpoint of stage {stage} of run {config.run.id!r} "
-                                 f"under {config.checkpoint.location}")
-        if note is None and serving:
-            note = await _download_state(worker, config, serving)
-        note = note or "first peer of its stage: starts from the initial weights"
-
-        def record(state: str) -> dht_records.StageRecord:
-            stats = worker.stats()
-            return dht_records.StageRecord(peer_id=peer_id, stage=stage, address=address,
-                                           throughput=float(stats["throughput"]), load=servicer.inflight,
-                                           version=int(stats["version"]), state=state, heartbeat=time.time())
-
-        async def announce(state: str) -> None:
-            await asyncio.to_thread(dht_records.announce, dht, config.run.id, record(state), net.record_ttl_s)
-            await asyncio.to_thread(dht_records.announce_run, dht, config.run.id, config.num_stages,
-                                    training_config_hash(config), net.record_ttl_s)
-
-        async def serving_ids() -> list[str]:
-            records = await asyncio.to_thread(dht_records.read_stage, dht, config.run.id, stage)
-            return [r.peer_id for r in records if r.state == "serving"]
-
-        servicer.state = "serving"
-        await announce("serving")
-        if options.ready_file:
-            path = pathlib.Path(options.ready_file)
-            path.with_suffix(".tmp").write_text(f"{stage} {address} {peer_id}\n")
-            path.with_suffix(".tmp").rename(path)
-        say(f"serving stage {stage} (layers {start}..{end - 1}) at {address} as {peer_id}; {note}")
-
-        while not stop.is_set():
+        if self.checkpoints is not None and (self.options.resume or not donors):
+            note = self.checkpoints.resume()
+            if note is None and self.options.resume:
+                raise CheckpointError(f"--resume: no checkpoint of stage {self.stage} of run {self.config.run.id!r} "
+                                      f"under {self.config.checkpoint.location}")
+        if note is None and donors:
+            client = StageClient(self.config.network.max_tensor_mb)
             try:
-                await asyncio.wait_for(stop.wait(), timeout=net.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
-            if stop.is_set():
-                break
-            try:
-                await announce("serving")
-                if checkpoints is not None:
-                    await checkpoints.maybe_periodic(await serving_ids())
-            except Exception as e:  # a missed heartbeat is not fatal; the next one may pass
-                logger.warning("heartbeat failed: %s", e)
+                note = await download_state(self.worker, client, self.config.run.id, donors)
+            finally:
+                await client.close()
+        return note or "first peer of its stage: starts from the initial weights"
 
-        # drain: routers stop picking us at once; finish in-flight work within the grace period
-        servicer.state = "leaving"
-        drain_started = time.monotonic()
-        try:
-            await announce("leaving")
-        except Exception as e:
-            logger.warning("could not announce leaving: %s", e)
-        try:
-            await asyncio.wait_for(servicer.idle.wait(), timeout=options.grace_s)
-        except asyncio.TimeoutError:
-            logger.warning("grace period over with %d requests in flight", servicer.inflight)
-        if checkpoints is not None:
-            try:
-                others = [p for p in await serving_ids() if p != peer_id]
-                await asyncio.wait_for(checkpoints.maybe_on_leave([peer_id, *others]),
-                                       timeout=max(1.0, options.grace_s - (time.monotonic() - drain_started)))
-            except Exception as e:
-                logger.error("could not write the leaving checkpoint: %s", e)
-        say(f"stage {stage} peer {peer_id} left after applying {worker.microbatches_applied} microbatches")
+    async def close(self) -> None:
+        """Stop serving and free the stage (the DHT node is the caller's)."""
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.servicer is not None:
+            self.servicer.close()
+            self.servicer.worker.close()
+
+
+async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
+    """Run one stage peer until SIGTERM/SIGINT, then drain and leave; returns the exit code (0)."""
+    options.check(config)
+    stop = asyncio.Event()
+    install_stop_handlers(asyncio.get_running_loop(), stop)
+    dht = await asyncio.to_thread(dht_records.start_dht, list(options.initial_peers), config.network.host)
+    peer = Peer(config, options, dht)
+    try:
+        await peer.join()
+        await heartbeat(stop, config.network.heartbeat_s, peer.announcer, peer.checkpoints)
+        await drain(peer.servicer, peer.announcer, peer.checkpoints, options.grace_s)
+        say(f"stage {peer.stage} peer {peer.peer_id} left after applying {peer.worker.microbatches_applied} "
+            f"microbatches")
         return 0
     finally:
-        if server is not None:
-            await server.stop(grace=1.0)
-        if servicer is not None:
-            servicer.close()
-            servicer.worker.close()
+        await peer.close()
         await asyncio.to_thread(dht.shutdown)

@@ -1,4 +1,5 @@
-"""Process plumbing shared by every role: the process table, signals, reaping, the event loop.
+"""Process plumbing shared by every role: the process table, signals, reaping, the event loop,
+and the files roles leave for the processes that wait on them.
 
 Everything that reads ``/proc`` (Linux) goes through :func:`process_table`, so
 "which processes are alive, who is whose child, what is in their environment"
@@ -99,6 +100,15 @@ def kill_descendants(sig: int = signal.SIGKILL) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write a file another process waits for (a ready file, an address file) so that it never
+    sees it half written: write ``PATH.tmp``, then rename."""
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def install_stop_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, on_first=None) -> None:

@@ -11,17 +11,15 @@ See docs/testing.md for a complete example.
 """
 
 from swarmrt.localswarm.faults import FaultError, FaultPlan, Peer, RandomPeer, UnfiredFaults
-from swarmrt.localswarm.swarm import LocalSwarm, Role, SwarmError
+from swarmrt.localswarm.swarm import Role, SwarmError
+from swarmrt.testing.asserts import assert_exactly_once, assert_loss_close, assert_no_leftovers
+from swarmrt.testing.swarm import LocalSwarm
 
 __all__ = ["LocalSwarm", "Role", "SwarmError", "FaultPlan", "Peer", "RandomPeer", "FaultError", "UnfiredFaults",
            "assert_exactly_once", "assert_loss_close", "assert_no_leftovers", "run_with_faults", "FaultRun"]
 
 
 def __getattr__(name):  # grpc-backed parts load on first use, so `import swarmrt.testing` stays light
-    if name in ("assert_exactly_once", "assert_loss_close", "assert_no_leftovers"):
-        from swarmrt.testing import asserts
-
-        return getattr(asserts, name)
     if name in ("run_with_faults", "FaultRun"):
         from swarmrt.localswarm import inject
 

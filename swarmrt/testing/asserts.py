@@ -15,6 +15,7 @@ import collections
 import re
 from typing import Sequence
 
+from swarmrt.localswarm.ledger import check_exactly_once
 from swarmrt.localswarm.swarm import LocalSwarm, Role
 
 
@@ -29,48 +30,16 @@ def assert_exactly_once(swarm: LocalSwarm, summary: dict, trainer: Role | None =
     ``(step, index)`` of that trainer was applied exactly once per stage over
     all its attempts, for every step it ran: nothing lost, nothing applied by
     two attempts. (With stage skipping on, middle stages may legitimately miss
-    a microbatch; then only "not twice" is checked for them.)
+    a microbatch; then only "not twice" is checked for them.) The check itself
+    is :func:`swarmrt.localswarm.ledger.check_exactly_once`; this raises
+    ``AssertionError`` listing every violation.
 
     Returns ``{stage: set of microbatch ids in its ledgers}``.
     """
-    problems = []
-    if summary.get("duplicates"):
-        problems.append(f"the trainer counted {summary['duplicates']} stage backward(s) applied twice")
-    if summary.get("partially_applied"):
-        problems.append(f"{summary['partially_applied']} microbatch(es) were applied on some stages only")
-    if summary.get("applied") != summary.get("microbatches"):
-        problems.append(f"the trainer applied {summary.get('applied')} of {summary.get('microbatches')} microbatches")
-    config = swarm.config
-    last = config.num_stages - 1
-    skipping = getattr(config.routing, "skip_ratio", 0.0) > 0
-    ledgers = {}
-    for stage in range(config.num_stages):
-        ids = swarm.ledger(stage)
-        ledgers[stage] = set(ids)
-        repeated = [mb for mb, n in collections.Counter(ids).items() if n > 1]
-        if repeated:
-            problems.append(f"stage {stage} applied {len(repeated)} microbatch id(s) more than once: {repeated[:5]}")
-        if trainer is None or trainer.trainer_id is None:
-            continue
-        prefix = trainer.trainer_id + ":"
-        per_slot = collections.Counter(tuple(int(x) for x in mb[len(prefix):].split(":")[:2])
-                                       for mb in ids if mb.startswith(prefix))
-        twice = sorted(slot for slot, n in per_slot.items() if n > 1)
-        if twice:
-            problems.append(f"stage {stage}: microbatch(es) (step, index) {twice[:5]} of {trainer.name} were applied "
-                            f"by more than one attempt")
-        if skipping and 0 < stage < last:
-            continue
-        first = summary.get("start_step", 0)  # a resumed trainer starts past 0
-        expected = {(step, i) for step in range(first, summary.get("next_step", first + summary.get("steps", 0)))
-                    for i in range(config.data.microbatches_per_step)}
-        lost = sorted(expected - set(per_slot))
-        if lost:
-            problems.append(f"stage {stage}: {len(lost)} microbatch(es) (step, index) of {trainer.name} were never "
-                            f"applied: {lost[:5]}")
-    if problems:
-        raise AssertionError("exactly-once violated:\n  " + "\n  ".join(problems))
-    return ledgers
+    report = check_exactly_once(swarm, summary, trainer)
+    if not report.ok:
+        raise AssertionError(report.describe())
+    return report.ledgers
 
 
 def _losses(curve: Sequence) -> dict[int, float]:

@@ -25,7 +25,7 @@ _PLANS = pytest.StashKey[list]()
 
 @pytest.fixture
 def local_swarm(request, tmp_path):
-    from swarmrt.localswarm.swarm import LocalSwarm
+    from swarmrt.testing.swarm import LocalSwarm
 
     swarms: list = []
     request.node.stash[_SWARMS] = swarms

@@ -5,6 +5,7 @@ import types
 import pytest
 
 from swarmrt.config import config_from_dict
+from swarmrt.localswarm.ledger import check_exactly_once
 from swarmrt.testing.asserts import assert_exactly_once, assert_loss_close
 
 CONFIG = config_from_dict({"model": {"stages": 3}, "data": {"batch_size": 8, "microbatch_size": 4}})
@@ -55,6 +56,29 @@ def test_the_trainers_own_accounting_is_checked():
         assert_exactly_once(FakeSwarm(good_ledgers()), {**SUMMARY, "applied": 5})
     with pytest.raises(AssertionError, match="counted 1 stage backward"):
         assert_exactly_once(FakeSwarm(good_ledgers()), {**SUMMARY, "duplicates": 1})
+
+
+def test_the_product_check_reports_violations_without_raising():
+    """The demo prints the report; only the testing wrapper turns it into an AssertionError."""
+    clean = check_exactly_once(FakeSwarm(good_ledgers()), SUMMARY, TRAINER)
+    assert clean.ok and clean.problems == () and clean.ledgers[0] == set(good_ledgers()[0])
+    assert "every microbatch applied exactly once" in clean.describe()
+    ledgers = good_ledgers()
+    ledgers[2].remove("t.1:2:1:0")
+    broken = check_exactly_once(FakeSwarm(ledgers), {**SUMMARY, "applied": 5}, TRAINER)
+    assert not broken.ok
+    assert broken.problems == ("the trainer applied 5 of 6 microbatches",
+                               "stage 2: 1 microbatch(es) (step, index) of trainer1 were never applied: [(2, 1)]")
+    assert broken.describe().startswith("exactly-once violated:\n  the trainer applied 5 of 6")
+
+
+def test_a_resumed_trainer_is_checked_from_its_start_step():
+    ledgers = {stage: [f"t.1:{s}:{i}:0" for s in (3, 4) for i in range(2)] for stage in range(3)}
+    summary = {**SUMMARY, "steps": 2, "microbatches": 4, "applied": 4, "start_step": 3, "next_step": 5}
+    assert check_exactly_once(FakeSwarm(ledgers), summary, TRAINER).ok
+    ledgers[1].remove("t.1:3:0:0")
+    assert check_exactly_once(FakeSwarm(ledgers), summary, TRAINER).problems == (
+        "stage 1: 1 microbatch(es) (step, index) of trainer1 were never applied: [(3, 0)]",)
 
 
 def test_loss_curves_within_tolerance_pass_and_a_deviation_names_its_step():

@@ -368,3 +368,124 @@ def test_training_config_hash_ignores_where_a_node_listens():
     assert training_config_hash(base) == training_config_hash(moved) == training_config_hash(base.to_dict())
     assert training_config_hash(base) != training_config_hash(changed)
     assert len(training_config_hash(base)) == 12
+
+
+# -- the Checkpointer (one stage peer's checkpoints), with a fake worker and a fake clock ----------
+class FakeWorker:
+    """A stage whose state is its version, as bytes: enough to see which state went where."""
+
+    def __init__(self, stage=1, version=0):
+        self.stage, self.version = stage, version
+        self.loaded = []
+
+    def state_bytes(self):
+        return f"state@{self.version}".encode()
+
+    def load_state_bytes(self, data):
+        self.loaded.append(data)
+        self.version = int(data.decode().split("@")[1])
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def checkpointer(tmp_path, worker, peer_id="peerB", lines=None, clock=None, **section):
+    from swarmrt.checkpoint.checkpointer import Checkpointer
+
+    config = with_overrides(RunConfig(), checkpoint={"location": str(tmp_path), **section})
+    computed = []
+
+    async def compute(fn, *args):  # records that the state was read through the compute thread
+        computed.append(fn)
+        return fn(*args)
+
+    ckp = Checkpointer(config, worker, peer_id, PART, compute, clock=clock or FakeClock(),
+                       say=(lines if lines is not None else []).append)
+    ckp.computed = computed
+    return ckp
+
+
+def run_async(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def test_checkpointer_writes_periodically_only_when_due_and_only_as_the_stages_writer(tmp_path):
+    worker, lines = FakeWorker(version=0), []
+    ckp = checkpointer(tmp_path, worker, lines=lines, every_steps=2)
+    worker.version = 1
+    assert run_async(ckp.maybe_periodic(["peerB", "peerC"])) is None  # step 1: not due
+    worker.version = 2
+    path = run_async(ckp.maybe_periodic(["peerB", "peerC"]))  # due, and peerB < peerC writes it
+    assert path == checkpoint_path(tmp_path, RunConfig().run.id, 1, 2)
+    meta, state = load_checkpoint(path, RunConfig().run.id, 1, PART)
+    assert state == b"state@2" and meta.writer == "peerB" and meta.step == 2
+    assert ckp.computed == [worker.state_bytes]
+    assert lines == [f"stage 1: checkpoint step 2 written to {path} (step 2 crossed a multiple of "
+                     f"checkpoint.every_steps=2 since step 0)"]
+    assert run_async(ckp.maybe_periodic(["peerB"])) is None  # same step again: nothing to write
+    worker.version = 4
+    assert run_async(ckp.maybe_periodic(["peerA", "peerB"])) is None  # due, but peerA writes this one
+    assert [s for s, _ in list_checkpoints(tmp_path, RunConfig().run.id, 1)] == [2]
+    assert ckp.last_step == 4  # ... and peerB moves on with it rather than writing step 4 late
+    worker.version = 5
+    assert run_async(ckp.maybe_periodic(["peerB"])) is None
+
+
+def test_checkpointer_writes_by_time_on_its_clock(tmp_path):
+    worker, clock = FakeWorker(version=3), FakeClock()
+    ckp = checkpointer(tmp_path, worker, clock=clock, every_minutes=1.0)
+    worker.version = 4
+    clock.now += 59
+    assert run_async(ckp.maybe_periodic([])) is None
+    clock.now += 1
+    assert run_async(ckp.maybe_periodic([])).endswith("step000000004.ckpt")
+    assert ckp.last_time == clock.now
+
+
+def test_checkpointer_writes_on_leave_only_as_the_last_serving_peer(tmp_path):
+    worker = FakeWorker(version=7)
+    ckp = checkpointer(tmp_path, worker)
+    assert run_async(ckp.maybe_on_leave(["peerB", "peerC"])) is None  # peerC keeps the state
+    assert latest_checkpoint(tmp_path, RunConfig().run.id, 1) is None
+    path = run_async(ckp.maybe_on_leave(["peerB"]))
+    assert path == latest_checkpoint(tmp_path, RunConfig().run.id, 1)
+    assert load_checkpoint(path, RunConfig().run.id, 1, PART)[1] == b"state@7"
+    off = checkpointer(tmp_path / "off", FakeWorker(version=7), on_leave=False)
+    assert run_async(off.maybe_on_leave([])) is None
+
+
+def test_checkpointer_resumes_from_the_newest_and_says_so(tmp_path):
+    fresh = FakeWorker(version=0)
+    assert checkpointer(tmp_path, fresh).resume() is None and fresh.loaded == []
+    writer = checkpointer(tmp_path, FakeWorker(version=5))
+    run_async(writer.write("test"))
+    writer.worker.version = 9
+    newest = run_async(writer.write("test"))
+    ckp = checkpointer(tmp_path, fresh, every_steps=10)
+    assert ckp.resume() == f"resumed from checkpoint {newest} (step 9)"
+    assert fresh.loaded == [b"state@9"] and ckp.last_step == 9
+    fresh.version = 10
+    assert run_async(ckp.maybe_periodic([])) is not None  # counted from the resumed step, not from 0
+
+
+def test_checkpointer_resume_warns_about_another_config_but_loads(tmp_path, caplog):
+    from swarmrt.checkpoint.checkpointer import Checkpointer
+
+    run_async(checkpointer(tmp_path, FakeWorker(version=2)).write("test"))
+    other = with_overrides(RunConfig(), checkpoint={"location": str(tmp_path)}, optimizer={"lr": 0.5})
+    worker = FakeWorker()
+
+    async def compute(fn, *args):
+        return fn(*args)
+
+    with caplog.at_level("WARNING", logger="swarmrt.checkpoint"):
+        note = Checkpointer(other, worker, "peerB", PART, compute).resume()
+    assert note.startswith("resumed from checkpoint") and worker.version == 2
+    assert "was written under config" in caplog.text

@@ -52,3 +52,27 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert e.value.code == 0
         assert "usage: swarmrt " + command in capsys.readouterr().out
+
+
+def test_resume_without_a_checkpoint_location_is_a_usage_error(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model]\nstages = 2\n")
+    # an unreachable initial peer: the check must come before the DHT is started
+    code, err = run(["peer", "--config", str(cfg), "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--resume"], capsys)
+    assert code == 2 and "--resume needs [checkpoint] location" in err and len(err.splitlines()) == 1
+
+
+def test_status_report_and_text_from_the_dht_records(monkeypatch):
+    from swarmrt.discovery.records import StageRecord
+    from swarmrt.roles import status
+
+    records = {0: [StageRecord("12D3KooWpeerAAAAAAAAAAAA", 0, "127.0.0.1:5000", 12.5, 1, 7, "serving", 100.0)], 1: []}
+    monkeypatch.setattr(status, "read_runs", lambda dht: {"r1": {"stages": 2, "config": "abc"}})
+    monkeypatch.setattr(status, "read_stage", lambda dht, run_id, stage: records[stage])
+    report = status.read_status(object(), clock=lambda: 102.5)
+    assert report["r1"]["config"] == "abc" and report["r1"]["stages"][1] == []
+    assert report["r1"]["stages"][0][0]["heartbeat_age_s"] == 2.5 and report["r1"]["stages"][0][0]["version"] == 7
+    lines = status.format_status(report)
+    assert lines[0] == "run r1 (config abc), 2 stages" and lines[2] == "  stage 1: no peers"
+    assert "stage 0: AAAAAAAAAAAA 127.0.0.1:5000" in lines[1] and "serving" in lines[1] and "heartbeat 2.5 s ago" in lines[1]
+    assert status.format_status({}) == ["no runs announced in this DHT"]
