@@ -17,7 +17,7 @@ skipping) follows a route from a :class:`LiveRouting`: a policy of
   It forecasts whole routes (which stages, which peers) when a microbatch
   starts, so its routes are kept as planned; only a failed hop re-plans.
 - evaluation (``stages``: a subset that starts with stage 0 and ends with the
-  last): the SWARM policy, its routes cut down to the given stages
+  last): the SWARM policy over routes through those stages only
   (:meth:`LiveRouting.route`); re-picking keeps a route's stages.
 
 What the table holds:
@@ -212,23 +212,38 @@ class LiveRouting:
         ``avoid``: stage-0 peers that already failed this microbatch; when the
         policy picks one of them and stage 0 has another peer, the least loaded
         other one is the origin instead (every stage-0 peer failed: the policy's
-        pick stands, tried again). ``stages``: visit only these (they must
-        start with stage 0 and end with the last; evaluation through a subset).
+        pick stands, tried again). ``stages``: visit only these (a subset that
+        starts with stage 0 and ends with the last: evaluation), see
+        :meth:`_subset_route`.
         """
+        if stages is not None and tuple(stages) != tuple(range(self.config.num_stages)):
+            return self._subset_route(tuple(stages), now, rng, microbatch, avoid)
         route, why = self.scheduler.route(None, now, rng, microbatch=microbatch)
         if route is not None and route.origin in avoid:
             others = [p for p in self.table.peers_of(0) if p not in avoid]
             if others:
                 self.scheduler.aborted(route)
-                origin = min(others, key=lambda p: (self.table.in_flight(p), rng.random()))
+                origin = self._least_loaded(others, rng)
                 route, why = self.scheduler.route(origin, now, rng, microbatch=microbatch)
                 why = f"origin {origin} (least loaded stage-0 peer not yet failed); {why}"
-        if route is not None and stages is not None and tuple(stages) != route.stages:
-            keep = set(stages)
-            route = Route(origin=route.origin, hops=tuple(h for h in route.hops if h.stage in keep),
-                          microbatch=route.microbatch)
-            why = f"stages {', '.join(map(str, stages))} of: {why}"
         return route, why
+
+    def _least_loaded(self, peers: Sequence[str], rng: random.Random) -> str:
+        return min(peers, key=lambda p: (self.table.in_flight(p), rng.random()))
+
+    def _subset_route(self, stages: tuple[int, ...], now: float, rng: random.Random, microbatch: int,
+                      avoid: Collection[str]) -> tuple[Route | None, str]:
+        """A route through ``stages`` only: the least loaded stage-0 peer (not in ``avoid`` if possible)
+        as origin, the peers of the other stages chosen by the policy (its ``replan`` from hop 1 keeps a
+        route's stages). Stages left out need no live peer."""
+        missing = [s for s in stages if not self.table.peers_of(s)]
+        if missing:
+            return None, f"stage {missing[0]} has no live peer"
+        origins = [p for p in self.table.peers_of(0) if p not in avoid] or list(self.table.peers_of(0))
+        origin = self._least_loaded(origins, rng)
+        sketch = Route(origin=origin, hops=tuple((s, origin) for s in stages), microbatch=microbatch)
+        route, why = self.scheduler.replan(sketch, 1, (), now, rng)
+        return route, f"stages {', '.join(map(str, stages))} from origin {origin}: {why}"
 
     def repick(self, route: Route, position: int, dead: Collection[str], now: float,
                rng: random.Random) -> tuple[Route, str]:

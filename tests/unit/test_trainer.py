@@ -278,8 +278,9 @@ def test_evaluation_runs_forward_only_through_the_given_stages(swarms):
     for b in range(2):
         x, y = trainer.batches.eval_batch(config.data.batch_size, index=b)
         h = x
-        for stage in subset:
-            h = swarm.workers[f"s{stage}p0"].module(h)
+        with torch.no_grad():
+            for stage in subset:
+                h = swarm.workers[f"s{stage}p0"].module(h)
         expected += float(loss_sum(config.data, h, y))
         samples += x.shape[0]
     assert result["samples"] == samples and result["skipped"] == [1, 4]
@@ -302,3 +303,12 @@ def test_evaluation_retries_a_failed_hop_on_another_peer(swarms):
     for mb, calls in swarm.client.calls.items():
         assert [int(a[1]) for a in calls.forward] == list(range(6)) and "s2p1" not in calls.forward, mb
     assert full["samples"] == config.data.batch_size
+
+
+def test_evaluation_needs_no_peer_at_the_stages_it_leaves_out(swarms):
+    config, swarm, trainer = make(swarms, SIX, no_peers_timeout_s=0.3)
+    trainer.view_peers([r for r in swarm.records if r.stage not in (1, 4)])
+    result = asyncio.run(trainer.evaluate((0, 2, 3, 5), batches=1))
+    assert result["samples"] == config.data.batch_size and result["skipped"] == [1, 4]
+    with pytest.raises(NoPeers, match=r"stage 1 has no peers"):
+        asyncio.run(trainer.evaluate((0, 1, 5), batches=1))
