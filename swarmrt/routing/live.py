@@ -58,6 +58,7 @@ from swarmrt.routing.links import FunctionLinks
 from swarmrt.routing.paths import PathRules, Route
 from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policies import Policy, make_policy
+from swarmrt.routing.wiring import PeerView, choose_peer
 from swarmrt.discovery.records import StageRecord
 
 FORWARD_SHARE = 1.0 / 3.0
@@ -207,40 +208,58 @@ class LiveRouting:
 
     def route(self, now: float, rng: random.Random, microbatch: int, avoid: Collection[str] = (),
               stages: Sequence[int] | None = None) -> tuple[Route | None, str]:
-        """A route for a new microbatch (the policy picks the stage-0 peer too), and why.
+        """A route for a new microbatch, its stage-0 peer included, and why.
 
-        ``avoid``: stage-0 peers that already failed this microbatch; when the
-        policy picks one of them and stage 0 has another peer, the least loaded
-        other one is the origin instead (every stage-0 peer failed: the policy's
-        pick stands, tried again). ``stages``: visit only these (a subset that
+        ``avoid``: stage-0 peers that already failed this microbatch, not
+        chosen as origin while stage 0 has another peer (:meth:`_origin`;
+        every stage-0 peer failed: they are tried again). Under SWARM's
+        policy the origin is drawn by SWARM's weighted rule, like every other
+        hop's peer. ``stages``: visit only these (a subset that
         starts with stage 0 and ends with the last: evaluation), see
         :meth:`_subset_route`.
         """
         if stages is not None and tuple(stages) != tuple(range(self.config.num_stages)):
             return self._subset_route(tuple(stages), now, rng, microbatch, avoid)
+        if self.pick_per_hop:  # SWARM: the origin too is drawn by the weighted rule
+            origin, why = self._origin(avoid, now, rng)
+            if origin is None:
+                return None, why
+            route, reason = self.scheduler.route(origin, now, rng, microbatch=microbatch)
+            return route, f"origin {origin} ({why}); {reason}"
         route, why = self.scheduler.route(None, now, rng, microbatch=microbatch)
         if route is not None and route.origin in avoid:
-            others = [p for p in self.table.peers_of(0) if p not in avoid]
-            if others:
+            origin, reason = self._origin(avoid, now, rng)
+            if origin is not None and origin not in avoid:
                 self.scheduler.aborted(route)
-                origin = self._least_loaded(others, rng)
                 route, why = self.scheduler.route(origin, now, rng, microbatch=microbatch)
-                why = f"origin {origin} (least loaded stage-0 peer not yet failed); {why}"
+                why = f"origin {origin} ({reason}); {why}"
         return route, why
 
-    def _least_loaded(self, peers: Sequence[str], rng: random.Random) -> str:
-        return min(peers, key=lambda p: (self.table.in_flight(p), rng.random()))
+    def _origin(self, avoid: Collection[str], now: float, rng: random.Random) -> tuple[str | None, str]:
+        """A stage-0 peer not in ``avoid`` (every one in it: any), and why: drawn by SWARM's rule
+        (:func:`~swarmrt.routing.wiring.choose_peer`, throughput / (1 + load)) for a
+        :data:`PICK_PER_HOP` policy, else the least loaded (ties by ``rng``)."""
+        peers = [p for p in self.table.peers_of(0) if p not in avoid] or list(self.table.peers_of(0))
+        if not peers:
+            return None, "stage 0 has no live peer"
+        if not self.pick_per_hop:
+            best = min(peers, key=lambda p: (self.table.in_flight(p), rng.random()))
+            return best, f"least loaded of {len(peers)} stage-0 peers not yet failed"
+        info = [self.table.get(p) for p in peers]
+        views = [PeerView(i.peer, 1.0 / i.forward_s if i.forward_s > 0 else None, self.table.in_flight(i.peer))
+                 for i in info]
+        choice, why = choose_peer(views, None, now, rng)
+        return (None, why) if choice is None else (choice.peer_id, why)
 
     def _subset_route(self, stages: tuple[int, ...], now: float, rng: random.Random, microbatch: int,
                       avoid: Collection[str]) -> tuple[Route | None, str]:
-        """A route through ``stages`` only: the least loaded stage-0 peer (not in ``avoid`` if possible)
-        as origin, the peers of the other stages chosen by the policy (its ``replan`` from hop 1 keeps a
-        route's stages). Stages left out need no live peer."""
+        """A route through ``stages`` only: an origin by :meth:`_origin`, the peers of the other stages
+        chosen by the policy (its ``replan`` from hop 1 keeps a route's stages). Stages left out need
+        no live peer."""
         missing = [s for s in stages if not self.table.peers_of(s)]
         if missing:
             return None, f"stage {missing[0]} has no live peer"
-        origins = [p for p in self.table.peers_of(0) if p not in avoid] or list(self.table.peers_of(0))
-        origin = self._least_loaded(origins, rng)
+        origin, _ = self._origin(avoid, now, rng)
         sketch = Route(origin=origin, hops=tuple((s, origin) for s in stages), microbatch=microbatch)
         route, why = self.scheduler.replan(sketch, 1, (), now, rng)
         return route, f"stages {', '.join(map(str, stages))} from origin {origin}: {why}"
