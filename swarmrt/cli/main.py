@@ -93,11 +93,11 @@ def cmd_train(args) -> int:
             print(f"trainer: resuming stream {args.stream} at step {start_step}", file=sys.stderr)
         dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
         try:
-            trainer = Trainer(config, dht, stream=args.stream, metrics_path=args.metrics_file,
+            # interceptors name this trainer to the peers' emulated links and partitions (if any)
+            client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
+            trainer = Trainer(config, dht, client=client, stream=args.stream, metrics_path=args.metrics_file,
                               progress=args.progress if args.progress is not None else sys.stderr.isatty(),
                               trainer_id=args.trainer_id)
-            if interceptors:  # name this trainer to the peers' emulated links and partitions
-                trainer.client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
             summary = await trainer.run(args.steps, start_step=start_step, stop=stop)
             text = json.dumps(summary, indent=1)
             if args.summary_file:
@@ -132,6 +132,7 @@ def cmd_eval(args) -> int:
     from swarmrt.discovery.dht import start_dht
     from swarmrt.roles.proc import run
     from swarmrt.roles.trainer import Trainer, parse_stage_subset
+    from swarmrt.wire.client import StageClient
 
     config = load_config(args.config)
     stages, why = parse_stage_subset(args.eval_stages, config.num_stages)
@@ -145,7 +146,8 @@ def cmd_eval(args) -> int:
     async def main() -> int:
         dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
         try:
-            trainer = Trainer(config, dht, trainer_id=f"eval-{int(time.time())}")
+            trainer = Trainer(config, dht, client=StageClient(config.network.max_tensor_mb),
+                              trainer_id=f"eval-{int(time.time())}")
             result = await trainer.evaluate(stages, args.batches)
             text = json.dumps(result, indent=1)
             if args.summary_file:

@@ -1,18 +1,20 @@
-"""The trainer: feeds data and drives every microbatch through a randomized route.
+"""The trainer: feeds data and drives every microbatch along a route from a route source.
 
-For each microbatch: forward hop by hop (stage 0 .. S-1), each hop on one peer
-of that stage chosen by :func:`swarmrt.routing.wiring.choose_peer`; the loss and
-its gradient are computed here; then backward hop by hop in reverse along the
-same route. A hop that fails (timeout, refused, reset) is retried on another
-peer of that stage; a peer that keeps failing is banned for a while.
+One loop (:meth:`Trainer.run_microbatch`) runs every microbatch, for
+training and for evaluation, with or without stage skipping:
 
-Stage skipping (``routing.skip_ratio > 0``): the path scheduler
-(:mod:`swarmrt.routing.live`) gives each microbatch a route, which
-stages and which peer at each, never skipping the first or the last stage.
-The forward visits only the route's hops; a hop that fails is re-planned
-(same stages on other peers when they have live ones, else other stages);
-backward retraces the route in reverse. With ``skip_ratio == 0`` none of this
-runs: the full pipeline above, unchanged.
+1. a route from a :class:`~swarmrt.routing.live.LiveRouting` (the one
+   wait-for-peers loop, :meth:`Trainer._wait_for`, waits while there is none);
+2. forward hop by hop along it. Under SWARM's policy (``skip_ratio == 0``) the
+   peer of each hop is drawn when its input is ready, with current load; the
+   skip scheduler's routes (``skip_ratio > 0``) are kept as planned. A hop that
+   fails (timeout, refused, reset, peer gone) is re-planned around the peers
+   that failed this microbatch: the same stage on another peer when it has
+   one (stage 0: another origin), else other stages (skipping); a peer that
+   keeps failing is banned for a while;
+3. the loss and its gradient here, then backward hop by hop in reverse along
+   the peers the forward used (training; evaluation stops after the forward
+   and keeps no context on the peers).
 
 Exactly-once: a forward failure only restarts the forward pass (forwards have
 no side effects). A backward hop is retried with the stage input attached, so
@@ -20,6 +22,12 @@ any peer of the stage can recompute and apply it; each stage that a
 microbatch's route visited must acknowledge exactly one backward. The trainer
 counts this (``Accounting``) and the run fails loudly if a stage was applied
 twice.
+
+The trainer is handed its collaborators: the stage client (anything with
+:class:`~swarmrt.wire.client.StageCalls`' methods; tests pass
+:class:`swarmrt.testing.inprocess.InProcessClient`), the clock, the random
+generator and the DHT it reads the swarm from (None: the view given to
+:meth:`Trainer.view_peers` is kept).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import math
 import random
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Collection, Sequence, TypeVar
 
 import grpc
 import torch
@@ -43,13 +51,15 @@ from swarmrt.routing.paths import Route
 from swarmrt.routing.wiring import BanList, PeerView, choose_peer
 from swarmrt.data import Batches, loss_sum
 from swarmrt.discovery import dht as dht_records
-from swarmrt.wire.client import StageClient
+from swarmrt.wire.client import StageCalls
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import from_proto, to_proto
 from swarmrt.checkpoint.store import save_data_position
-from swarmrt.routing.live import SkipRouting
+from swarmrt.routing.live import LiveRouting
 
 logger = logging.getLogger("swarmrt.trainer")
+
+T = TypeVar("T")
 
 
 class NoPeers(RuntimeError):
@@ -141,27 +151,29 @@ def parse_stage_subset(text: str | None, num_stages: int) -> tuple[tuple[int, ..
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, dht, stream: int = 0, metrics_path: str | None = None,
-                 progress: bool = False, clock: Callable[[], float] = time.monotonic, trainer_id: str | None = None):
+    def __init__(self, config: RunConfig, dht, *, client: StageCalls, stream: int = 0,
+                 metrics_path: str | None = None, progress: bool = False,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 trainer_id: str | None = None):
         self.config = config
         self.dht = dht
+        self.client = client
         self.stream = stream
         self.metrics_path = metrics_path
         self.progress = progress
         self.clock = clock
         self.trainer_id = trainer_id or uuid.uuid4().hex[:8]
-        self.rng = random.Random(config.run.seed * 1000 + stream)
-        self.client = StageClient(config.network.max_tensor_mb)
+        self.rng = rng if rng is not None else random.Random(config.run.seed * 1000 + stream)
         self.bans = BanList(after=config.network.ban_after_failures, ban_s=config.network.ban_s)
         self.peers: dict[int, list[dht_records.StageRecord]] = {s: [] for s in range(config.num_stages)}
         self.records: dict[str, dht_records.StageRecord] = {}
         """Every serving peer of the last refresh, by peer id."""
-        self.routing: SkipRouting | None = None
         if config.routing.skip_ratio > 0:
             from swarmrt.models.build import check_skip
 
             check_skip(config)
-            self.routing = SkipRouting(config)
+        self.routing = LiveRouting(config)
+        """The training route source: SWARM's wiring, or the skip scheduler when ``skip_ratio > 0``."""
         self._route_ids = itertools.count()
         self.inflight: dict[str, int] = {}
         self.accounting = Accounting()
@@ -181,11 +193,12 @@ class Trainer:
         for stage in range(self.config.num_stages):
             self.peers[stage] = [r for r in records if r.stage == stage and r.state == "serving"]
         self.records = {r.peer_id: r for stage in self.peers.values() for r in stage}
-        if self.routing is not None:
-            self.routing.sync(self.records.values(), self.bans.banned(self.clock()))
+        self._sync(self.routing, self.clock())
         self.peers_changed.set()
 
     async def _refresh_loop(self) -> None:
+        if self.dht is None:  # no DHT: the view given to view_peers stands
+            return
         while True:
             try:
                 await self.refresh_peers()
@@ -196,28 +209,72 @@ class Trainer:
     def live_peers(self) -> list[int]:
         return [len(self.peers[s]) for s in range(self.config.num_stages)]
 
-    async def _pick(self, stage: int, exclude: set[str]) -> dht_records.StageRecord:
-        """A peer for ``stage``; waits (with a deadline) while the stage has no eligible peer."""
-        deadline = self.clock() + self.config.network.no_peers_timeout_s
+    def _sync(self, routes: LiveRouting, now: float) -> None:
+        """Bring a route source's peer table up to the latest view, bans and this trainer's own load."""
+        routes.sync(self.records.values(), self.bans.banned(now), self.inflight)
+
+    def _stage_without_peers(self, stages: Sequence[int], now: float) -> tuple[int, str] | None:
+        """The first of ``stages`` with no eligible peer in the view, and why (None: they all have one)."""
+        banned = self.bans.banned(now)
+        for stage in stages:
+            peers = self.peers[stage]
+            if not peers:
+                return stage, "no peers"
+            if all(r.peer_id in banned for r in peers):
+                return stage, f"all {len(peers)} peers are banned"
+        return None
+
+    async def _wait_for(self, decide: Callable[[float], tuple[T | None, str]], stages: Sequence[int]) -> T:
+        """The one wait-for-peers loop: ``decide(now)`` until it chooses something.
+
+        While it cannot, :attr:`status` says why (``"stage N has no peers (...); waiting"`` when one of
+        ``stages`` has no eligible peer) and the loop waits for the next view of the swarm; after
+        ``network.no_peers_timeout_s`` it raises :class:`NoPeers`.
+        """
+        timeout = self.config.network.no_peers_timeout_s
+        deadline = self.clock() + timeout
         while True:
             now = self.clock()
-            candidates = [r for r in self.peers[stage] if r.peer_id not in exclude]
-            views = [PeerView(r.peer_id, r.throughput or None, r.load + self.inflight.get(r.peer_id, 0))
-                     for r in candidates]
-            choice, reason = choose_peer(views, self.bans.banned(now), now, self.rng)
+            choice, why = decide(now)
             if choice is not None:
-                return next(r for r in candidates if r.peer_id == choice.peer_id)
-            if exclude and not candidates and self.peers[stage]:
-                exclude.clear()  # every live peer was tried once: allow them again
-                continue
+                return choice
+            missing = self._stage_without_peers(stages, now)
+            what = f"stage {missing[0]} has no peers ({missing[1]})" if missing else f"no route ({why})"
             if now > deadline:
-                raise NoPeers(f"stage {stage} has no peers ({reason}) for {self.config.network.no_peers_timeout_s:g} s")
-            self.status = f"stage {stage} has no peers ({reason}); waiting"
+                raise NoPeers(f"{what} for {timeout:g} s")
+            self.status = f"{what}; waiting"
             self.peers_changed.clear()
             try:
                 await asyncio.wait_for(self.peers_changed.wait(), timeout=min(1.0, deadline - now))
             except asyncio.TimeoutError:
                 pass
+
+    async def _start_route(self, routes: LiveRouting, stages: Sequence[int] | None = None,
+                           avoid: Collection[str] = ()) -> Route:
+        """A route for a new microbatch (over ``stages`` when given), its origin not in ``avoid`` if possible."""
+
+        def decide(now: float) -> tuple[Route | None, str]:
+            self._sync(routes, now)
+            route, why = routes.route(now, self.rng, next(self._route_ids), avoid=avoid, stages=stages)
+            if route is not None:
+                logger.debug("route %d: %s", route.microbatch, why)
+            return route, why
+
+        return await self._wait_for(decide, range(self.config.num_stages) if stages is None else stages)
+
+    async def _peer_for(self, stage: int, tried: set[str]) -> dht_records.StageRecord:
+        """Any peer of ``stage`` by SWARM's weighted rule, not in ``tried`` unless every live one is."""
+
+        def decide(now: float) -> tuple[dht_records.StageRecord | None, str]:
+            if tried and all(r.peer_id in tried for r in self.peers[stage]):
+                tried.clear()  # every live peer was tried once: allow them again
+            candidates = [r for r in self.peers[stage] if r.peer_id not in tried]
+            views = [PeerView(r.peer_id, r.throughput or None, r.load + self.inflight.get(r.peer_id, 0))
+                     for r in candidates]
+            choice, reason = choose_peer(views, self.bans.banned(now), now, self.rng)
+            return (None if choice is None else next(r for r in candidates if r.peer_id == choice.peer_id)), reason
+
+        return await self._wait_for(decide, (stage,))
 
     # -- hops --------------------------------------------------------------------------------
     async def _with_peer(self, peer: dht_records.StageRecord, coro_fn):
@@ -243,23 +300,65 @@ class Trainer:
                                  input=to_proto(x, codec), keep_context=keep_context,
                                  output_codec=self.config.compression.activations)
 
-    async def _forward_hop(self, stage: int, mb_id: str, x: torch.Tensor,
-                           keep_context: bool = True) -> tuple[dht_records.StageRecord, torch.Tensor]:
-        net, tried = self.config.network, set()
+    async def _forward_on(self, routes: LiveRouting, peer_id: str, stage: int, mb_id: str, x: torch.Tensor,
+                          keep_context: bool) -> tuple[dht_records.StageRecord, torch.Tensor]:
+        """One forward RPC on the peer a route names (no retry: the caller re-plans)."""
+        peer = self.records.get(peer_id)
+        if peer is None or peer.stage != stage:
+            raise _PeerGone(f"peer {peer_id} no longer serves stage {stage}")
         request = self._forward_request(stage, mb_id, x, keep_context)
-        last_error = None
-        for attempt in range(net.max_retries):
-            peer = await self._pick(stage, tried)
-            tried.add(peer.peer_id)
-            try:
-                response = await self._with_peer(peer, lambda: self.client.forward(peer.address, request,
-                                                                                   net.forward_timeout_s))
-                return peer, from_proto(response.output, f"stage {stage} output")
-            except grpc.aio.AioRpcError as e:
-                last_error = e
-                self.accounting.hop_retries += 1
-                logger.info("forward %s stage %d on %s failed (%s); retrying", mb_id, stage, peer.peer_id, e.code())
-        raise HopFailed(f"forward of stage {stage} failed {net.max_retries} times: {last_error}")
+        started = self.clock()
+        response = await self._with_peer(peer, lambda: self.client.forward(peer.address, request,
+                                                                           self.config.network.forward_timeout_s))
+        routes.observe_hop(peer_id, self.clock() - started)
+        return peer, from_proto(response.output, f"stage {stage} output")
+
+    async def _forward(self, routes: LiveRouting, route: Route, mb_id: str, x: torch.Tensor, keep_context: bool,
+                       stages: Sequence[int] | None) -> tuple[Route, list[_Hop], torch.Tensor]:
+        """Forward ``x`` along ``route``, re-planning around failed hops; the route taken, its hops and
+        the last stage's output. :class:`HopFailed` (the route aborted): restart the forward."""
+        net, hops, failed, failures = self.config.network, [], set(), 0
+        h, position, chosen_now = x, 0, True
+        try:
+            while position < len(route.hops):
+                if not chosen_now:  # SWARM: this hop's peer is drawn now that its input is ready
+                    now = self.clock()
+                    self._sync(routes, now)
+                    route, _ = routes.repick(route, position, failed, now, self.rng)
+                chosen_now = False
+                stage, peer_id = route.hops[position]
+                try:
+                    peer, out = await self._forward_on(routes, peer_id, stage, mb_id, h, keep_context)
+                except (grpc.aio.AioRpcError, _PeerGone) as e:
+                    what = e.code() if isinstance(e, grpc.aio.AioRpcError) else e
+                    self.accounting.hop_retries += 1
+                    failed.add(peer_id)
+                    failures += 1
+                    if failures >= net.max_retries:
+                        raise HopFailed(f"{failures} forward hops failed (last: stage {stage} on {peer_id}: "
+                                        f"{what})") from None
+                    if position == 0:  # nothing done yet: a new route, from another origin if there is one
+                        routes.aborted(route)
+                        route = await self._start_route(routes, stages, avoid=failed)
+                        why = f"new route from {route.origin}"
+                    else:
+                        now = self.clock()
+                        self._sync(routes, now)
+                        new, why = routes.replan(route, position, failed, now, self.rng)
+                        if new is None:
+                            raise HopFailed(f"forward of stage {stage} on {peer_id} failed ({what}); {why}") from None
+                        self.accounting.replans += 1
+                        route = new
+                    logger.info("microbatch %s: forward of stage %d on %s failed (%s); %s", mb_id, stage,
+                                peer_id, what, why)
+                    chosen_now = True
+                    continue
+                hops.append(_Hop(stage, peer, h))
+                h, position = out, position + 1
+        except BaseException:
+            routes.aborted(route)
+            raise
+        return route, hops, h
 
     async def _backward_hop(self, hop: _Hop, mb_id: str, grad: torch.Tensor, samples: int) -> torch.Tensor | None:
         net, tried = self.config.network, set()
@@ -292,153 +391,58 @@ class Trainer:
                 logger.info("backward %s stage %d on %s failed (%s); retrying elsewhere", mb_id, hop.stage,
                             peer.peer_id, e.code())
                 attach_input = True
-                peer = await self._pick(hop.stage, tried)
+                peer = await self._peer_for(hop.stage, tried)
 
-    # -- one microbatch ----------------------------------------------------------------------
-    async def run_microbatch(self, step: int, index: int, x: torch.Tensor, y: torch.Tensor) -> float:
-        if self.routing is not None:
-            return await self._run_routed_microbatch(step, index, x, y)
-        self.accounting.started += 1
-        for attempt in range(self.config.network.max_retries):
-            mb_id = f"{self.trainer_id}:{step}:{index}:{attempt}"
-            hops: list[_Hop] = []
-            try:
-                h = x
-                for stage in range(self.config.num_stages):
-                    peer, out = await self._forward_hop(stage, mb_id, h)
-                    hops.append(_Hop(stage, peer, h))
-                    h = out
-            except HopFailed as e:
-                self.accounting.forward_restarts += 1
-                logger.warning("microbatch %s: %s; restarting its forward pass", mb_id, e)
-                continue
-            output = h.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = loss_sum(self.config.data, output, y)
-                (grad,) = torch.autograd.grad(loss, output)
-            self.accounting.expect(mb_id, range(self.config.num_stages))
-            for hop in reversed(hops):
-                grad = await self._backward_hop(hop, mb_id, grad, samples=x.shape[0])
-            self.accounting.applied += 1
-            return float(loss)
-        raise HopFailed(f"microbatch {step}:{index} could not complete a forward pass in "
-                        f"{self.config.network.max_retries} attempts")
+    # -- one microbatch: the one loop --------------------------------------------------------
+    async def run_microbatch(self, routes: LiveRouting, key: str, x: torch.Tensor, y: torch.Tensor, *,
+                             train: bool = True, stages: Sequence[int] | None = None) -> float:
+        """Run one microbatch along a route from ``routes``; its summed loss.
 
-    # -- one microbatch along a scheduled route (stage skipping) -----------------------------
-    def _sync_routing(self, now: float) -> None:
-        """Bring the scheduler's peer table up to the latest refresh and bans."""
-        self.routing.sync(self.records.values(), self.bans.banned(now))
-
-    async def _route(self, microbatch: int) -> Route:
-        """A route for a new microbatch; waits (with a deadline) while none is legal."""
-        timeout = self.config.network.no_peers_timeout_s
-        deadline = self.clock() + timeout
-        while True:
-            now = self.clock()
-            self._sync_routing(now)
-            route, why = self.routing.route(now, self.rng, microbatch)
-            if route is not None:
-                logger.debug("route %d: %s", microbatch, why)
-                return route
-            if now > deadline:
-                raise NoPeers(f"no route for a microbatch for {timeout:g} s: {why}")
-            self.status = f"no route ({why}); waiting"
-            self.peers_changed.clear()
-            try:
-                await asyncio.wait_for(self.peers_changed.wait(), timeout=min(1.0, deadline - now))
-            except asyncio.TimeoutError:
-                pass
-
-    async def _forward_on(self, peer_id: str, stage: int, mb_id: str,
-                          x: torch.Tensor) -> tuple[dht_records.StageRecord, torch.Tensor]:
-        """One forward RPC on the peer a route names (no retry: the caller re-plans)."""
-        peer = self.records.get(peer_id)
-        if peer is None or peer.stage != stage:
-            raise _PeerGone(f"peer {peer_id} no longer serves stage {stage}")
-        request = self._forward_request(stage, mb_id, x, keep_context=True)
-        started = self.clock()
-        response = await self._with_peer(peer, lambda: self.client.forward(peer.address, request,
-                                                                           self.config.network.forward_timeout_s))
-        self.routing.observe_hop(peer_id, self.clock() - started)
-        return peer, from_proto(response.output, f"stage {stage} output")
-
-    async def _run_routed_microbatch(self, step: int, index: int, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward along the scheduler's route (re-planned around failed hops), backward in reverse."""
+        ``train``: forward keeping contexts, loss, backward in reverse along
+        the peers the forward used, counted in :attr:`accounting`. Else
+        forward only (no context kept, nothing counted): evaluation, over
+        ``stages`` when given. A forward that fails for good restarts on a
+        new route, up to ``network.max_retries`` times.
+        """
         net = self.config.network
-        self.accounting.started += 1
+        if train:
+            self.accounting.started += 1
         for attempt in range(net.max_retries):
-            mb_id = f"{self.trainer_id}:{step}:{index}:{attempt}"
-            route = await self._route(next(self._route_ids))
-            hops: list[_Hop] = []
-            failed: set[str] = set()
-            h, position = x, 0
+            mb_id = f"{key}:{attempt}"
+            route = await self._start_route(routes, stages)
             try:
-                while position < len(route.hops):
-                    stage, peer_id = route.hops[position]
-                    try:
-                        peer, out = await self._forward_on(peer_id, stage, mb_id, h)
-                    except (grpc.aio.AioRpcError, _PeerGone) as e:
-                        what = e.code() if isinstance(e, grpc.aio.AioRpcError) else e
-                        self.accounting.hop_retries += 1
-                        failed.add(peer_id)
-                        if len(failed) >= net.max_retries:
-                            raise HopFailed(f"{len(failed)} peers failed its forward (last: stage {stage} on "
-                                            f"{peer_id}: {what})") from None
-                        now = self.clock()
-                        self._sync_routing(now)
-                        new, why = (self.routing.replan(route, position, failed, now, self.rng) if position > 0
-                                    else (None, "its first hop failed"))
-                        if new is None:
-                            raise HopFailed(f"forward of stage {stage} on {peer_id} failed ({what}); {why}") from None
-                        self.accounting.replans += 1
-                        logger.info("microbatch %s: forward of stage %d on %s failed (%s); %s", mb_id, stage,
-                                    peer_id, what, why)
-                        route = new
-                        continue
-                    hops.append(_Hop(stage, peer, h))
-                    h, position = out, position + 1
+                route, hops, h = await self._forward(routes, route, mb_id, x, keep_context=train, stages=stages)
             except HopFailed as e:
-                self.routing.aborted(route)
-                self.accounting.forward_restarts += 1
+                if train:
+                    self.accounting.forward_restarts += 1
                 logger.warning("microbatch %s: %s; restarting it on a new route", mb_id, e)
                 continue
+            if not train:
+                routes.finished(route)
+                return float(loss_sum(self.config.data, h, y))
             output = h.detach().requires_grad_(True)
             with torch.enable_grad():
                 loss = loss_sum(self.config.data, output, y)
                 (grad,) = torch.autograd.grad(loss, output)
-            self.accounting.expect(mb_id, route.stages)
+            self.accounting.expect(mb_id, [hop.stage for hop in hops])
             for hop in reversed(hops):
                 grad = await self._backward_hop(hop, mb_id, grad, samples=x.shape[0])
-            self.routing.finished(route)
+            routes.finished(route)
             self.accounting.applied += 1
             return float(loss.detach())
-        raise HopFailed(f"microbatch {step}:{index} could not complete a forward pass in {net.max_retries} attempts")
+        raise HopFailed(f"microbatch {key} could not complete a forward pass in {net.max_retries} attempts")
 
     async def train_step(self, step: int) -> float:
         x, y = self.batches.batch(step)
         m = self.config.data.microbatch_size
-        if self.routing is not None:
-            self.routing.begin_step(step, self.clock(), self.rng)
-        losses = await asyncio.gather(*[self.run_microbatch(step, i, x[i * m:(i + 1) * m], y[i * m:(i + 1) * m])
+        self.routing.begin_step(step, self.clock(), self.rng)
+        losses = await asyncio.gather(*[self.run_microbatch(self.routing, f"{self.trainer_id}:{step}:{i}",
+                                                            x[i * m:(i + 1) * m], y[i * m:(i + 1) * m])
                                         for i in range(self.config.data.microbatches_per_step)])
-        if self.routing is not None:
-            self.routing.end_step()
+        self.routing.end_step()
         return sum(losses) / x.shape[0]
 
     # -- evaluation --------------------------------------------------------------------------
-    async def _eval_microbatch(self, stages: tuple[int, ...], mb_id: str, x: torch.Tensor, y: torch.Tensor) -> float:
-        for attempt in range(self.config.network.max_retries):
-            try:
-                h = x
-                for stage in stages:
-                    _, h = await self._forward_hop(stage, f"{mb_id}:{attempt}", h, keep_context=False)
-            except HopFailed as e:
-                logger.warning("eval microbatch %s: %s; restarting it", mb_id, e)
-                continue
-            return float(loss_sum(self.config.data, h, y))
-        raise HopFailed(f"eval microbatch {mb_id} could not complete a forward pass in "
-                        f"{self.config.network.max_retries} attempts")
-
     async def evaluate(self, stages: tuple[int, ...] | None = None, batches: int = 1) -> dict:
         """Loss (and perplexity, for text) on ``batches`` held-out batches, forward only through ``stages``.
 
@@ -447,6 +451,8 @@ class Trainer:
         a model trained with skips degrades when layers are dropped.
         """
         stages = tuple(range(self.config.num_stages)) if stages is None else tuple(stages)
+        routes = LiveRouting(self.config, policy="swarm")  # every peer by SWARM's rule, over ``stages``
+        self._sync(routes, self.clock())
         refresher = asyncio.create_task(self._refresh_loop())
         started, total, samples = time.time(), 0.0, 0
         m = self.config.data.microbatch_size
@@ -454,8 +460,9 @@ class Trainer:
             for b in range(batches):
                 x, y = self.batches.eval_batch(self.config.data.batch_size, index=b)
                 parts = range(0, x.shape[0], m)
-                losses = await asyncio.gather(*[self._eval_microbatch(stages, f"eval:{self.trainer_id}:{b}:{i // m}",
-                                                                      x[i:i + m], y[i:i + m]) for i in parts])
+                losses = await asyncio.gather(*[self.run_microbatch(routes, f"eval:{self.trainer_id}:{b}:{i // m}",
+                                                                    x[i:i + m], y[i:i + m], train=False,
+                                                                    stages=stages) for i in parts])
                 total += sum(losses)
                 samples += x.shape[0]
         finally:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import grpc
 
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
 from swarmrt.wire.server import grpc_options
+
+
+class StageCalls(Protocol):
+    """What a trainer calls on stage peers. Failures raise :class:`grpc.aio.AioRpcError` with the
+    peer's status code (:class:`StageClient` over gRPC; in tests, ``swarmrt.testing.inprocess``)."""
+
+    async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse: ...
+
+    async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse: ...
+
+    async def close(self) -> None: ...
 
 
 class StageClient:

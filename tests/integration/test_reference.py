@@ -44,7 +44,7 @@ def test_swarm_loss_matches_the_unsplit_model(case, tmp_path):
         loss = loss_sum(config.data, model(x), y) / x.shape[0]
         loss.backward()
         opt.step()
-        reference.append(float(loss))
+        reference.append(loss.item())
     assert len(swarm_losses) == steps
     assert swarm_losses == pytest.approx(reference, abs=1e-5), json.dumps({"swarm": swarm_losses, "ref": reference})
     assert reference[-1] < reference[0]

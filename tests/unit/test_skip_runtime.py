@@ -1,18 +1,17 @@
 """Stage skipping in the trainer, without processes or sockets.
 
-The trainer talks to in-process StageWorkers through a stand-in for its gRPC
-client (same requests, same responses, same error codes), so its routed
-forward/backward, re-planning, balance and exactly-once accounting are
-checked exactly; the real swarm is tests/integration/test_skip_swarm.py.
+The trainer talks to in-process peers through
+:class:`swarmrt.testing.inprocess.InProcessClient`, which runs the real
+handler (StageServicer over StageWorkers), so its routed forward/backward,
+re-planning, balance and exactly-once accounting are checked exactly; the
+real swarm is tests/integration/test_skip_swarm.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
 
-import grpc
 import pytest
 import torch
 from torch import nn
@@ -20,14 +19,11 @@ from torch import nn
 from swarmrt.cli import main as cli_main
 from swarmrt.config import ConfigError, config_from_dict
 from swarmrt.routing.paths import Hop, PathRules, Route, validate_route
-from swarmrt.data import sample_input
-from swarmrt.models.build import build_layers, check_skip, skip_compatibility, stage_ranges
+from swarmrt.models.build import check_skip, skip_compatibility
 from swarmrt.discovery.dht import StageRecord
-from swarmrt.wire.proto import swarmrt_pb2 as pb
-from swarmrt.wire.tensors import from_proto, to_proto
-from swarmrt.routing.live import SkipRouting, balance_window, microbatch_seconds
-from swarmrt.pipeline.worker import StageError, StageWorker, infer_input_spec
+from swarmrt.routing.live import LiveRouting, balance_window, microbatch_seconds
 from swarmrt.roles.trainer import Trainer, parse_stage_subset
+from swarmrt.testing.inprocess import InProcessSwarm
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,69 +48,23 @@ def funnel(widths=(8, 32, 16, 8, 1)) -> nn.Module:
     return nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
 
 
-# -- a stand-in for StageClient over in-process workers --------------------------------------------
-class FakeClient:
-    """Serves Forward/Backward from StageWorkers by address, like StageServicer does."""
-
-    def __init__(self, workers: dict[str, StageWorker]):
-        self.workers = workers
-        self.down: set[str] = set()
-        self.forwards: collections.Counter = collections.Counter()
-        self.calls = collections.defaultdict(lambda: {"forward": [], "backward": []})
-        """Per microbatch id: the addresses of its successful forwards and backwards, in order."""
-
-    def _worker(self, address: str) -> StageWorker:
-        if address in self.down:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=f"{address} is down")
-        return self.workers[address]
-
-    async def forward(self, address, request, timeout):
-        worker = self._worker(address)
-        self.forwards[address] += 1
-        try:
-            out = worker.forward(request.microbatch_id, from_proto(request.input, "input"), request.keep_context)
-        except StageError as e:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, details=str(e)) from None
-        self.calls[request.microbatch_id]["forward"].append(address)
-        return pb.ForwardResponse(output=to_proto(out, request.output_codec or "none"), model_version=worker.version)
-
-    async def backward(self, address, request, timeout):
-        worker = self._worker(address)
-        x = from_proto(request.input, "input") if request.HasField("input") else None
-        grad_input, stepped = worker.backward(request.microbatch_id, from_proto(request.grad_output, "grad"), x,
-                                              request.samples, request.need_grad_input, None)
-        self.calls[request.microbatch_id]["backward"].append(address)
-        response = pb.BackwardResponse(model_version=worker.version, stepped=stepped)
-        if grad_input is not None:
-            response.grad_input.CopyFrom(to_proto(grad_input, request.grad_codec or "none"))
-        return response
-
-    async def close(self):
-        pass
+# -- the trainer over in-process peers (the real handler) ------------------------------------------
+@pytest.fixture(autouse=True)
+def _close_swarms():
+    yield
+    while SWARMS:
+        SWARMS.pop().close()
 
 
-def make_swarm(config, peers_per_stage=1, throughput=None):
-    """Workers by address and the records a trainer would read from the DHT."""
-    workers, records = {}, []
-    for stage in range(config.num_stages):
-        for j in range(peers_per_stage):
-            layers = build_layers(config)
-            start, end = stage_ranges(config, layers)[stage]
-            peer = f"s{stage}p{j}"
-            workers[peer] = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
-                                        infer_input_spec(layers[:start], sample_input(config.data)))
-            rate = throughput(stage, j) if throughput else 100.0
-            records.append(StageRecord(peer_id=peer, stage=stage, address=peer, throughput=rate, load=0,
-                                       version=0, state="serving", heartbeat=0.0))
-    return workers, records
+SWARMS: list[InProcessSwarm] = []
 
 
 def make_trainer(config, peers_per_stage=1, throughput=None):
-    workers, records = make_swarm(config, peers_per_stage, throughput)
-    trainer = Trainer(config, dht=None, trainer_id="t")
-    trainer.client = FakeClient(workers)
-    trainer.view_peers(records)
-    return trainer, workers
+    swarm = InProcessSwarm.build(config, peers_per_stage, throughput)
+    SWARMS.append(swarm)
+    trainer = Trainer(config, dht=None, client=swarm.client, trainer_id="t")
+    trainer.view_peers(swarm.records)
+    return trainer, swarm.workers
 
 
 def train(trainer, steps):
@@ -223,7 +173,7 @@ def record(peer, stage, throughput=100.0, load=0, state="serving"):
 
 
 def test_sync_keeps_exactly_the_serving_unbanned_peers_with_their_figures():
-    routing = SkipRouting(six_stage_config())
+    routing = LiveRouting(six_stage_config())
     records = [record("a", 0, 200.0, load=3), record("b", 1, 0.0), record("c", 1, 50.0), record("d", 2, 0.0),
                record("e", 5, 100.0, state="leaving"), record("f", 5, 100.0)]
     routing.sync(records, banned={"f"})
@@ -277,7 +227,7 @@ def test_skipped_stages_see_the_output_of_any_earlier_stage():
 def test_a_dead_peer_mid_route_is_replanned_onto_its_stage_sibling():
     config = six_stage_config()
     trainer, workers = make_trainer(config, peers_per_stage=2)
-    trainer.client.down.add("s2p0")
+    trainer.client.kill("s2p0")
     train(trainer, 6)
     acc = trainer.accounting
     n = 6 * config.data.microbatches_per_step
@@ -290,7 +240,7 @@ def test_a_dead_peer_mid_route_is_replanned_onto_its_stage_sibling():
 def test_a_middle_stage_with_no_live_peer_is_skipped_by_every_route():
     config = six_stage_config()
     trainer, workers = make_trainer(config)
-    trainer.client.down.add("s3p0")  # the only peer of stage 3
+    trainer.client.kill("s3p0")  # the only peer of stage 3
     train(trainer, 6)
     acc = trainer.accounting
     n = 6 * config.data.microbatches_per_step
@@ -315,7 +265,7 @@ def test_routes_prefer_fast_peers_when_a_stage_has_a_slow_and_a_fast_one():
 def test_full_pipeline_accounting_is_unchanged_by_the_new_fields():
     config = six_stage_config(skip_ratio=0.0)
     trainer, workers = make_trainer(config)
-    assert trainer.routing is None
+    assert trainer.routing.policy == "swarm" and trainer.routing.pick_per_hop
     train(trainer, 3)
     acc = trainer.accounting
     n = 3 * config.data.microbatches_per_step
@@ -325,12 +275,6 @@ def test_full_pipeline_accounting_is_unchanged_by_the_new_fields():
 def test_evaluate_with_a_subset_of_stages_reports_a_finite_loss():
     config = config_from_dict({**SIX_STAGES, "data": {**SIX_STAGES["data"]}})
     trainer, workers = make_trainer(config)
-    trainer.dht = object()  # refresh_peers would read it; the view is already set
-
-    async def no_refresh():
-        await asyncio.Event().wait()
-
-    trainer._refresh_loop = no_refresh
     full = asyncio.run(trainer.evaluate(None, batches=2))
     part = asyncio.run(trainer.evaluate((0, 2, 4, 5), batches=2))
     assert full["samples"] == part["samples"] == 32
@@ -343,17 +287,17 @@ def test_evaluate_with_a_subset_of_stages_reports_a_finite_loss():
 def test_every_route_taken_is_legal_and_its_backward_retraces_it():
     config = six_stage_config()
     trainer, _ = make_trainer(config, peers_per_stage=2)
-    trainer.client.down.add("s4p1")
+    trainer.client.kill("s4p1")
     train(trainer, 5)
     rules = trainer.routing.rules
     peer_stage = {f"s{s}p{j}": s for s in range(6) for j in range(2)}
     calls = trainer.client.calls
-    done = [mb for mb in calls if calls[mb]["backward"]]
+    done = [mb for mb in calls if calls[mb].backward]
     assert len(done) == 5 * config.data.microbatches_per_step
     for mb in done:
-        forward = [Hop(peer_stage[a], a) for a in calls[mb]["forward"]]
+        forward = [Hop(peer_stage[a], a) for a in calls[mb].forward]
         route = Route(origin=forward[0].peer, hops=tuple(forward))
-        backward = [Hop(peer_stage[a], a) for a in calls[mb]["backward"]]
+        backward = [Hop(peer_stage[a], a) for a in calls[mb].backward]
         assert validate_route(route, rules, peer_stage, backward=backward) == [], (mb, forward, backward)
 
 

@@ -1,0 +1,178 @@
+"""A stage client that runs the real server handler in this process: no sockets, no processes.
+
+:class:`InProcessClient` has :class:`~swarmrt.wire.client.StageCalls`' methods
+(what the trainer calls). Each call goes through the same
+:class:`~swarmrt.pipeline.service.StageServicer` a peer serves, over a real
+:class:`~swarmrt.pipeline.worker.StageWorker`:
+
+- the request is serialized and parsed again (what reaches the handler is
+  what would cross the wire);
+- the handler gets a small :class:`FakeContext`: ``time_remaining()`` counts
+  down the call's timeout, and ``abort(code, details)`` raises a real
+  :class:`grpc.aio.AioRpcError` with that code and details, which the trainer
+  sees exactly as it would from a remote peer;
+- the call's ``timeout`` is enforced (DEADLINE_EXCEEDED), as gRPC does.
+
+Fault hooks for tests, by peer address: :meth:`InProcessClient.kill` (every
+call fails UNAVAILABLE, as a dead peer's), :meth:`InProcessClient.drop` (the
+next ``n`` calls fail UNAVAILABLE), :meth:`InProcessClient.delay` (each call
+waits first), :meth:`InProcessClient.evict` (the peer loses its kept
+contexts, so a backward must be resent with its input).
+
+    swarm = InProcessSwarm.build(config, peers_per_stage=2)
+    trainer = Trainer(config, dht=None, client=swarm.client)
+    trainer.view_peers(swarm.records)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from typing import Callable
+
+import grpc
+from torch import nn
+
+from swarmrt.config import RunConfig
+from swarmrt.data import sample_input
+from swarmrt.discovery.records import StageRecord
+from swarmrt.models.build import build_layers, stage_ranges
+from swarmrt.pipeline.service import StageServicer
+from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.wire.proto import swarmrt_pb2 as pb
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """The error a ``grpc.aio`` client raises for a call that ended with ``code``."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class FakeContext:
+    """The part of :class:`grpc.aio.ServicerContext` that :class:`StageServicer` uses."""
+
+    def __init__(self, timeout: float | None, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.deadline = None if timeout is None else clock() + timeout
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - self.clock())
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise rpc_error(code, details)
+
+
+@dataclasses.dataclass
+class Calls:
+    """What reached the handlers, per microbatch id: addresses of successful forwards and backwards, in order."""
+
+    forward: list[str] = dataclasses.field(default_factory=list)
+    backward: list[str] = dataclasses.field(default_factory=list)
+
+
+class InProcessClient:
+    """Serves Forward/Backward with each address's :class:`StageServicer`, with fault hooks."""
+
+    def __init__(self, servicers: dict[str, StageServicer]):
+        self.servicers = servicers
+        self.dead: set[str] = set()
+        self.drops: collections.Counter = collections.Counter()
+        self.delays: dict[str, float] = {}
+        self.forwards: collections.Counter = collections.Counter()
+        """Forward calls that reached each address's handler (failed ones included)."""
+        self.calls: dict[str, Calls] = collections.defaultdict(Calls)
+        self.closed = False
+
+    # -- fault hooks ---------------------------------------------------------------------------
+    def kill(self, address: str) -> None:
+        """Every later call to ``address`` fails UNAVAILABLE, as a dead peer's would."""
+        self.dead.add(address)
+
+    def revive(self, address: str) -> None:
+        self.dead.discard(address)
+
+    def drop(self, address: str, calls: int = 1) -> None:
+        """The next ``calls`` calls to ``address`` fail UNAVAILABLE (the peer never sees them)."""
+        self.drops[address] += calls
+
+    def delay(self, address: str, seconds: float) -> None:
+        """Each later call to ``address`` waits ``seconds`` before reaching the handler."""
+        self.delays[address] = seconds
+
+    def evict(self, address: str) -> None:
+        """``address`` forgets every kept forward context (as when they expire or memory runs out)."""
+        self.servicers[address].worker.contexts.clear()
+
+    # -- StageCalls ----------------------------------------------------------------------------
+    async def _call(self, address: str, method: str, request, timeout: float | None):
+        if address not in self.servicers:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"no peer listens at {address}")
+        if address in self.dead:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"peer {address} is down")
+        if self.drops[address] > 0:
+            self.drops[address] -= 1
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"call to {address} dropped")
+        request = type(request).FromString(request.SerializeToString())
+        context = FakeContext(timeout)
+
+        async def serve():
+            if self.delays.get(address):
+                await asyncio.sleep(self.delays[address])
+            return await getattr(self.servicers[address], method)(request, context)
+
+        try:
+            response = await asyncio.wait_for(serve(), timeout)
+        except asyncio.TimeoutError:
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        return type(response).FromString(response.SerializeToString())
+
+    async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+        self.forwards[address] += 1
+        response = await self._call(address, "Forward", request, timeout)
+        self.calls[request.microbatch_id].forward.append(address)
+        return response
+
+    async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
+        response = await self._call(address, "Backward", request, timeout)
+        self.calls[request.microbatch_id].backward.append(address)
+        return response
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclasses.dataclass
+class InProcessSwarm:
+    """Stage peers in this process: workers, their servicers, the records a trainer would read from
+    the DHT, and an :class:`InProcessClient` over them. A peer's id and address are ``s{stage}p{j}``."""
+
+    workers: dict[str, StageWorker]
+    servicers: dict[str, StageServicer]
+    records: list[StageRecord]
+    client: InProcessClient
+
+    @classmethod
+    def build(cls, config: RunConfig, peers_per_stage: int = 1,
+              throughput: Callable[[int, int], float] | None = None) -> "InProcessSwarm":
+        """``peers_per_stage`` peers of every stage, each with freshly built (seeded) layers;
+        ``throughput(stage, j)``: the samples/s its record announces (default 100)."""
+        workers, servicers, records = {}, {}, []
+        for stage in range(config.num_stages):
+            for j in range(peers_per_stage):
+                layers = build_layers(config)
+                start, end = stage_ranges(config, layers)[stage]
+                peer = f"s{stage}p{j}"
+                workers[peer] = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
+                                            infer_input_spec(layers[:start], sample_input(config.data)))
+                servicers[peer] = StageServicer(workers[peer], config.run.id, peer,
+                                                config.network.max_tensor_mb << 20)
+                servicers[peer].state = "serving"
+                rate = throughput(stage, j) if throughput else 100.0
+                records.append(StageRecord(peer_id=peer, stage=stage, address=peer, throughput=rate, load=0,
+                                           version=0, state="serving", heartbeat=0.0))
+        return cls(workers, servicers, records, InProcessClient(servicers))
+
+    def close(self) -> None:
+        for servicer in self.servicers.values():
+            servicer.close()

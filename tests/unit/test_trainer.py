@@ -1,0 +1,314 @@
+"""The trainer's one microbatch loop, over in-process peers running the real handler.
+
+:class:`swarmrt.testing.inprocess.InProcessClient` serves every call with a
+real StageServicer over real StageWorkers, so what is checked here is what a
+real swarm does, minus sockets: gradients equal the unsplit model's, failed
+hops move to another peer without a duplicate, evicted contexts are
+recomputed, evaluation runs forward only through a stage subset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+
+import grpc
+import pytest
+import torch
+
+from swarmrt.config import config_from_dict
+from swarmrt.data import Batches, loss_sum
+from swarmrt.models.build import build_layers
+from swarmrt.roles.trainer import NoPeers, Trainer
+from swarmrt.routing.live import LiveRouting
+from swarmrt.testing.inprocess import FakeContext, InProcessSwarm, rpc_error
+from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.tensors import to_proto
+
+pytestmark = pytest.mark.timeout(120)
+
+MLP = {"run": {"id": "trainerunit", "seed": 3},
+       "model": {"factory": "swarmrt.models:mlp", "kwargs": {"features": 8, "hidden": 16, "depth": 4}, "stages": 3},
+       "data": {"kind": "regression", "features": 8, "batch_size": 8, "microbatch_size": 4},
+       "optimizer": {"name": "sgd", "lr": 0.1, "samples_per_step": 8},
+       "network": {"max_retries": 4, "no_peers_timeout_s": 2.0}}
+LLAMA = {**MLP, "model": {"factory": "swarmrt.models:tiny_llama", "kwargs": {"hidden_size": 32, "layers": 3},
+                          "stages": 3},
+         "data": {"seq_len": 16, "batch_size": 8, "microbatch_size": 4}}
+SIX = {**MLP, "model": {"factory": "swarmrt.models:mlp", "kwargs": {"features": 8, "hidden": 16, "depth": 6},
+                        "layer_ranges": [[0, 2], [2, 4], [4, 6], [6, 8], [8, 10], [10, 11]]}}
+
+
+@pytest.fixture
+def swarms():
+    made = []
+    yield made
+    for swarm in made:
+        swarm.close()
+
+
+def make(swarms, raw, peers_per_stage=1, throughput=None, **network):
+    config = config_from_dict({**raw, "network": {**raw["network"], **network}})
+    swarm = InProcessSwarm.build(config, peers_per_stage, throughput)
+    swarms.append(swarm)
+    trainer = Trainer(config, dht=None, client=swarm.client, trainer_id="t")
+    trainer.view_peers(swarm.records)
+    return config, swarm, trainer
+
+
+def train(trainer, steps, start=0):
+    async def go():
+        return [await trainer.train_step(step) for step in range(start, start + steps)]
+
+    return asyncio.run(go())
+
+
+def assert_exactly_once(trainer, microbatches, stages):
+    acc = trainer.accounting
+    assert acc.started == acc.applied == microbatches
+    assert acc.duplicates == 0 and acc.incomplete() == []
+    assert acc.per_stage(stages) == [microbatches] * stages
+
+
+def reference_run(config, steps):
+    """The unsplit model trained on the same batches with the same optimizer: its losses and parameters."""
+    model = torch.nn.Sequential(*build_layers(config))
+    opt = torch.optim.SGD(model.parameters(), lr=config.optimizer.lr)
+    batches, losses = Batches(config.data, config.run.seed, 0), []
+    for step in range(steps):
+        x, y = batches.batch(step)
+        opt.zero_grad()
+        loss = loss_sum(config.data, model(x), y) / x.shape[0]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, list(model.parameters())
+
+
+def assert_matches_reference(config, swarm, losses, steps):
+    ref_losses, ref_params = reference_run(config, steps)
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    params = [p for stage in range(config.num_stages) for p in swarm.workers[f"s{stage}p0"].module.parameters()]
+    assert len(params) == len(ref_params) > 0
+    for p_swarm, p_ref in zip(params, ref_params):
+        torch.testing.assert_close(p_swarm, p_ref, rtol=0, atol=1e-5)
+
+
+# -- the in-process client is the real handler ---------------------------------------------------
+def test_in_process_errors_are_grpc_errors_with_the_handlers_code(swarms):
+    config, swarm, _ = make(swarms, MLP)
+    bad = pb.ForwardRequest(run_id=config.run.id, stage=2, microbatch_id="m", input=to_proto(torch.zeros(4, 16)))
+
+    async def call(request, address="s1p0"):
+        return await swarm.client.forward(address, request, timeout=5.0)
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        asyncio.run(call(bad))  # stage 2's request sent to stage 1's peer
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stage 2 is not served here" in e.value.details()
+    no_context = pb.BackwardRequest(run_id=config.run.id, stage=1, microbatch_id="never",
+                                    grad_output=to_proto(torch.zeros(4, 16)), samples=4, need_grad_input=True)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        asyncio.run(swarm.client.backward("s1p0", no_context, timeout=5.0))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    swarm.client.kill("s1p0")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        asyncio.run(call(bad))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    swarm.client.revive("s1p0")
+    swarm.client.delay("s1p0", 1.0)
+    good = pb.ForwardRequest(run_id=config.run.id, stage=1, microbatch_id="m", input=to_proto(torch.zeros(4, 16)))
+
+    async def short():
+        return await swarm.client.forward("s1p0", good, timeout=0.05)
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        asyncio.run(short())
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_fake_context_counts_down_and_aborts_like_grpc():
+    now = [10.0]
+    context = FakeContext(2.0, clock=lambda: now[0])
+    now[0] = 11.5
+    assert context.time_remaining() == pytest.approx(0.5)
+    assert FakeContext(None).time_remaining() is None
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        asyncio.run(context.abort(grpc.StatusCode.UNAVAILABLE, "leaving"))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and e.value.details() == "leaving"
+    assert rpc_error(grpc.StatusCode.INTERNAL, "x").code() == grpc.StatusCode.INTERNAL
+
+
+# -- the full SWARM pipeline ---------------------------------------------------------------------
+@pytest.mark.parametrize("raw", [MLP, LLAMA], ids=["sequential", "llama"])
+def test_full_pipeline_trains_exactly_like_the_unsplit_model(swarms, raw):
+    config, swarm, trainer = make(swarms, raw)
+    losses = train(trainer, 3)
+    assert_matches_reference(config, swarm, losses, 3)
+    assert_exactly_once(trainer, 3 * config.data.microbatches_per_step, config.num_stages)
+    assert all(w.version == 3 for w in swarm.workers.values())
+
+
+def test_a_backward_whose_context_was_evicted_is_recomputed_from_the_input(swarms):
+    config, swarm, trainer = make(swarms, MLP)
+    evicted = collections.Counter()
+    backward = swarm.client.backward
+
+    async def evict_then_backward(address, request, timeout):
+        if not request.HasField("input"):  # every first try finds its context gone
+            swarm.client.evict(address)
+            evicted[address] += 1
+        return await backward(address, request, timeout)
+
+    swarm.client.backward = evict_then_backward
+    losses = train(trainer, 2)
+    n = 2 * config.data.microbatches_per_step
+    assert evicted == {"s0p0": n, "s1p0": n, "s2p0": n}
+    assert trainer.accounting.hop_retries == 3 * n  # each FAILED_PRECONDITION, resent to the same peer
+    assert trainer.accounting.forward_restarts == 0
+    assert_exactly_once(trainer, n, 3)
+    assert_matches_reference(config, swarm, losses, 2)  # the recomputed gradients are the same
+
+
+def test_a_peer_killed_mid_forward_is_replaced_by_its_stage_sibling_exactly_once(swarms):
+    config, swarm, trainer = make(swarms, MLP, peers_per_stage=2)
+    train(trainer, 1)
+    applied_before = swarm.workers["s1p0"].microbatches_applied
+    forward = swarm.client.forward
+    killed = []
+
+    async def kill_on_first_stage1_forward(address, request, timeout):
+        if address == "s1p0" and not killed:  # dies while the microbatch is between stage 0 and stage 1
+            killed.append(request.microbatch_id)
+            swarm.client.kill("s1p0")
+        return await forward(address, request, timeout)
+
+    swarm.client.forward = kill_on_first_stage1_forward
+    for step in range(1, 6):
+        train(trainer, 1, start=step)
+        if killed:
+            break
+    assert killed, "no microbatch went to s1p0 in 5 steps"
+    acc = trainer.accounting
+    n = acc.started
+    assert_exactly_once(trainer, n, 3)
+    assert acc.forward_restarts == 0  # only the failed hop was redone, on the sibling
+    assert acc.hop_retries >= 1 and acc.replans >= 1
+    calls = swarm.client.calls[killed[0]]
+    assert calls.forward[0] in ("s0p0", "s0p1") and calls.forward[1:] in (["s1p1", "s2p0"], ["s1p1", "s2p1"])
+    assert calls.backward == list(reversed(calls.forward))
+    assert swarm.workers["s1p0"].microbatches_applied == applied_before
+    # after the kill, everything at stage 1 goes to the sibling
+    train(trainer, 3, start=10)
+    assert_exactly_once(trainer, acc.started, 3)
+    assert swarm.workers["s1p1"].microbatches_applied + applied_before == acc.per_stage(3)[1]
+
+
+def test_a_failed_first_hop_moves_to_another_stage0_peer(swarms):
+    config, swarm, trainer = make(swarms, MLP, peers_per_stage=2)
+    swarm.client.kill("s0p0")
+    train(trainer, 3)
+    acc = trainer.accounting
+    assert_exactly_once(trainer, 3 * config.data.microbatches_per_step, 3)
+    assert acc.forward_restarts == 0
+    assert swarm.workers["s0p0"].microbatches_applied == 0
+    assert swarm.client.forwards["s0p0"] >= 1 and acc.bans == 1  # tried, failed twice, banned
+    assert "s0p0" not in trainer.routing.table
+
+
+def test_a_stage_without_peers_waits_with_a_status_line_then_raises_no_peers(swarms):
+    config, swarm, trainer = make(swarms, MLP, no_peers_timeout_s=0.3)
+    trainer.view_peers([r for r in swarm.records if r.stage != 1])
+    statuses = []
+
+    async def go():
+        task = asyncio.create_task(trainer.train_step(0))
+        while not task.done():
+            statuses.append(trainer.status)
+            await asyncio.sleep(0.01)
+        return await task
+
+    with pytest.raises(NoPeers, match=r"stage 1 has no peers \(no peers\) for 0.3 s"):
+        asyncio.run(go())
+    assert "stage 1 has no peers (no peers); waiting" in statuses
+
+
+def test_a_peer_that_joins_while_the_trainer_waits_is_used(swarms):
+    config, swarm, trainer = make(swarms, MLP)
+    trainer.view_peers([r for r in swarm.records if r.stage != 2])
+
+    async def go():
+        task = asyncio.create_task(trainer.train_step(0))
+        while not trainer.status.startswith("stage 2 has no peers"):
+            await asyncio.sleep(0.01)
+        trainer.view_peers(swarm.records)
+        return await task
+
+    asyncio.run(go())
+    assert_exactly_once(trainer, config.data.microbatches_per_step, 3)
+
+
+def test_swarm_routes_draw_each_hop_with_the_current_load():
+    """SWARM picks a stage's peer when its input is ready: re-picking the rest of a route sees load
+    that appeared after the route was made (here: this trainer's own requests in flight)."""
+    config = config_from_dict(MLP)
+    routing = LiveRouting(config)
+    assert routing.policy == "swarm" and routing.pick_per_hop
+    records = InProcessSwarm.build(config, peers_per_stage=2).records
+    routing.sync(records, banned=())
+    rng = random.Random(0)
+    picks = collections.Counter()
+    for mb in range(200):
+        route, why = routing.route(0.0, rng, mb)
+        assert route is not None, why
+        routing.sync(records, banned=(), own_load={"s1p0": 50})
+        route, _ = routing.repick(route, 1, (), 0.0, rng)
+        picks[route.hops[1].peer] += 1
+        routing.finished(route)
+        routing.sync(records, banned=())
+    assert picks["s1p1"] > 180, picks
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def test_evaluation_runs_forward_only_through_the_given_stages(swarms):
+    config, swarm, trainer = make(swarms, SIX)
+    subset = (0, 2, 3, 5)
+    result = asyncio.run(trainer.evaluate(subset, batches=2))
+    expected, samples = 0.0, 0
+    for b in range(2):
+        x, y = trainer.batches.eval_batch(config.data.batch_size, index=b)
+        h = x
+        with torch.no_grad():
+            for stage in subset:
+                h = swarm.workers[f"s{stage}p0"].module(h)
+        expected += float(loss_sum(config.data, h, y))
+        samples += x.shape[0]
+    assert result["samples"] == samples and result["skipped"] == [1, 4]
+    assert result["loss"] == pytest.approx(expected / samples, rel=1e-5)
+    microbatches = [mb for mb in swarm.client.calls if mb.startswith("eval:")]
+    assert len(microbatches) == 2 * config.data.microbatches_per_step
+    for mb in microbatches:
+        assert swarm.client.calls[mb].forward == [f"s{s}p0" for s in subset] and swarm.client.calls[mb].backward == []
+    assert all(not w.contexts and w.microbatches_applied == 0 for w in swarm.workers.values())
+    assert trainer.accounting.started == 0 and swarm.client.closed
+
+
+def test_evaluation_retries_a_failed_hop_on_another_peer(swarms):
+    # s2p1 announces by far the best throughput, so SWARM's draw sends the first microbatch to it
+    config, swarm, trainer = make(swarms, SIX, peers_per_stage=2,
+                                  throughput=lambda stage, j: 1e6 if (stage, j) == (2, 1) else 1.0)
+    swarm.client.kill("s2p1")
+    full = asyncio.run(trainer.evaluate(None, batches=1))
+    assert swarm.client.forwards["s2p1"] >= 1
+    for mb, calls in swarm.client.calls.items():
+        assert [int(a[1]) for a in calls.forward] == list(range(6)) and "s2p1" not in calls.forward, mb
+    assert full["samples"] == config.data.batch_size
+
+
+def test_evaluation_needs_no_peer_at_the_stages_it_leaves_out(swarms):
+    config, swarm, trainer = make(swarms, SIX, no_peers_timeout_s=0.3)
+    trainer.view_peers([r for r in swarm.records if r.stage not in (1, 4)])
+    result = asyncio.run(trainer.evaluate((0, 2, 3, 5), batches=1))
+    assert result["samples"] == config.data.batch_size and result["skipped"] == [1, 4]
+    with pytest.raises(NoPeers, match=r"stage 1 has no peers"):
+        asyncio.run(trainer.evaluate((0, 1, 5), batches=1))
