@@ -57,8 +57,8 @@ from swarmrt.config import RunConfig
 from swarmrt.routing.links import FunctionLinks
 from swarmrt.routing.paths import PathRules, Route
 from swarmrt.routing.peer_table import PeerTable
-from swarmrt.routing.policies import Policy, make_policy
-from swarmrt.routing.wiring import PeerView, choose_peer
+from swarmrt.routing.policies import Policy, SchedulerConfig, make_policy
+
 from swarmrt.discovery.records import StageRecord
 
 FORWARD_SHARE = 1.0 / 3.0
@@ -146,7 +146,9 @@ class LiveRouting:
             self.window = config.data.microbatches_per_step
         else:
             self.rules = PathRules(stages=config.num_stages, skip_ratio=config.routing.skip_ratio)
-            self.scheduler: Policy = make_policy(self.policy, self.rules, self.table)
+            # the trainer re-draws each hop's peer with current in-flight figures (see repick)
+            self.scheduler: Policy = make_policy(self.policy, self.rules, self.table,
+                                                 SchedulerConfig(routes_ahead=not self.pick_per_hop))
             self.window = balance_window(config.data.microbatches_per_step, len(self.rules.middle_stages),
                                          self.rules.middle_visits)
         mps = config.data.microbatches_per_step
@@ -180,13 +182,14 @@ class LiveRouting:
         for r in live.values():
             seconds = microbatch_seconds(r.throughput, size) or min(measured.get(r.stage, [fallback]))
             forward, backward = seconds * FORWARD_SHARE, seconds * (1.0 - FORWARD_SHARE)
-            if r.peer_id not in self.table or self._differs(r, forward, backward):
-                self.table.upsert(r.peer_id, r.stage, forward, backward, self.memory)
+            own_figure = microbatch_seconds(r.throughput, size) is not None  # else a stand-in
+            if r.peer_id not in self.table or self._differs(r, forward, backward, own_figure):
+                self.table.upsert(r.peer_id, r.stage, forward, backward, self.memory, measured=own_figure)
             self.table.set_in_flight(r.peer_id, r.load + own_load.get(r.peer_id, 0))
 
-    def _differs(self, r: StageRecord, forward: float, backward: float) -> bool:
+    def _differs(self, r: StageRecord, forward: float, backward: float, measured: bool) -> bool:
         info = self.table.get(r.peer_id)
-        return info.stage != r.stage or not (math.isclose(info.forward_s, forward, rel_tol=1e-6)
+        return info.stage != r.stage or info.measured != measured or not (math.isclose(info.forward_s, forward, rel_tol=1e-6)
                                              and math.isclose(info.backward_s, backward, rel_tol=1e-6))
 
     def observe_hop(self, peer: str, rpc_s: float) -> None:
@@ -245,11 +248,8 @@ class LiveRouting:
         if not self.pick_per_hop:
             best = min(peers, key=lambda p: (self.table.in_flight(p), rng.random()))
             return best, f"least loaded of {len(peers)} stage-0 peers not yet failed"
-        info = [self.table.get(p) for p in peers]
-        views = [PeerView(i.peer, 1.0 / i.forward_s if i.forward_s > 0 else None, self.table.in_flight(i.peer))
-                 for i in info]
-        choice, why = choose_peer(views, None, now, rng)
-        return (None, why) if choice is None else (choice.peer_id, why)
+        exclude = set(self.table.peers_of(0)) - set(peers)
+        return self.scheduler.choose_origin(now, rng, exclude=exclude)
 
     def _subset_route(self, stages: tuple[int, ...], now: float, rng: random.Random, microbatch: int,
                       avoid: Collection[str]) -> tuple[Route | None, str]:

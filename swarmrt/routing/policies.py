@@ -151,14 +151,19 @@ class SwarmWiring(Policy):
         Throughput: microbatches per second of forward + backward, ``1 /
         (forward_s + backward_s)`` (None when the table's figures are a
         stand-in, :attr:`~swarmrt.routing.peer_table.PeerInfo.measured`).
-        Load: the in-flight count the table holds (what the peer announced,
-        or the simulator's count) plus this policy's own microbatches routed
-        through the peer and not done, as the trainer adds the requests it
-        has in flight at a peer to the load the peer announced.
+        Load: the in-flight count the table holds (the trainer's: what the
+        peer announced plus its own requests to it; the simulator's: what is
+        queued at or held by the node). When whole routes are drawn ahead
+        (:attr:`SchedulerConfig.routes_ahead`), this policy's own unfinished
+        routes through the peer count too, as the larger of the two figures:
+        the table already counts those of them that have reached the peer.
         """
         info = self.table.get(peer)
         throughput = 1.0 / (info.forward_s + info.backward_s) if info.measured else None
-        return PeerView(peer, throughput, self.table.in_flight(peer) + self._routed.get(peer, 0))
+        load = self.table.in_flight(peer)
+        if self.config.routes_ahead:
+            load = max(load, self._routed.get(peer, 0))
+        return PeerView(peer, throughput, load)
 
     def _pick_peer(self, stage: int, dead: Collection[PeerId], now: float,
                    rng: random.Random) -> tuple[PeerId | None, str]:
@@ -168,9 +173,11 @@ class SwarmWiring(Policy):
         chosen, why = choose_peer(views, None, now, rng)
         return chosen.peer_id, why
 
-    def choose_origin(self, now: float, rng: random.Random) -> tuple[PeerId | None, str]:
-        """The stage-0 peer a new microbatch starts on, drawn by the same rule as the peers of every other stage."""
-        peer, why = self._pick_peer(0, (), now, rng)
+    def choose_origin(self, now: float, rng: random.Random,
+                      exclude: Collection[PeerId] = ()) -> tuple[PeerId | None, str]:
+        """The stage-0 peer a new microbatch starts on, drawn by the same rule as the peers of every
+        other stage; ``exclude``: stage-0 peers that already failed this microbatch."""
+        peer, why = self._pick_peer(0, exclude, now, rng)
         return peer, (f"origin: {why}" if peer is not None else why)
 
     def _route(self, origin: PeerId, now: float, rng: random.Random, mb: int) -> tuple[Route | None, str]:

@@ -56,6 +56,13 @@ class SchedulerConfig:
     (:func:`swarmrt.sim.planner.plan_iteration`) builds (the first always; the others while its time budget lasts)."""
     max_search_moves: int = 100_000
     """Most local-search moves of the whole-iteration planner (its time budget usually ends it first)."""
+    routes_ahead: bool = True
+    """How the caller uses :class:`~swarmrt.routing.policies.SwarmWiring`'s routes. True (the
+    simulator): a whole route is drawn when the microbatch starts, so the policy counts its own
+    unfinished routes as load on their peers (the table cannot know of microbatches that have not
+    reached a peer yet). False (the trainer): each hop's peer is drawn again when its input is
+    ready (``replan`` from that hop), and the table's in-flight figure (announced load plus the
+    trainer's own requests) is already current, so nothing is added to it."""
 
     def __post_init__(self) -> None:
         for name in ("beam_width", "candidates_per_stage", "max_subsets", "balance_window"):

@@ -6,7 +6,7 @@ import pytest
 from swarmrt.routing.links import FunctionLinks
 from swarmrt.routing.paths import PathRules
 from swarmrt.routing.peer_table import PeerTable
-from swarmrt.routing.policies import make_policy
+from swarmrt.routing.policies import SchedulerConfig, make_policy
 from swarmrt.routing.wiring import BanList, PeerView, choose_peer, choose_stage
 
 
@@ -106,9 +106,9 @@ def _route_many(policy, n, rng):
 
 def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
     """Same table, same seeded rng: every peer SwarmWiring picks is choose_peer's pick over the views the
-    trainer would build (throughput from the compute times, None when unmeasured; load = the announced
-    in-flight count plus the microbatches this router has in flight there), the stage-0 peer included when
-    the policy picks it (a trainer that holds the data itself)."""
+    trainer would build (throughput from the compute times, None when unmeasured; load = the table's
+    in-flight count, or this router's own unfinished routes through the peer when those are more: whole
+    routes drawn ahead, as the simulator does), the stage-0 peer included when the policy picks it."""
     table = _wiring_table()
     table.set_in_flight("b", 2)
     table.set_in_flight("e", 1)
@@ -124,7 +124,7 @@ def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
             for p in table.peers_of(stage):
                 info = table.get(p)
                 throughput = 1.0 / (info.forward_s + info.backward_s) if info.measured else None
-                views.append(PeerView(p, throughput, table.in_flight(p) + own[p]))
+                views.append(PeerView(p, throughput, max(table.in_flight(p), own[p])))
             peer, _ = choose_peer(views, None, 0.0, theirs)
             expected.append(peer.peer_id)
         assert list(route.path) == expected, f"microbatch {i}: policy {route.path}, rule {expected}"
@@ -135,6 +135,27 @@ def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
             policy.finished(done)
             own.subtract(done.path)
     assert {p for r in live for p in r.path} >= {"o", "o2", "a", "b", "c", "d"}  # every kind of peer was drawn
+
+
+def test_a_trainer_that_redraws_each_hop_adds_nothing_to_the_tables_load():
+    """routes_ahead=False (the trainer: it re-draws each hop when its input is ready and keeps the table's
+    in-flight figure current itself): the policy's own unfinished routes add no load, so the draws equal
+    choose_peer over the table alone, however many routes are open."""
+    table = _wiring_table()
+    table.set_in_flight("b", 3)
+    policy = make_policy("swarm", PathRules(stages=3), table, SchedulerConfig(routes_ahead=False))
+    ours, theirs = random.Random(9), random.Random(9)
+    for i in range(200):  # none finished: with routes counted, a and c would soon look busy
+        route, _ = policy.route(None, 0.0, ours, microbatch=i)
+        expected = []
+        for stage in (0, 1, 2):
+            views = []
+            for p in table.peers_of(stage):
+                info = table.get(p)
+                throughput = 1.0 / (info.forward_s + info.backward_s) if info.measured else None
+                views.append(PeerView(p, throughput, table.in_flight(p)))
+            expected.append(choose_peer(views, None, 0.0, theirs)[0].peer_id)
+        assert list(route.path) == expected, f"microbatch {i}: policy {route.path}, rule {expected}"
 
 
 def test_the_swarm_policy_splits_work_1_2_4_by_throughput():
