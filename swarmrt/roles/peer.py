@@ -170,11 +170,15 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         async def compute(fn, *args):
             return await loop.run_in_executor(servicer.executor, fn, *args)
 
-        if config.local_sgd.inner_steps > 0 and worker.params:  # before the gRPC server starts: the averager forks
+        if config.local_sgd.enabled and worker.params:  # before the gRPC server starts: the averager forks
+            from swarmrt.local_sgd.averaging import StageAverager
             from swarmrt.local_sgd.outer import OuterSync
 
-            worker.outer = OuterSync(worker, dht, config, submit_to_compute=servicer.executor.submit,
-                                     log=lambda line: say(f"stage {stage}: {line}"))
+            averager = StageAverager(dht, f"{config.run.id}_stage{stage}", worker.params, config.local_sgd,
+                                     codec=config.compression.pseudo_gradients, state_codec=config.compression.state)
+            worker.attach("outer", OuterSync(worker, averager, config.local_sgd,
+                                             submit_to_compute=servicer.executor.submit,
+                                             log=lambda line: say(f"stage {stage}: {line}")))
         checkpoints = Checkpointer(config, worker, peer_id, partition_hash(config, ranges), compute) \
             if config.checkpoint.enabled else None
         if options.resume and checkpoints is None:
