@@ -30,7 +30,8 @@ import torch
 
 from swarmrt.wire.codecs import ErrorFeedback, decode, encode
 from swarmrt.config import config_from_dict
-from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
+from swarmrt.local_sgd.config import LocalSGDSection
+from swarmrt.local_sgd.diloco import DiLoCo
 from swarmrt.data import Batches, loss_sum
 from swarmrt.models.build import build_layers
 
@@ -50,8 +51,8 @@ def run(config, steps: int, replicas: int, H: int, codec: str, outer_lr: float, 
         models.append(model)
         opts.append(torch.optim.AdamW(model.parameters(), lr=lr))
         dilocos.append(DiLoCo(list(model.parameters()),
-                              DiLoCoConfig(inner_steps=H, outer_lr=outer_lr, outer_momentum=momentum,
-                                           nesterov=momentum > 0)))
+                              LocalSGDSection(inner_steps=H, outer_lr=outer_lr, outer_momentum=momentum,
+                                              nesterov=momentum > 0)))
         data.append(Batches(config.data, config.run.seed, stream=r))
     feedback = [ErrorFeedback() for _ in range(replicas)]
     sent = 0

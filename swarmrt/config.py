@@ -3,7 +3,9 @@
 Every section is a small frozen dataclass with a docstring under each field and
 validation in ``__post_init__`` (torchtitan's habit). Unknown keys are an error
 that names the key; a bad value is an error that names the field. Parsing the
-file lives in :func:`load_config`; everything else is plain data.
+file lives in :func:`load_config`; everything else is plain data. A section that
+belongs to one feature is defined beside it and composed here: ``[local_sgd]`` is
+:class:`swarmrt.local_sgd.config.LocalSGDSection`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pathlib
 import tomllib
 from typing import Any, Mapping
 
+from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
 from swarmrt.routing.paths import PathRules
 
 
@@ -175,10 +178,11 @@ class CompressionSection:
     gradients: str = "none"
     """Codec for activation gradients sent backward."""
     pseudo_gradients: str = "fp16"
-    """Codec of the stage group's pseudo-gradient all-reduce: none, fp16 or int8."""
+    """Codec of the stage group's pseudo-gradient all-reduce ([local_sgd]): one of
+    ``swarmrt.local_sgd.config.ALLREDUCE_CODECS`` (none, fp16, int8, int8_blockwise)."""
     state: str = "none"
-    """Codec of DiLoCo state a peer downloads through the averager: none, fp16 or int8 (lossy codecs
-    make the downloaded global params differ from the group's, so its hash will not match)."""
+    """Codec of DiLoCo state a peer downloads through the averager: one of ``ALLREDUCE_CODECS`` (lossy
+    codecs make the downloaded global params differ from the group's, so its hash will not match)."""
 
     def __post_init__(self) -> None:
         from swarmrt.wire.codecs import get_codec
@@ -189,46 +193,10 @@ class CompressionSection:
             except ValueError as e:
                 raise ConfigError(f"compression.{name}: {e}") from None
         for name in ("pseudo_gradients", "state"):
-            value = getattr(self, name)
-            _check(value in ("none", "fp16", "int8"), f"compression.{name}",
-                   f"the all-reduce takes none, fp16 or int8, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalSGDSection:
-    inner_steps: int = 0
-    """H: inner optimizer steps between outer averaging rounds of a stage group; 0 disables averaging."""
-    outer_lr: float = 0.7
-    """Outer (Nesterov SGD) learning rate."""
-    outer_momentum: float = 0.9
-    """Outer momentum (0: plain outer SGD)."""
-    nesterov: bool = True
-    """Nesterov momentum for the outer step (needs outer_momentum > 0)."""
-    min_group_size: int = 2
-    """A round needs at least this many peers of the stage; fewer is a failed (rolled back) round."""
-    matchmaking_time_s: float = 3.0
-    """How long peers gather into a group before the all-reduce starts."""
-    matchmaking_timeout_s: float = 15.0
-    """Give up forming a group after this long (the round is rolled back)."""
-    next_chunk_timeout_s: float = 2.0
-    """A groupmate that sends no next chunk within this long is dropped (a dead peer cannot stall the round)."""
-    allreduce_timeout_s: float = 20.0
-    """An all-reduce takes at most this long once the group has formed."""
-
-    def __post_init__(self) -> None:
-        _check(isinstance(self.inner_steps, int) and self.inner_steps >= 0, "local_sgd.inner_steps",
-               f"must be an integer >= 0, got {self.inner_steps!r}")
-        _check(self.outer_lr > 0, "local_sgd.outer_lr", f"must be > 0, got {self.outer_lr!r}")
-        _check(0 <= self.outer_momentum < 1, "local_sgd.outer_momentum", f"must be in [0, 1), got {self.outer_momentum!r}")
-        _check(isinstance(self.min_group_size, int) and self.min_group_size >= 1, "local_sgd.min_group_size",
-               f"must be an integer >= 1, got {self.min_group_size!r}")
-        for name in ("matchmaking_time_s", "matchmaking_timeout_s", "next_chunk_timeout_s", "allreduce_timeout_s"):
-            value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and value > 0, f"local_sgd.{name}", f"must be > 0, got {value!r}")
-        _check(self.matchmaking_timeout_s > self.matchmaking_time_s, "local_sgd.matchmaking_timeout_s",
-               f"must exceed local_sgd.matchmaking_time_s ({self.matchmaking_time_s})")
-        _check(self.allreduce_timeout_s > 2 * self.next_chunk_timeout_s, "local_sgd.allreduce_timeout_s",
-               f"must exceed 2 x local_sgd.next_chunk_timeout_s ({self.next_chunk_timeout_s})")
+            try:
+                check_allreduce_codec(getattr(self, name), f"compression.{name}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +309,10 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfi
                 raise ConfigError(f"{section_name}.{key}: unknown key; known: {', '.join(sorted(known))}")
         try:
             sections[section_name] = cls(**values)
+        except ConfigError:
+            raise
+        except ValueError as e:  # sections defined beside their feature (local_sgd) raise ValueError naming the key
+            raise ConfigError(str(e)) from None
         except TypeError as e:  # pragma: no cover - guarded by the key check above
             raise ConfigError(f"{section_name}: {e}") from None
     return RunConfig(**sections)

@@ -6,8 +6,8 @@ wraps ``hivemind.averaging.DecentralizedAverager`` for that, and adds what
 the raw averager lacks for this use:
 
 - **Bounded waits.** Matchmaking is bounded by ``step(timeout=)``, every
-  chunk by ``next_chunk_timeout`` and the whole all-reduce by
-  ``allreduce_timeout``; the host side waits at most the sum plus a margin.
+  chunk by ``local_sgd.next_chunk_timeout_s`` and the whole all-reduce by
+  ``local_sgd.allreduce_timeout_s``; the host side waits at most the sum plus a margin.
   With hivemind 1.1.12's defaults an averager whose groupmate died hangs for
   minutes (150-300 s on 127.0.0.1). :meth:`StageAverager.average` returns an
   :class:`AveragingResult` saying whether the round succeeded, with whom,
@@ -29,10 +29,9 @@ the raw averager lacks for this use:
   keeps the local values for its parts ("received 66.7% results"); here that
   round fails and the averaged tensors are left untouched.
 - **Codec names.** The all-reduce codec is chosen by a swarmrt codec name
-  and mapped to hivemind's own codec (its wire format needs them): ``none``,
-  ``fp16``, ``int8`` (hivemind's uniform 8-bit, which clips beyond 3 sigma)
-  and ``int8_blockwise`` (needs bitsandbytes). ``bf16`` and ``topk`` have no
-  hivemind counterpart (a sum of sparse vectors is not sparse) and are refused.
+  (one of ``swarmrt.local_sgd.config.ALLREDUCE_CODECS``: ``none``, ``fp16``,
+  ``int8``, ``int8_blockwise``) and mapped to hivemind's own codec (its wire
+  format needs them); any other name is refused.
 
 What a single peer cannot know: in a group where a peer dies mid-round, some
 survivors may have received all their parts (success) and others not
@@ -48,10 +47,9 @@ is reported as a failed round.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,17 +70,19 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
-from swarmrt.wire.codecs import CODEC_NAMES
+from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
+from swarmrt.local_sgd.rounds import AveragingResult, StateProvider
 
-__all__ = ["AveragingConfig", "AveragingResult", "StageAverager", "hivemind_compression"]
+__all__ = ["AveragingResult", "StageAverager", "hivemind_compression"]
 
-ALLREDUCE_CODECS = ("none", "fp16", "int8", "int8_blockwise")
-
-StateProvider = Callable[[], tuple[Any, Sequence[torch.Tensor]]]
+RESULT_MARGIN_S = 10.0
+"""The caller waits at most matchmaking timeout + all-reduce timeout + this for a round's result."""
 
 
 def hivemind_compression(codec: str) -> CompressionBase:
-    """hivemind's codec for a swarmrt codec name usable in the all-reduce."""
+    """hivemind's codec for a swarmrt codec name usable in the all-reduce (one of
+    :data:`~swarmrt.local_sgd.config.ALLREDUCE_CODECS`); ``ValueError`` for any other."""
+    check_allreduce_codec(codec, "all-reduce codec")
     if codec == "none":
         return NoCompression()
     if codec == "fp16":
@@ -98,85 +98,7 @@ def hivemind_compression(codec: str) -> CompressionBase:
                 "or use 'int8' or 'fp16'"
             ) from None
         return BlockwiseQuantization()
-    if codec.partition(":")[0] in CODEC_NAMES:
-        raise ValueError(f"codec {codec!r} cannot be used in hivemind's all-reduce; use one of {', '.join(ALLREDUCE_CODECS)}")
-    raise ValueError(f"unknown codec {codec!r}; the all-reduce takes one of {', '.join(ALLREDUCE_CODECS)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class AveragingConfig:
-    """How a stage group averages: codecs, group size and every timeout (all in seconds)."""
-
-    codec: str = "fp16"
-    """Codec of the all-reduce: none, fp16, int8 or int8_blockwise (needs bitsandbytes)."""
-    state_codec: str = "fp16"
-    """Codec of the state a joiner downloads (:meth:`StageAverager.load_state`)."""
-    target_group_size: int | None = None
-    """Form groups of up to this many peers (None: everyone who shows up in time)."""
-    min_group_size: int = 2
-    """A round needs at least this many peers; fewer is a failed round."""
-    matchmaking_time: float = 5.0
-    """Wait this long for peers to join a group before the all-reduce starts."""
-    request_timeout: float = 3.0
-    """Wait this long for a group leader's answer (must be < matchmaking_time)."""
-    matchmaking_timeout: float = 30.0
-    """Give up looking for a group after this long (``step(timeout=)``; > matchmaking_time)."""
-    next_chunk_timeout: float = 2.0
-    """A peer that sends no next chunk within this long is dropped from the round."""
-    allreduce_timeout: float = 20.0
-    """The all-reduce, once the group is formed, takes at most this long."""
-    state_timeout: float = 60.0
-    """:meth:`StageAverager.load_state` gives up after this long."""
-
-    def __post_init__(self) -> None:
-        hivemind_compression(self.codec)
-        hivemind_compression(self.state_codec)
-        if self.target_group_size is not None and (
-            not isinstance(self.target_group_size, int) or self.target_group_size < 2
-        ):
-            raise ValueError(f"averaging.target_group_size must be None or an int >= 2, got {self.target_group_size!r}")
-        if not isinstance(self.min_group_size, int) or self.min_group_size < 1:
-            raise ValueError(f"averaging.min_group_size must be an int >= 1, got {self.min_group_size!r}")
-        for name in ("matchmaking_time", "request_timeout", "matchmaking_timeout", "next_chunk_timeout",
-                     "allreduce_timeout", "state_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ValueError(f"averaging.{name} must be a finite number of seconds > 0, got {value!r}")
-        if self.request_timeout >= self.matchmaking_time:
-            raise ValueError(
-                f"averaging.request_timeout ({self.request_timeout}) must be < averaging.matchmaking_time "
-                f"({self.matchmaking_time}), or matchmaking can deadlock"
-            )
-        if self.matchmaking_timeout <= self.matchmaking_time:
-            raise ValueError(
-                f"averaging.matchmaking_timeout ({self.matchmaking_timeout}) must be > averaging.matchmaking_time "
-                f"({self.matchmaking_time})"
-            )
-        if self.allreduce_timeout <= 2 * self.next_chunk_timeout:
-            raise ValueError(
-                f"averaging.allreduce_timeout ({self.allreduce_timeout}) must be > 2 x averaging.next_chunk_timeout "
-                f"({self.next_chunk_timeout}) so a dead reducer is detected before the round times out"
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class AveragingResult:
-    """The outcome of one averaging round, as seen by this peer."""
-
-    succeeded: bool
-    """True if ``tensors`` holds the group's average (the same bytes on every peer that succeeded)."""
-    group_size: int
-    """Peers in the group (0 if no group formed)."""
-    contributors: int
-    """Peers of the group that averaged with a weight > 0."""
-    tensors: list[torch.Tensor] | None
-    """The averaged tensors (float32, CPU, owned by the caller) on success, else None."""
-    gathered: dict[str, Any]
-    """Peer id (base58) -> what that peer passed as ``gather``; empty if no group formed."""
-    error: str | None
-    """Why the round failed (None on success)."""
-    seconds: float
-    """Wall time of the round on this peer."""
+    raise AssertionError(f"ALLREDUCE_CODECS lists {codec!r} but it has no hivemind codec here")  # pragma: no cover
 
 
 class _AverageReturningRunner(AllReduceRunner):
@@ -282,10 +204,14 @@ class StageAverager:
     Starts a hivemind averager process (it shares ``dht``'s p2p daemon); call
     :meth:`shutdown` (or use it as a context manager) to stop it.
 
-    ``state_provider``, if given, is called in this process when another peer downloads
-    state and returns ``(metadata, tensors)``: metadata a small msgpack-able object, tensors
-    a list (e.g. DiLoCo's global params and outer momentum). Without it this peer serves no
-    state.
+    ``config`` is the run's ``[local_sgd]`` section (group size and every timeout);
+    ``codec`` and ``state_codec`` are the all-reduce's and the state download's codecs
+    (the run config's ``compression.pseudo_gradients`` and ``compression.state``).
+
+    ``state_provider`` (here or later through :meth:`serve_state`) is called in this
+    process when another peer downloads state and returns ``(metadata, tensors)``:
+    metadata a small msgpack-able object, tensors a list (e.g. DiLoCo's global params and
+    outer momentum). Without one this peer serves no state.
     """
 
     def __init__(
@@ -293,11 +219,15 @@ class StageAverager:
         dht: DHT,
         prefix: str,
         tensors: Sequence[torch.Tensor],
-        config: AveragingConfig | None = None,
+        config: LocalSGDSection,
         *,
+        codec: str,
+        state_codec: str,
         state_provider: StateProvider | None = None,
     ):
-        self.config = config if config is not None else AveragingConfig()
+        if not isinstance(config, LocalSGDSection):
+            raise TypeError(f"StageAverager config must be a LocalSGDSection, got {type(config).__name__}")
+        self.config = config
         if not isinstance(prefix, str) or not prefix or "." in prefix:
             raise ValueError(f"averaging prefix must be a non-empty str without '.', got {prefix!r}")
         templates = list(tensors)
@@ -306,25 +236,29 @@ class StageAverager:
         self.prefix = prefix
         self.shapes = [tuple(t.shape) for t in templates]
         buffers = [torch.zeros(shape, dtype=torch.float32) for shape in self.shapes]
-        config = self.config
         self._averager = _StageDecentralizedAverager(
             buffers,
             dht,
             start=False,
             prefix=prefix,
-            target_group_size=config.target_group_size,
+            target_group_size=None,  # everyone of the stage who shows up within matchmaking_time_s
             min_group_size=config.min_group_size,
-            min_matchmaking_time=config.matchmaking_time,
-            request_timeout=config.request_timeout,
-            next_chunk_timeout=config.next_chunk_timeout,
-            allreduce_timeout=config.allreduce_timeout,
-            compression=hivemind_compression(config.codec),
-            state_compression=hivemind_compression(config.state_codec),
+            min_matchmaking_time=config.matchmaking_time_s,
+            request_timeout=config.request_timeout_s,
+            next_chunk_timeout=config.next_chunk_timeout_s,
+            allreduce_timeout=config.allreduce_timeout_s,
+            compression=hivemind_compression(codec),
+            state_compression=hivemind_compression(state_codec),
             allow_state_sharing=state_provider is not None,
             shutdown_timeout=5,
         )
         self._averager.state_provider = state_provider
         self._averager.run_in_background(await_ready=True)
+
+    def serve_state(self, provider: StateProvider | None) -> None:
+        """Serve ``provider()`` to peers that download state from now on (None: serve nothing)."""
+        self._averager.state_provider = provider
+        self._averager.allow_state_sharing = provider is not None
 
     @property
     def peer_id(self) -> str:
@@ -340,11 +274,12 @@ class StageAverager:
         matchmaking_timeout: float | None = None,
     ) -> AveragingResult:
         """Average ``tensors`` with the group; never raises for network trouble, never blocks
-        longer than ``matchmaking_timeout + allreduce_timeout + 10`` seconds.
+        longer than ``matchmaking_timeout + local_sgd.allreduce_timeout_s + RESULT_MARGIN_S`` seconds.
 
         ``weight`` is this peer's share (0 for a peer with nothing to contribute); ``gather``
         is a small msgpack-able object delivered to every groupmate (e.g. a params hash);
-        ``matchmaking_timeout`` overrides the config's for this round (> matchmaking_time).
+        ``matchmaking_timeout`` overrides ``local_sgd.matchmaking_timeout_s`` for this round
+        (it must exceed ``local_sgd.matchmaking_time_s``).
         Raises ``ValueError`` only for arguments that could never work (shapes, weight).
         """
         started = time.monotonic()
@@ -355,14 +290,14 @@ class StageAverager:
             raise ValueError(f"StageAverager.average: weight must be a finite number >= 0, got {weight!r}")
         config = self.config
         if matchmaking_timeout is None:
-            matchmaking_timeout = config.matchmaking_timeout
+            matchmaking_timeout = config.matchmaking_timeout_s
         elif (
             not isinstance(matchmaking_timeout, (int, float))
-            or not config.matchmaking_time < matchmaking_timeout < math.inf
+            or not config.matchmaking_time_s < matchmaking_timeout < math.inf
         ):
             raise ValueError(
-                f"StageAverager.average: matchmaking_timeout must be finite and > matchmaking_time "
-                f"({config.matchmaking_time}), got {matchmaking_timeout!r}"
+                f"StageAverager.average: matchmaking_timeout must be finite and > local_sgd.matchmaking_time_s "
+                f"({config.matchmaking_time_s}), got {matchmaking_timeout!r}"
             )
 
         def failed(error: str, group_size: int = 0, contributors: int = 0, gathered: dict | None = None) -> AveragingResult:
@@ -382,7 +317,7 @@ class StageAverager:
         except Exception as error:  # the averager process is gone or refused the request
             return failed(f"could not start the round: {error!r}")
         try:
-            outcome = control.result(timeout=matchmaking_timeout + config.allreduce_timeout + 10)
+            outcome = control.result(timeout=matchmaking_timeout + config.allreduce_timeout_s + RESULT_MARGIN_S)
         except Exception as error:  # TimeoutError, AllreduceException, MatchmakingException, ...
             control.cancel()
             return failed(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
@@ -402,8 +337,9 @@ class StageAverager:
 
     def load_state(self, timeout: float | None = None) -> tuple[Any, list[torch.Tensor]] | None:
         """Download ``(metadata, tensors)`` from a peer that serves state (highest priority
-        first); None if no peer could deliver within ``timeout`` (default ``state_timeout``)."""
-        timeout = self.config.state_timeout if timeout is None else timeout
+        first); None if no peer could deliver within ``timeout`` (default
+        ``LocalSGDSection.state_timeout_s``)."""
+        timeout = self.config.state_timeout_s if timeout is None else timeout
         try:
             loaded = self._averager.load_state_from_peers(wait=True, timeout=timeout)
         except Exception:  # TimeoutError, or the averager process is gone

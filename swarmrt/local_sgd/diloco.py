@@ -34,45 +34,15 @@ state from a peer (:meth:`DiLoCo.load_state_dict`) before its next round.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["DiLoCo", "DiLoCoConfig"]
+from swarmrt.local_sgd.config import LocalSGDSection
 
-
-@dataclasses.dataclass(frozen=True)
-class DiLoCoConfig:
-    """Hyperparameters of DiLoCo's outer loop (config section ``local_sgd``)."""
-
-    inner_steps: int = 100
-    """H: inner optimizer steps between two outer rounds; 1 means averaging after every step."""
-    outer_lr: float = 0.7
-    """Learning rate of the outer SGD step applied to the averaged pseudo-gradient."""
-    outer_momentum: float = 0.9
-    """Momentum of the outer SGD (0 disables it; with lr 1 DiLoCo then equals plain averaging)."""
-    nesterov: bool = True
-    """Nesterov momentum for the outer SGD (needs ``outer_momentum > 0``)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.inner_steps, int) or isinstance(self.inner_steps, bool) or self.inner_steps < 1:
-            raise ValueError(f"local_sgd.inner_steps must be an int >= 1, got {self.inner_steps!r}")
-        if not _is_real(self.outer_lr) or not self.outer_lr > 0 or not math.isfinite(self.outer_lr):
-            raise ValueError(f"local_sgd.outer_lr must be a finite number > 0, got {self.outer_lr!r}")
-        if not _is_real(self.outer_momentum) or not 0 <= self.outer_momentum < 1:
-            raise ValueError(f"local_sgd.outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
-        if not isinstance(self.nesterov, bool):
-            raise ValueError(f"local_sgd.nesterov must be a bool, got {self.nesterov!r}")
-        if self.nesterov and self.outer_momentum == 0:
-            raise ValueError("local_sgd.nesterov needs local_sgd.outer_momentum > 0 (set nesterov = false)")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+__all__ = ["DiLoCo"]
 
 
 class DiLoCo:
@@ -82,10 +52,18 @@ class DiLoCo:
     place by the inner optimizer; :meth:`apply` and :meth:`load_state_dict`
     overwrite them in place, so the inner optimizer keeps working on the same
     tensors (its state, e.g. AdamW moments, is kept across rounds, as in DiLoCo).
+
+    ``config`` is the run's ``[local_sgd]`` section; DiLoCo reads ``inner_steps`` (H, which
+    must be >= 1 here: 0 means local SGD is off), ``outer_lr``, ``outer_momentum`` and
+    :attr:`~swarmrt.local_sgd.config.LocalSGDSection.uses_nesterov`.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], config: DiLoCoConfig | None = None):
-        self.config = config if config is not None else DiLoCoConfig()
+    def __init__(self, params: Iterable[torch.Tensor], config: LocalSGDSection):
+        if not isinstance(config, LocalSGDSection):
+            raise TypeError(f"DiLoCo config must be a LocalSGDSection, got {type(config).__name__}")
+        if config.inner_steps < 1:
+            raise ValueError(f"local_sgd.inner_steps is {config.inner_steps}: local SGD is off; DiLoCo needs H >= 1")
+        self.config = config
         self.params: list[torch.Tensor] = list(params)
         if not self.params:
             raise ValueError("DiLoCo needs at least one parameter tensor")
@@ -99,7 +77,7 @@ class DiLoCo:
             self.global_params,
             lr=self.config.outer_lr,
             momentum=self.config.outer_momentum,
-            nesterov=self.config.nesterov,
+            nesterov=self.config.uses_nesterov,
         )
         self.round = 0
         """Number of outer steps applied (successful rounds), loaded with the state."""
@@ -205,7 +183,7 @@ class DiLoCo:
             if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
                 raise ValueError(f"DiLoCo state global_params[{index}]: expected shape {list(param.shape)}, got {_describe(tensor)}")
         groups = state["outer_optimizer"].get("param_groups", [])
-        for field, ours in (("lr", self.config.outer_lr), ("momentum", self.config.outer_momentum), ("nesterov", self.config.nesterov)):
+        for field, ours in (("lr", self.config.outer_lr), ("momentum", self.config.outer_momentum), ("nesterov", self.config.uses_nesterov)):
             theirs = [group.get(field) for group in groups]
             if theirs != [ours]:
                 raise ValueError(f"DiLoCo state: outer optimizer {field} is {theirs}, this replica uses [{ours!r}]")
@@ -232,7 +210,7 @@ class DiLoCo:
             "has_momentum": has_momentum,
             "outer_lr": self.config.outer_lr,
             "outer_momentum": self.config.outer_momentum,
-            "nesterov": self.config.nesterov,
+            "nesterov": self.config.uses_nesterov,
         }
         return metadata, tensors
 

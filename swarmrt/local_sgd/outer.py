@@ -1,5 +1,5 @@
 """DiLoCo outer rounds for one stage peer: the glue between the stage worker, the pure
-:class:`swarmrt.local_sgd.diloco.DiLoCo` and hivemind averaging (:class:`swarmrt.local_sgd.averaging.StageAverager`).
+:class:`swarmrt.local_sgd.diloco.DiLoCo` and the stage group's averager.
 
 Every ``local_sgd.inner_steps`` inner optimizer steps, the compute thread
 snapshots the pseudo-gradient (global - local) and hands it to the averaging
@@ -8,7 +8,8 @@ instead of stalling the pipeline while the group forms and all-reduces. When
 the round returns, the compute thread applies it: the outer optimizer steps the
 global params with the group's average, and the local params become the new
 global params plus whatever the peer trained while the round was running
-(its drift since the snapshot), so no inner step is lost.
+(its drift since the snapshot), so no inner step is lost. A round that is due
+while the previous one still runs is skipped (rolled back at once).
 
 Consistency: every peer of a successful round starts it with the same global
 params and outer state and applies the same averaged bytes, so they end it
@@ -18,27 +19,42 @@ of step with the group (it missed a round, or a round failed only for it)
 downloads the global state from a groupmate instead of applying. A failed round
 (no group, a peer died mid-all-reduce, timeouts) is rolled back: global params
 and outer state stay as they were on every peer, local params are kept.
+
+The arrows: the peer builds the averager (:class:`swarmrt.local_sgd.averaging.StageAverager`)
+and hands it to :class:`OuterSync`, which it attaches to the worker
+(``worker.attach("outer", outer)``); the worker calls :meth:`OuterSync.after_step`
+after each inner step and never knows what local SGD is.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
-from swarmrt.config import RunConfig
-from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
-from swarmrt.local_sgd.averaging import AveragingConfig, AveragingResult, StageAverager
+from swarmrt.local_sgd.config import LocalSGDSection
+from swarmrt.local_sgd.diloco import DiLoCo
+from swarmrt.local_sgd.rounds import Averager, AveragingResult
 
-logger = logging.getLogger("swarmrt.outer")
+__all__ = ["OuterSync", "canonical_state"]
 
 
-def _canonical_state(gathered: dict) -> tuple[str, int]:
-    """The pre-round (hash, round) the group agrees to continue from: the one most peers
+class TrainedParams(Protocol):
+    """What the outer loop needs of the stage worker."""
+
+    params: list[torch.Tensor]
+    """The live parameters the inner optimizer steps (changed in place by the outer loop)."""
+
+    def params_changed(self) -> None:
+        """Called on the compute thread after the outer loop changed ``params`` in place."""
+
+
+def canonical_state(gathered: dict[str, Any]) -> tuple[str | None, int]:
+    """The pre-round ``(hash, round)`` the group agrees to continue from: the one most peers
     hold; ties go to the higher round, then the larger hash. Every groupmate sees the same
     gathered values, so every groupmate picks the same one."""
     counts = collections.Counter(((g or {}).get("hash"), int((g or {}).get("round", -1))) for g in gathered.values())
@@ -47,31 +63,40 @@ def _canonical_state(gathered: dict) -> tuple[str, int]:
 
 
 class OuterSync:
-    def __init__(self, worker, dht, config: RunConfig, submit_to_compute: Callable, log: Callable[[str], None] = print):
-        sgd = config.local_sgd
+    """DiLoCo's outer loop for one stage peer, overlapped with its inner steps.
+
+    ``worker``: the stage's parameters (:class:`TrainedParams`; a ``StageWorker``).
+    ``averager``: the stage group's :class:`~swarmrt.local_sgd.rounds.Averager`; the outer loop
+    serves its DiLoCo state through it and shuts it down in :meth:`close` (it owns it).
+    ``config``: the run's ``[local_sgd]`` section. ``submit_to_compute(fn, *args)`` runs ``fn``
+    on the worker's compute thread (the only thread that touches the parameters); ``log``
+    receives one line per round.
+
+    Threads: :meth:`after_step`, :meth:`state_dict`, :meth:`load_state_dict` and applying a
+    round run on the compute thread. Only the averager's round runs on the outer loop's own
+    thread, on a copy of the pseudo-gradient; it touches neither the parameters nor DiLoCo.
+    """
+
+    def __init__(self, worker: TrainedParams, averager: Averager, config: LocalSGDSection, *,
+                 submit_to_compute: Callable[..., Any], log: Callable[[str], None] = print):
         self.worker = worker
+        self.averager = averager
+        self.config = config
         self.submit_to_compute = submit_to_compute
         self.log = log
-        self.diloco = DiLoCo(worker.params, DiLoCoConfig(
-            inner_steps=sgd.inner_steps, outer_lr=sgd.outer_lr, outer_momentum=sgd.outer_momentum,
-            nesterov=sgd.nesterov and sgd.outer_momentum > 0))
-        self.averager = StageAverager(
-            dht, f"{config.run.id}_stage{worker.stage}", worker.params,
-            AveragingConfig(codec=config.compression.pseudo_gradients, state_codec=config.compression.state,
-                            min_group_size=sgd.min_group_size, matchmaking_time=sgd.matchmaking_time_s,
-                            request_timeout=min(3.0, sgd.matchmaking_time_s / 2),
-                            matchmaking_timeout=sgd.matchmaking_timeout_s, next_chunk_timeout=sgd.next_chunk_timeout_s,
-                            allreduce_timeout=sgd.allreduce_timeout_s),
-            state_provider=self._state_for_peers)
+        self.diloco = DiLoCo(worker.params, config)
         self._rounds = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="outer-round")
         self._busy = threading.Event()
         self._shared_state = self.diloco.export_state()  # what groupmates download; refreshed on the compute thread
         self._state_lock = threading.Lock()
         self.history: collections.deque = collections.deque(maxlen=1000)
+        """One dict per round (round, outcome, group, members, contributors, seconds, hash, pre_hash, error)."""
         self.closed = False
+        averager.serve_state(self._state_for_peers)
 
     # -- called on the compute thread ---------------------------------------------------------
-    def after_inner_step(self) -> None:
+    def after_step(self) -> None:
+        """The worker took an inner optimizer step: start a round when one is due."""
         if not self.diloco.record_inner_step():
             return
         if self._busy.is_set():  # the previous round is still running: this one is skipped
@@ -90,7 +115,7 @@ class OuterSync:
                 self.diloco.rollback()
                 self._record(round_no, "rolled back", result, pre_hash)
                 return
-            canonical, canonical_round = _canonical_state(result.gathered)
+            canonical, canonical_round = canonical_state(result.gathered)
             if pre_hash != canonical:
                 # out of step with the group: adopt the group's global state (after its groupmates
                 # applied this round) instead of applying an average to stale global params
@@ -114,10 +139,11 @@ class OuterSync:
             self.averager.state_sharing_priority = float(self.diloco.round)
             self._busy.clear()
 
-    def _load_group_state(self, min_round: int, attempts: int = 5):
-        """Group state of round >= ``min_round`` (groupmates may still be applying theirs)."""
-        for _ in range(attempts):
-            loaded = self.averager.load_state(timeout=10.0)
+    def _load_group_state(self, min_round: int):
+        """Group state of round >= ``min_round`` (groupmates may still be applying theirs):
+        up to ``state_attempts`` downloads of up to ``state_timeout_s`` each; None if none had it."""
+        for _ in range(self.config.state_attempts):
+            loaded = self.averager.load_state(timeout=self.config.state_timeout_s)
             if loaded is not None and int(loaded[0].get("round", -1)) >= min_round:
                 return loaded
         return None
@@ -139,10 +165,11 @@ class OuterSync:
                  "contributors": result.contributors, "seconds": round(result.seconds, 2),
                  "hash": self.diloco.params_hash(), "pre_hash": pre_hash, "error": result.error}
         self.history.append(entry)
+        # the format of this line is swarmrt.testing.asserts.OUTER_ROUND_OK's contract
         self.log(f"outer round {round_no} {outcome}: group {result.group_size}, contributors {result.contributors}, "
                  f"{result.seconds:.2f} s, hash {entry['hash']}, members {members}" + (f" ({result.error})" if result.error else ""))
 
-    # -- state for joiners (via the stage's GetState) --------------------------------------------
+    # -- state for joiners and checkpoints (the worker saves it under the name it was attached with)
     def state_dict(self) -> dict:
         return self.diloco.state_dict()
 
@@ -153,6 +180,7 @@ class OuterSync:
         self.averager.state_sharing_priority = float(self.diloco.round)
 
     def close(self) -> None:
+        """Stop starting and applying rounds and shut the averager down (a running round is abandoned)."""
         self.closed = True
         self._rounds.shutdown(wait=False, cancel_futures=True)
         self.averager.shutdown()

@@ -23,7 +23,7 @@ import dataclasses
 import io
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -84,6 +84,28 @@ class _Context:
     epoch: int
 
 
+class StageExtension(Protocol):
+    """Something that runs beside a stage worker and follows its steps and state (DiLoCo's
+    outer loop does). Attached with :meth:`StageWorker.attach`; the worker never needs to
+    know what it is. Every call comes on the worker's compute thread."""
+
+    def after_step(self) -> None:
+        """The worker just took an inner optimizer step (its parameters changed)."""
+
+    def state_dict(self) -> Any:
+        """This extension's part of the stage's state (joiners, checkpoints); tensors and plain data."""
+
+    def load_state_dict(self, state: Any) -> None:
+        """Adopt a part saved by :meth:`state_dict`. Called before the worker loads the module, so
+        parameters it sets are then overwritten by the donor's own."""
+
+    def close(self) -> None:
+        """The worker is closing."""
+
+
+_STATE_KEYS = frozenset({"stage", "module", "optimizer", "version", "samples_applied"})
+
+
 def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
     opt = config.optimizer
     if opt.name == "sgd":
@@ -112,7 +134,7 @@ class StageWorker:
         self.samples_applied = 0
         self.microbatches_applied = 0
         self.throughput = 0.0  # samples/s of forward+backward, EMA
-        self.outer = None  # swarmrt.local_sgd.outer.OuterSync when local SGD is on
+        self.extensions: dict[str, StageExtension] = {}  # by name, the key of their state (see attach)
         self.epoch = 0  # bumped whenever parameters change in place; kept contexts of older epochs are stale
         self._ledger = open(ledger_path, "a", buffering=1) if ledger_path else None
         self._lock = threading.Lock()  # guards counters read by other threads (Info, heartbeats)
@@ -238,32 +260,40 @@ class StageWorker:
         with self._lock:
             self.samples_pending = 0
             self.version += 1
-        if self.outer is not None:
-            self.outer.after_inner_step()
+        for extension in self.extensions.values():
+            extension.after_step()
 
     def params_changed(self) -> None:
         """Call (on the compute thread) after changing parameters in place."""
         self.epoch += 1
+
+    def attach(self, name: str, extension: StageExtension) -> None:
+        """Run ``extension`` beside this worker: it is told of every inner step, its state travels
+        with the stage's under ``name`` (e.g. ``"outer"``), and it is closed with the worker."""
+        if not name or name in _STATE_KEYS or name in self.extensions:
+            raise ValueError(f"extension name {name!r} is taken or empty; "
+                             f"taken: {sorted(_STATE_KEYS | set(self.extensions))}")
+        self.extensions[name] = extension
 
     # -- state for joiners and checkpoints ------------------------------------------------------
     def state_bytes(self) -> bytes:
         buffer = io.BytesIO()
         torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                     "version": self.version, "samples_applied": self.samples_applied,
-                    "outer": self.outer.state_dict() if self.outer is not None else None}, buffer)
+                    **{name: extension.state_dict() for name, extension in self.extensions.items()}}, buffer)
         return buffer.getvalue()
 
     def load_state_bytes(self, data: bytes) -> None:
         state = torch.load(io.BytesIO(data), weights_only=True)
         if state.get("stage") != self.stage:
             raise StageError(f"state is for stage {state.get('stage')}, this peer serves stage {self.stage}")
-        self.module.load_state_dict(state["module"])
+        for name, extension in self.extensions.items():
+            if state.get(name) is not None:  # e.g. DiLoCo's global params + outer momentum (local := global)
+                extension.load_state_dict(state[name])
+        self.module.load_state_dict(state["module"])  # the donor's own parameters, on top
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.params_changed()
-        if self.outer is not None and state.get("outer") is not None:
-            self.outer.load_state_dict(state["outer"])  # global params + outer momentum; local := global
-            self.module.load_state_dict(state["module"])  # then the donor's local params on top
         with self._lock:
             self.version = int(state["version"])
 
@@ -273,7 +303,7 @@ class StageWorker:
                     "microbatches_applied": self.microbatches_applied}
 
     def close(self) -> None:
-        if self.outer is not None:
-            self.outer.close()
+        for extension in self.extensions.values():
+            extension.close()
         if self._ledger is not None:
             self._ledger.close()

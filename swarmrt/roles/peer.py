@@ -234,12 +234,16 @@ class Peer:
 
     def start_outer_sync(self) -> None:
         """Local SGD's outer loop, before the gRPC server starts: the averager forks."""
-        worker, servicer, stage, dht, config = self.worker, self.servicer, self.stage, self.dht, self.config
-        if config.local_sgd.inner_steps > 0 and worker.params:
+        worker, servicer, stage, config = self.worker, self.servicer, self.stage, self.config
+        if config.local_sgd.enabled and worker.params:
+            from swarmrt.local_sgd.averaging import StageAverager
             from swarmrt.local_sgd.outer import OuterSync
 
-            worker.outer = OuterSync(worker, dht, config, submit_to_compute=servicer.executor.submit,
-                                     log=lambda line: say(f"stage {stage}: {line}"))
+            averager = StageAverager(self.dht, f"{config.run.id}_stage{stage}", worker.params, config.local_sgd,
+                                     codec=config.compression.pseudo_gradients, state_codec=config.compression.state)
+            worker.attach("outer", OuterSync(worker, averager, config.local_sgd,
+                                             submit_to_compute=servicer.executor.submit,
+                                             log=lambda line: say(f"stage {stage}: {line}")))
 
     async def on_compute_thread(self, fn, *args):
         """Run ``fn(*args)`` on the stage's compute thread (where forwards and backwards run)."""

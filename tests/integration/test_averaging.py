@@ -14,22 +14,22 @@ import hivemind
 import pytest
 import torch
 
-from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
-from swarmrt.local_sgd.averaging import AveragingConfig, StageAverager, hivemind_compression
+from swarmrt.local_sgd.averaging import StageAverager, hivemind_compression
+from swarmrt.local_sgd.config import LocalSGDSection
+from swarmrt.local_sgd.diloco import DiLoCo
 from swarmrt.roles import proc
 
 pytestmark = pytest.mark.integration
 
-CONFIG = AveragingConfig(
-    codec="int8",  # lossy: shows that every peer still gets the same bytes
-    state_codec="none",
-    matchmaking_time=1.0,
-    request_timeout=0.5,
-    matchmaking_timeout=15.0,
-    next_chunk_timeout=2.0,
-    allreduce_timeout=20.0,
-    state_timeout=15.0,
+# the run config's [local_sgd] section is the averager's config (request timeout derived: 0.5 s)
+CONFIG = LocalSGDSection(
+    inner_steps=1,
+    matchmaking_time_s=1.0,
+    matchmaking_timeout_s=15.0,
+    next_chunk_timeout_s=2.0,
+    allreduce_timeout_s=20.0,
 )
+CODECS = {"codec": "int8", "state_codec": "none"}  # int8 is lossy: shows that every peer still gets the same bytes
 SHAPES = [(300_000,), (17, 33)]  # 1.2 MB: split into several parts, reduced by both peers
 
 
@@ -80,9 +80,10 @@ def test_two_peers_average_weight_and_share_state():
             hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
         )
         templates = tensors(0)
-        diloco_a = DiLoCo([torch.nn.Parameter(torch.ones(4))], DiLoCoConfig(inner_steps=1))
-        averagers.append(StageAverager(dhts[0], "testrun_stage1", templates, CONFIG, state_provider=diloco_a.export_state))
-        averagers.append(StageAverager(dhts[1], "testrun_stage1", templates, CONFIG))
+        diloco_a = DiLoCo([torch.nn.Parameter(torch.ones(4))], CONFIG)
+        averagers.append(StageAverager(dhts[0], "testrun_stage1", templates, CONFIG, **CODECS,
+                                       state_provider=diloco_a.export_state))
+        averagers.append(StageAverager(dhts[1], "testrun_stage1", templates, CONFIG, **CODECS))
 
         # round 1: different tensors, equal weights -> both peers get the mean, the same bytes
         a, b = tensors(1), tensors(2)
@@ -118,11 +119,22 @@ def test_two_peers_average_weight_and_share_state():
 
         # a joiner downloads the first peer's DiLoCo state and matches its hash
         diloco_a.apply([torch.full((4,), 0.5)])
-        joiner = DiLoCo([torch.nn.Parameter(torch.zeros(4))], DiLoCoConfig(inner_steps=1))
+        joiner = DiLoCo([torch.nn.Parameter(torch.zeros(4))], CONFIG)
         loaded = averagers[1].load_state()
         assert loaded is not None
         joiner.import_state(*loaded)
         assert joiner.params_hash() == diloco_a.params_hash() and joiner.round == 1
+
+        # serving state can start later (the outer loop is handed a running averager): now both serve
+        diloco_b = DiLoCo([torch.nn.Parameter(torch.zeros(4))], CONFIG)
+        for _ in range(3):
+            diloco_b.apply([torch.full((4,), -1.0)])
+        averagers[1].serve_state(diloco_b.export_state)
+        averagers[1].state_sharing_priority = float(diloco_b.round)  # round 3 beats the first peer's round 1
+        deadline, loaded = time.monotonic() + 30, None
+        while loaded is None and time.monotonic() < deadline:  # its announcement reaches the DHT in the background
+            loaded = averagers[0].load_state(timeout=5.0)
+        assert loaded is not None and loaded[0]["round"] == 3
 
         # alone (the other peer does not show up), a round fails within its bounds
         started = time.monotonic()
@@ -139,16 +151,14 @@ def test_two_peers_average_weight_and_share_state():
 
 
 def test_codec_mapping_refuses_what_the_allreduce_cannot_carry():
+    assert type(hivemind_compression("none")).__name__ == "NoCompression"
     assert type(hivemind_compression("fp16")).__name__ == "Float16Compression"
     assert type(hivemind_compression("int8")).__name__ == "Uniform8BitQuantization"
-    for codec in ("topk", "topk:0.1", "bf16"):
+    for codec in ("topk", "topk:0.1", "bf16", "int8_blockwise:1024"):
         with pytest.raises(ValueError, match="cannot be used in hivemind's all-reduce"):
             hivemind_compression(codec)
     with pytest.raises(ValueError, match="unknown codec 'zstd'"):
         hivemind_compression("zstd")
-    with pytest.raises(ValueError, match=r"averaging\.request_timeout .* must be < averaging\.matchmaking_time"):
-        AveragingConfig(matchmaking_time=1.0, request_timeout=2.0)
-    with pytest.raises(ValueError, match=r"averaging\.allreduce_timeout"):
-        AveragingConfig(next_chunk_timeout=5.0, allreduce_timeout=8.0)
-    with pytest.raises(ValueError, match=r"averaging\.next_chunk_timeout must be a finite number"):
-        AveragingConfig(next_chunk_timeout=float("inf"))
+    # the config's timeout rules are the section's (tests/unit/test_local_sgd.py); the averager takes nothing else
+    with pytest.raises(TypeError, match="must be a LocalSGDSection"):
+        StageAverager(None, "run_stage0", [torch.zeros(2)], {"matchmaking_time": 1.0}, **CODECS)

@@ -19,6 +19,11 @@ def test_defaults_are_valid_and_digest_is_stable():
     ({"model": {"layer_ranges": [[0, 2], [3, 5]]}}, "model.layer_ranges[1]"),
     ({"routing": {"skip_ratio": 1.5}}, "routing.skip_ratio"),
     ({"run": {"id": "has space"}}, "run.id"),
+    ({"local_sgd": {"inner_steps": -1}}, "local_sgd.inner_steps"),
+    ({"local_sgd": {"matchmaking_time_s": 20.0}}, "local_sgd.matchmaking_timeout_s"),
+    ({"local_sgd": {"inner_steps": 4, "lr": 0.7}}, "local_sgd.lr"),
+    ({"compression": {"pseudo_gradients": "topk"}}, "compression.pseudo_gradients"),
+    ({"compression": {"state": "bf16"}}, "compression.state"),
 ])
 def test_bad_values_name_the_field(raw, names):
     with pytest.raises(ConfigError) as e:
@@ -44,3 +49,16 @@ def test_missing_and_unparsable_files_are_clear(tmp_path):
     (tmp_path / "bad.toml").write_text("[model\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(tmp_path / "bad.toml")
+
+
+def test_local_sgd_section_is_composed_from_its_package():
+    from swarmrt.local_sgd.config import LocalSGDSection
+
+    config = config_from_dict({"local_sgd": {"inner_steps": 5}})
+    assert type(config.local_sgd) is LocalSGDSection and config.local_sgd.inner_steps == 5
+    # the section's keys are exactly the user-facing ones (derived values and fixed limits are
+    # not keys, so the training-config hash that peers and checkpoints compare is unchanged)
+    assert sorted(config.to_dict()["local_sgd"]) == [
+        "allreduce_timeout_s", "inner_steps", "matchmaking_time_s", "matchmaking_timeout_s", "min_group_size",
+        "nesterov", "next_chunk_timeout_s", "outer_lr", "outer_momentum"]
+    assert with_overrides(config, local_sgd={"outer_lr": 0.5}).local_sgd == LocalSGDSection(inner_steps=5, outer_lr=0.5)

@@ -1,11 +1,15 @@
-"""DiLoCo outer-step arithmetic: golden trajectories, rollback, state and hashes."""
+"""DiLoCo outer-step arithmetic: golden trajectories, rollback, state and hashes; its config section."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
 
-from swarmrt.local_sgd.diloco import DiLoCo, DiLoCoConfig
+from swarmrt.config import ConfigError, config_from_dict
+from swarmrt.local_sgd.config import ALLREDUCE_CODECS, LocalSGDSection, check_allreduce_codec
+from swarmrt.local_sgd.diloco import DiLoCo
+from swarmrt.wire.codecs import CODEC_NAMES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -14,8 +18,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_config_defaults_are_the_paper_defaults():
-    config = DiLoCoConfig()
+    config = LocalSGDSection()
     assert (config.outer_lr, config.outer_momentum, config.nesterov) == (0.7, 0.9, True)
+    assert config.inner_steps == 0 and not config.enabled  # local SGD is off unless asked for
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.outer_lr = 1.0
 
@@ -23,7 +28,7 @@ def test_config_defaults_are_the_paper_defaults():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"inner_steps": 0}, "inner_steps"),
+        ({"inner_steps": -1}, "inner_steps"),
         ({"inner_steps": 2.0}, "inner_steps"),
         ({"inner_steps": True}, "inner_steps"),
         ({"outer_lr": 0.0}, "outer_lr"),
@@ -32,28 +37,91 @@ def test_config_defaults_are_the_paper_defaults():
         ({"outer_momentum": 1.0}, "outer_momentum"),
         ({"outer_momentum": -0.1}, "outer_momentum"),
         ({"nesterov": 1}, "nesterov"),
-        ({"outer_momentum": 0.0}, "nesterov"),  # nesterov=True (default) needs momentum
+        ({"min_group_size": 0}, "min_group_size"),
+        ({"next_chunk_timeout_s": float("inf")}, "next_chunk_timeout_s"),
+        ({"matchmaking_time_s": 0}, "matchmaking_time_s"),
+        ({"matchmaking_time_s": 5.0, "matchmaking_timeout_s": 5.0}, "matchmaking_timeout_s"),
+        ({"next_chunk_timeout_s": 5.0, "allreduce_timeout_s": 8.0}, "allreduce_timeout_s"),
     ],
 )
 def test_config_refuses_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"local_sgd\.{field}"):
-        DiLoCoConfig(**kwargs)
+        LocalSGDSection(**kwargs)
+    with pytest.raises(ConfigError, match=rf"local_sgd\.{field}"):  # and so does the run config
+        config_from_dict({"local_sgd": kwargs})
+
+
+def test_diloco_refuses_a_section_with_local_sgd_off():
+    with pytest.raises(ValueError, match=r"local_sgd\.inner_steps is 0: local SGD is off"):
+        DiLoCo([torch.nn.Parameter(torch.ones(2))], LocalSGDSection(inner_steps=0))
+
+
+def test_the_keys_in_use_keep_their_names():
+    raw = {"local_sgd": {"inner_steps": 4, "outer_lr": 0.5, "outer_momentum": 0.8, "nesterov": False,
+                         "min_group_size": 3, "matchmaking_time_s": 2.0, "matchmaking_timeout_s": 8.0,
+                         "next_chunk_timeout_s": 1.0, "allreduce_timeout_s": 10.0},
+           "compression": {"pseudo_gradients": "int8", "state": "fp16"}}
+    config = config_from_dict(raw)
+    assert config.local_sgd == LocalSGDSection(**raw["local_sgd"])
+    assert (config.compression.pseudo_gradients, config.compression.state) == ("int8", "fp16")
+    with pytest.raises(ConfigError, match=r"local_sgd\.matchmaking_time: unknown key; known: .*matchmaking_time_s"):
+        config_from_dict({"local_sgd": {"matchmaking_time": 2.0}})  # the averager's old name is not a key
+
+
+def test_request_timeout_is_derived_below_the_matchmaking_time():
+    # what the outer loop used to compute by hand: half the matchmaking time, at most 3 s
+    for matchmaking_time_s, expected in ((0.2, 0.1), (1.0, 0.5), (3.0, 1.5), (6.0, 3.0), (60.0, 3.0)):
+        section = LocalSGDSection(matchmaking_time_s=matchmaking_time_s, matchmaking_timeout_s=100.0)
+        assert section.request_timeout_s == expected
+        assert section.request_timeout_s < section.matchmaking_time_s  # hivemind deadlocks otherwise
+
+
+def test_nesterov_has_no_effect_without_momentum():
+    # a config that says outer_momentum = 0 and leaves nesterov at its default runs plain outer SGD
+    # (torch refuses Nesterov without momentum); replicas exchange state with that setting
+    section = LocalSGDSection(inner_steps=1, outer_lr=0.5, outer_momentum=0.0)
+    assert section.nesterov and not section.uses_nesterov
+    assert LocalSGDSection(inner_steps=1).uses_nesterov
+    a = DiLoCo([torch.nn.Parameter(torch.ones(2))], section)
+    assert a.outer_optimizer.param_groups[0]["nesterov"] is False
+    a.apply([torch.full((2,), 0.5)])
+    assert a.global_params[0].tolist() == [0.75, 0.75]  # 1 - 0.5 x 0.5, no momentum
+    b = DiLoCo([torch.nn.Parameter(torch.zeros(2))],
+               LocalSGDSection(inner_steps=1, outer_lr=0.5, outer_momentum=0.0, nesterov=False))
+    b.import_state(*a.export_state())
+    assert b.params_hash() == a.params_hash()
+
+
+def test_one_codec_list_checked_against_the_swarmrt_codecs():
+    assert set(ALLREDUCE_CODECS) <= set(CODEC_NAMES)
+    for codec in ALLREDUCE_CODECS:
+        check_allreduce_codec(codec, "compression.pseudo_gradients")
+        config = config_from_dict({"compression": {"pseudo_gradients": codec, "state": codec}})
+        assert config.compression.pseudo_gradients == codec
+    for key in ("pseudo_gradients", "state"):
+        with pytest.raises(ConfigError, match=rf"compression\.{key}: codec 'bf16' cannot be used in hivemind's all-reduce"):
+            config_from_dict({"compression": {key: "bf16"}})
+        with pytest.raises(ConfigError, match=rf"compression\.{key}: unknown codec 'zstd'"):
+            config_from_dict({"compression": {key: "zstd"}})
 
 
 def test_constructor_refuses_bad_params():
+    config = LocalSGDSection(inner_steps=1)
     with pytest.raises(ValueError, match="at least one"):
-        DiLoCo([])
+        DiLoCo([], config)
     with pytest.raises(ValueError, match=r"params\[1\] must be a floating-point tensor"):
-        DiLoCo([torch.zeros(2), torch.zeros(2, dtype=torch.int64)])
+        DiLoCo([torch.zeros(2), torch.zeros(2, dtype=torch.int64)], config)
     p = torch.zeros(2)
     with pytest.raises(ValueError, match="repeat"):
-        DiLoCo([p, p])
+        DiLoCo([p, p], config)
+    with pytest.raises(TypeError, match="must be a LocalSGDSection"):
+        DiLoCo([p], {"inner_steps": 1})
 
 
 # ------------------------------------------------------------------------------------ golden
 
 
-PLAIN_SGD = DiLoCoConfig(inner_steps=6, outer_lr=2.0, outer_momentum=0.0, nesterov=False)
+PLAIN_SGD = LocalSGDSection(inner_steps=6, outer_lr=2.0, outer_momentum=0.0, nesterov=False)
 
 
 def run_fixed_gradient(config, rounds, fail=()):
@@ -98,7 +166,7 @@ def test_fixed_gradient_mock_with_a_failed_round():
     assert diloco.round == 4 and diloco.failed_rounds == 1
 
 
-NESTEROV = DiLoCoConfig(inner_steps=6, outer_lr=0.5, outer_momentum=0.5, nesterov=True)
+NESTEROV = LocalSGDSection(inner_steps=6, outer_lr=0.5, outer_momentum=0.5, nesterov=True)
 
 
 def test_fixed_gradient_mock_with_nesterov_by_hand():
@@ -150,7 +218,7 @@ def test_one_peer_with_outer_sgd_lr1_no_momentum_equals_plain_training():
     plain_losses = train(plain_model, batches)
 
     model, same_batches = make_model_and_data(seed=0)
-    config = DiLoCoConfig(inner_steps=4, outer_lr=1.0, outer_momentum=0.0, nesterov=False)
+    config = LocalSGDSection(inner_steps=4, outer_lr=1.0, outer_momentum=0.0, nesterov=False)
     diloco = DiLoCo(model.parameters(), config)
     losses = train(model, same_batches, diloco)
 
@@ -170,7 +238,7 @@ def test_outer_momentum_changes_the_trajectory():
     plain_model, batches = make_model_and_data(seed=0)
     train(plain_model, batches)
     model, same_batches = make_model_and_data(seed=0)
-    diloco = DiLoCo(model.parameters(), DiLoCoConfig(inner_steps=4))
+    diloco = DiLoCo(model.parameters(), LocalSGDSection(inner_steps=4))
     train(model, same_batches, diloco)
     with torch.no_grad():
         gap = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), plain_model.parameters()))
@@ -182,7 +250,7 @@ def test_outer_momentum_changes_the_trajectory():
 
 def test_schedule_and_weight():
     w = torch.nn.Parameter(torch.zeros(2))
-    diloco = DiLoCo([w], DiLoCoConfig(inner_steps=3))
+    diloco = DiLoCo([w], LocalSGDSection(inner_steps=3))
     assert diloco.weight == 0.0  # nothing trained yet: contributes nothing
     assert [diloco.record_inner_step() for _ in range(3)] == [False, False, True]
     assert diloco.weight == 1.0 and diloco.round_due
@@ -195,7 +263,7 @@ def test_schedule_and_weight():
 
 def test_pseudo_gradient_is_global_minus_local_and_apply_validates():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    diloco = DiLoCo([w], DiLoCoConfig(inner_steps=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False))
+    diloco = DiLoCo([w], LocalSGDSection(inner_steps=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False))
     with torch.no_grad():
         w.sub_(torch.tensor([0.5, -1.0]))
     assert diloco.pseudo_gradient()[0].tolist() == [0.5, -1.0]
@@ -222,7 +290,7 @@ def test_peers_applying_the_same_average_share_the_hash():
     peers, inners = [], []
     for seed in (1, 2):
         model, _ = make_model_and_data(seed=0)  # same initial params on both peers
-        peers.append(DiLoCo(model.parameters(), DiLoCoConfig(inner_steps=2)))
+        peers.append(DiLoCo(model.parameters(), LocalSGDSection(inner_steps=2)))
         inners.append((model, torch.optim.AdamW(model.parameters(), lr=1e-2), torch.Generator().manual_seed(seed)))
     assert peers[0].params_hash() == peers[1].params_hash()
     for _ in range(3):
@@ -242,9 +310,13 @@ def test_peers_applying_the_same_average_share_the_hash():
 
 def test_hash_covers_params_and_momentum():
     w = torch.nn.Parameter(torch.ones(4))
-    diloco = DiLoCo([w], DiLoCoConfig(inner_steps=1))
+    diloco = DiLoCo([w], LocalSGDSection(inner_steps=1))
     first = diloco.params_hash()
-    assert len(first) == 16 and int(first, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{16}", first), first
+    twin = DiLoCo([torch.nn.Parameter(torch.ones(4))], LocalSGDSection(inner_steps=1))
+    assert twin.params_hash() == first  # a function of the values, not of the tensor objects
+    other = DiLoCo([torch.nn.Parameter(torch.full((4,), 2.0))], LocalSGDSection(inner_steps=1))
+    assert other.params_hash() != first
     diloco.apply([torch.ones(4)])
     after_step = diloco.params_hash()
     assert after_step != first
@@ -257,7 +329,7 @@ def test_hash_covers_params_and_momentum():
 
 def test_state_dict_round_trip_makes_a_joiner_identical():
     model, _ = make_model_and_data(seed=0)
-    veteran = DiLoCo(model.parameters(), DiLoCoConfig(inner_steps=1))
+    veteran = DiLoCo(model.parameters(), LocalSGDSection(inner_steps=1))
     for step in range(3):
         with torch.no_grad():
             for p in model.parameters():
@@ -267,7 +339,7 @@ def test_state_dict_round_trip_makes_a_joiner_identical():
     state = veteran.state_dict()
 
     joiner_model, _ = make_model_and_data(seed=7)  # different initial params
-    joiner = DiLoCo(joiner_model.parameters(), DiLoCoConfig(inner_steps=1))
+    joiner = DiLoCo(joiner_model.parameters(), LocalSGDSection(inner_steps=1))
     joiner.record_inner_step()
     assert joiner.params_hash() != veteran.params_hash()
     joiner.load_state_dict(state)
@@ -286,12 +358,12 @@ def test_state_dict_round_trip_makes_a_joiner_identical():
 
 def test_load_state_dict_refuses_mismatches():
     w = torch.nn.Parameter(torch.ones(4))
-    diloco = DiLoCo([w], DiLoCoConfig(inner_steps=1))
+    diloco = DiLoCo([w], LocalSGDSection(inner_steps=1))
     state = diloco.state_dict()
-    other = DiLoCo([torch.nn.Parameter(torch.ones(5))], DiLoCoConfig(inner_steps=1))
+    other = DiLoCo([torch.nn.Parameter(torch.ones(5))], LocalSGDSection(inner_steps=1))
     with pytest.raises(ValueError, match=r"global_params\[0\]: expected shape \[5\]"):
         other.load_state_dict(state)
-    other_lr = DiLoCo([torch.nn.Parameter(torch.ones(4))], DiLoCoConfig(inner_steps=1, outer_lr=0.5))
+    other_lr = DiLoCo([torch.nn.Parameter(torch.ones(4))], LocalSGDSection(inner_steps=1, outer_lr=0.5))
     with pytest.raises(ValueError, match=r"outer optimizer lr is \[0.7\], this replica uses \[0.5\]"):
         other_lr.load_state_dict(state)
     with pytest.raises(ValueError, match="lacks 'round'"):
@@ -300,9 +372,9 @@ def test_load_state_dict_refuses_mismatches():
 
 def test_export_import_state_for_flat_transport():
     model, _ = make_model_and_data(seed=0)
-    veteran = DiLoCo(model.parameters(), DiLoCoConfig(inner_steps=1))
+    veteran = DiLoCo(model.parameters(), LocalSGDSection(inner_steps=1))
     joiner_model, _ = make_model_and_data(seed=3)
-    joiner = DiLoCo(joiner_model.parameters(), DiLoCoConfig(inner_steps=1))
+    joiner = DiLoCo(joiner_model.parameters(), LocalSGDSection(inner_steps=1))
 
     metadata, tensors = veteran.export_state()  # before any round: no momentum yet
     assert metadata["has_momentum"] is False and len(tensors) == 4

@@ -1,0 +1,129 @@
+"""The ``[local_sgd]`` section of the run config: every knob of DiLoCo and its averaging, once.
+
+One frozen dataclass, one docstring under each field, one validation in
+``__post_init__`` (torchtitan's habit). Its consumers read it directly:
+
+- :class:`swarmrt.local_sgd.diloco.DiLoCo` takes ``inner_steps``, ``outer_lr``,
+  ``outer_momentum`` and :attr:`LocalSGDSection.uses_nesterov`;
+- :class:`swarmrt.local_sgd.averaging.StageAverager` takes the group size and
+  the timeouts, plus :attr:`LocalSGDSection.request_timeout_s`, derived here;
+- :class:`swarmrt.local_sgd.outer.OuterSync` takes ``inner_steps`` (through
+  DiLoCo) and the state-download limits (:attr:`LocalSGDSection.state_timeout_s`,
+  :attr:`LocalSGDSection.state_attempts`).
+
+The all-reduce's codecs are keys of ``[compression]`` (``pseudo_gradients``,
+``state``) next to the pipeline's codecs; :data:`ALLREDUCE_CODECS` is the one
+list of what they may be, and :func:`check_allreduce_codec` the one check.
+
+Pure: no clock, no network, no process; errors are ``ValueError`` naming the key
+(``swarmrt.config`` turns them into ``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+from swarmrt.wire.codecs import CODEC_NAMES
+
+__all__ = ["ALLREDUCE_CODECS", "LocalSGDSection", "check_allreduce_codec"]
+
+ALLREDUCE_CODECS: tuple[str, ...] = ("none", "fp16", "int8", "int8_blockwise")
+"""swarmrt codec names (see :mod:`swarmrt.wire.codecs`) that hivemind's all-reduce can carry.
+``int8`` is hivemind's uniform 8-bit (clips beyond 3 sigma); ``int8_blockwise`` needs
+bitsandbytes on every peer of the group. ``bf16`` and ``topk`` have no hivemind counterpart
+(and a sum of sparse vectors is not sparse)."""
+
+
+def check_allreduce_codec(name: Any, key: str) -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``name`` is in :data:`ALLREDUCE_CODECS`."""
+    if isinstance(name, str) and name in ALLREDUCE_CODECS:
+        return
+    takes = ", ".join(ALLREDUCE_CODECS)
+    if isinstance(name, str) and name.partition(":")[0] in CODEC_NAMES:
+        raise ValueError(f"{key}: codec {name!r} cannot be used in hivemind's all-reduce; it takes {takes}")
+    raise ValueError(f"{key}: unknown codec {name!r}; the all-reduce takes {takes}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"local_sgd.{key}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDSection:
+    """DiLoCo across the peers of each stage (Douillard et al. 2023): every ``inner_steps`` inner
+    optimizer steps a stage group all-reduces its pseudo-gradients and takes an outer step."""
+
+    inner_steps: int = 0
+    """H: inner optimizer steps between outer averaging rounds of a stage group; 0 disables averaging."""
+    outer_lr: float = 0.7
+    """Outer (Nesterov SGD) learning rate, applied to the averaged pseudo-gradient."""
+    outer_momentum: float = 0.9
+    """Outer momentum (0: plain outer SGD; with outer_lr 1 that is plain parameter averaging)."""
+    nesterov: bool = True
+    """Nesterov momentum for the outer step. With outer_momentum 0 there is no momentum to look
+    ahead with and this has no effect (see :attr:`uses_nesterov`)."""
+    min_group_size: int = 2
+    """A round needs at least this many peers of the stage; fewer is a failed (rolled back) round."""
+    matchmaking_time_s: float = 3.0
+    """How long peers gather into a group before the all-reduce starts."""
+    matchmaking_timeout_s: float = 15.0
+    """Give up forming a group after this long (the round is rolled back)."""
+    next_chunk_timeout_s: float = 2.0
+    """A groupmate that sends no next chunk within this long is dropped (a dead peer cannot stall the round)."""
+    allreduce_timeout_s: float = 20.0
+    """An all-reduce takes at most this long once the group has formed."""
+
+    state_timeout_s: ClassVar[float] = 10.0
+    """Fixed, not a key: the longest one download of a groupmate's DiLoCo state may take (a peer
+    that finds itself out of step with its group catches up this way)."""
+    state_attempts: ClassVar[int] = 5
+    """Fixed, not a key: downloads an out-of-step peer tries before it gives up on a round
+    (groupmates may still be applying the round it wants)."""
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.inner_steps) and self.inner_steps >= 0, "inner_steps",
+                 f"must be an integer >= 0, got {self.inner_steps!r}")
+        _require(_is_real(self.outer_lr) and self.outer_lr > 0, "outer_lr",
+                 f"must be a finite number > 0, got {self.outer_lr!r}")
+        _require(_is_real(self.outer_momentum) and 0 <= self.outer_momentum < 1, "outer_momentum",
+                 f"must be in [0, 1), got {self.outer_momentum!r}")
+        _require(isinstance(self.nesterov, bool), "nesterov", f"must be true or false, got {self.nesterov!r}")
+        _require(_is_int(self.min_group_size) and self.min_group_size >= 1, "min_group_size",
+                 f"must be an integer >= 1, got {self.min_group_size!r}")
+        for key in ("matchmaking_time_s", "matchmaking_timeout_s", "next_chunk_timeout_s", "allreduce_timeout_s"):
+            value = getattr(self, key)
+            _require(_is_real(value) and value > 0, key, f"must be a finite number of seconds > 0, got {value!r}")
+        _require(self.matchmaking_timeout_s > self.matchmaking_time_s, "matchmaking_timeout_s",
+                 f"must exceed local_sgd.matchmaking_time_s ({self.matchmaking_time_s}), got {self.matchmaking_timeout_s}")
+        _require(self.allreduce_timeout_s > 2 * self.next_chunk_timeout_s, "allreduce_timeout_s",
+                 f"must exceed 2 x local_sgd.next_chunk_timeout_s ({self.next_chunk_timeout_s}) so a dead "
+                 f"groupmate is dropped before the round times out, got {self.allreduce_timeout_s}")
+
+    @property
+    def enabled(self) -> bool:
+        """True when stage groups average (``inner_steps > 0``)."""
+        return self.inner_steps > 0
+
+    @property
+    def uses_nesterov(self) -> bool:
+        """Whether the outer SGD uses Nesterov momentum: ``nesterov`` and ``outer_momentum > 0``.
+        Every replica's outer optimizer is built with this, and state is exchanged with it."""
+        return self.nesterov and self.outer_momentum > 0
+
+    @property
+    def request_timeout_s(self) -> float:
+        """How long a peer waits for a group leader's answer while matchmaking: half of
+        ``matchmaking_time_s``, at most 3 s. Derived, not a key: hivemind needs it below the
+        matchmaking time, or matchmaking can deadlock."""
+        return min(3.0, self.matchmaking_time_s / 2)
