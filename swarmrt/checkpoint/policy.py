@@ -4,7 +4,7 @@ The I/O lives in :mod:`swarmrt.checkpoint.store`; this module only decides.
 Like every decision module, each function returns what it decided
 and why, and time is an argument (``now``), never read from a clock.
 
-- :class:`CheckpointSection`: the ``[checkpoint]`` section of the run config.
+- It reads :class:`swarmrt.config.CheckpointSection`, the ``[checkpoint]`` section of the run config.
 - :func:`checkpoint_due`: is a periodic checkpoint due at this step and time?
 - :func:`is_checkpoint_writer`: which one of a stage's live peers writes it.
 - :func:`leave_checkpoint_due`: must a peer that is leaving write one first?

@@ -1,6 +1,6 @@
 """The stage worker: one stage's module, its optimizer, and the forward/backward it serves.
 
-No network here: the gRPC servicer (``swarmrt.wire.server``) calls these methods
+No network here: the gRPC servicer (:mod:`swarmrt.pipeline.service`) calls these methods
 on a single compute thread, so the module, the gradient accumulators and the
 optimizer are only ever touched by one thread.
 
