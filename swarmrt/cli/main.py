@@ -98,16 +98,20 @@ def cmd_train(args) -> int:
             trainer = Trainer(config, dht, client=client, stream=args.stream, metrics_path=args.metrics_file,
                               progress=args.progress if args.progress is not None else sys.stderr.isatty(),
                               trainer_id=args.trainer_id)
-            summary = await trainer.run(args.steps, start_step=start_step, stop=stop)
-            text = json.dumps(summary, indent=1)
-            if args.summary_file:
-                pathlib.Path(args.summary_file).write_text(text)
-            print(text, flush=True)
+            _print_result(await trainer.run(args.steps, start_step=start_step, stop=stop), args.summary_file)
             return 0
         finally:
             await asyncio.to_thread(dht.shutdown)
 
     return run(main())
+
+
+def _print_result(result: dict, summary_file: str | None) -> None:
+    """A role's closing JSON: printed, and written to ``--summary-file`` when given."""
+    text = json.dumps(result, indent=1)
+    if summary_file:
+        pathlib.Path(summary_file).write_text(text)
+    print(text, flush=True)
 
 
 # -- eval (and the skip check of peer/train) ----------------------------------------------------
@@ -148,11 +152,7 @@ def cmd_eval(args) -> int:
         try:
             trainer = Trainer(config, dht, client=StageClient(config.network.max_tensor_mb),
                               trainer_id=f"eval-{int(time.time())}")
-            result = await trainer.evaluate(stages, args.batches)
-            text = json.dumps(result, indent=1)
-            if args.summary_file:
-                pathlib.Path(args.summary_file).write_text(text)
-            print(text, flush=True)
+            _print_result(await trainer.evaluate(stages, args.batches), args.summary_file)
             return 0
         finally:
             await asyncio.to_thread(dht.shutdown)

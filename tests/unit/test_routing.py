@@ -104,6 +104,17 @@ def _route_many(policy, n, rng):
     return counts
 
 
+def _rule_pick(table, stage, rng, load):
+    """The peer choose_peer draws for ``stage`` over the views a trainer builds from ``table``: throughput
+    from the compute times (None when unmeasured), ``load(peer)`` as the load."""
+    views = []
+    for p in table.peers_of(stage):
+        info = table.get(p)
+        throughput = 1.0 / (info.forward_s + info.backward_s) if info.measured else None
+        views.append(PeerView(p, throughput, load(p)))
+    return choose_peer(views, None, 0.0, rng)[0].peer_id
+
+
 def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
     """Same table, same seeded rng: every peer SwarmWiring picks is choose_peer's pick over the views the
     trainer would build (throughput from the compute times, None when unmeasured; load = the table's
@@ -118,15 +129,7 @@ def test_the_swarm_policy_draws_exactly_what_choose_peer_draws():
     live = []
     for i in range(300):
         route, _ = policy.route(None, 0.0, ours, microbatch=i)
-        expected = []
-        for stage in (0, 1, 2):
-            views = []
-            for p in table.peers_of(stage):
-                info = table.get(p)
-                throughput = 1.0 / (info.forward_s + info.backward_s) if info.measured else None
-                views.append(PeerView(p, throughput, max(table.in_flight(p), own[p])))
-            peer, _ = choose_peer(views, None, 0.0, theirs)
-            expected.append(peer.peer_id)
+        expected = [_rule_pick(table, stage, theirs, lambda p: max(table.in_flight(p), own[p])) for stage in (0, 1, 2)]
         assert list(route.path) == expected, f"microbatch {i}: policy {route.path}, rule {expected}"
         own.update(expected)
         live.append(route)
@@ -147,14 +150,7 @@ def test_a_trainer_that_redraws_each_hop_adds_nothing_to_the_tables_load():
     ours, theirs = random.Random(9), random.Random(9)
     for i in range(200):  # none finished: with routes counted, a and c would soon look busy
         route, _ = policy.route(None, 0.0, ours, microbatch=i)
-        expected = []
-        for stage in (0, 1, 2):
-            views = []
-            for p in table.peers_of(stage):
-                info = table.get(p)
-                throughput = 1.0 / (info.forward_s + info.backward_s) if info.measured else None
-                views.append(PeerView(p, throughput, table.in_flight(p)))
-            expected.append(choose_peer(views, None, 0.0, theirs)[0].peer_id)
+        expected = [_rule_pick(table, stage, theirs, table.in_flight) for stage in (0, 1, 2)]
         assert list(route.path) == expected, f"microbatch {i}: policy {route.path}, rule {expected}"
 
 
