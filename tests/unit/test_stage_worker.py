@@ -63,7 +63,7 @@ def test_pipeline_matches_the_unsplit_model(raw):
         ref_grads = [p.grad.clone() for p in reference.parameters()]
         losses = [run_microbatch(config, workers, f"{step}:{i}", x[i * 4:(i + 1) * 4], y[i * 4:(i + 1) * 4],
                                  recompute_on={1} if step == 1 else ()) for i in range(2)]
-        assert sum(losses) / x.shape[0] == pytest.approx(float(ref_loss), abs=1e-5)
+        assert sum(losses) / x.shape[0] == pytest.approx(ref_loss.item(), abs=1e-5)
         ref_opt.step()
         swarm_params = [p for w in workers for p in w.module.parameters()]
         for p_ref, p_swarm in zip(reference.parameters(), swarm_params):
