@@ -80,13 +80,18 @@ def imports_of(name: str) -> list[tuple[str, int]]:
     """Every module ``name`` imports, anywhere in the file (top level or inside functions), with its line;
     ``from pkg import sub`` counts as importing ``pkg.sub`` when that is a module."""
     path = MODULES[name]
-    tree = ast.parse(path.read_text(), str(path))
+    return imports_in_source(path.read_text(), name, path.name == "__init__.py")
+
+
+def imports_in_source(source: str, name: str, is_package: bool = False) -> list[tuple[str, int]]:
+    """:func:`imports_of` for the text of module ``name``."""
+    tree = ast.parse(source, name)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = _resolve("", node, name, path.name == "__init__.py")
+            base = _resolve("", node, name, is_package)
             out.append((base, node.lineno))
             out += [(f"{base}.{alias.name}", node.lineno) for alias in node.names if f"{base}.{alias.name}" in MODULES]
     return out
@@ -191,6 +196,18 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycles():
     assert _cycles(_graph()) == []
+
+
+def test_the_import_reader_sees_imports_inside_functions_and_relative_ones():
+    source = (
+        "import torch\n"
+        "from . import paths\n"
+        "def late():\n"
+        "    import time\n"
+        "    from swarmrt.roles import trainer\n"
+    )
+    found = {module for module, _ in imports_in_source(source, "swarmrt.routing.example")}
+    assert {"torch", "time", "swarmrt.routing.paths", "swarmrt.roles.trainer"} <= found
 
 
 def test_the_cycle_finder_finds_cycles():
