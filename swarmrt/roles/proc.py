@@ -13,7 +13,9 @@ import asyncio
 import dataclasses
 import os
 import pathlib
+import select
 import signal
+import time
 
 TAG_VAR = "SWARMRT_SWARM_ID"
 """Environment variable that tags every process of one local swarm (inherited by
@@ -91,6 +93,29 @@ def processes_with_env(var: str, value: str) -> list[int]:
 def tagged_processes(tag: str) -> list[int]:
     """Live processes carrying ``SWARMRT_SWARM_ID=tag`` (one LocalSwarm's children and theirs)."""
     return processes_with_env(TAG_VAR, tag)
+
+
+def wait_for_exit(pids, timeout: float) -> list[int]:
+    """Block until every process in ``pids`` has exited (a zombie counts as exited) or ``timeout``
+    seconds pass; returns the pids still running. Works for any process, not only children: the
+    kernel signals each exit on a pidfd (Linux 5.3+), so nothing is polled."""
+    deadline = time.monotonic() + timeout
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            try:
+                fds[os.pidfd_open(pid)] = pid
+            except ProcessLookupError:
+                pass  # already gone
+        while fds and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(fds), [], [], left)
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return sorted(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def kill_descendants(sig: int = signal.SIGKILL) -> None:

@@ -180,6 +180,9 @@ class Trainer:
         self.batches = Batches(config.data, config.run.seed, stream)
         self.peers_changed = asyncio.Event()
         self.status = ""
+        self.waiting = asyncio.Event()
+        """Set when a microbatch starts waiting for peers (:attr:`status` says why); cleared by
+        the next view of the swarm. For progress displays and tests that act while a trainer waits."""
 
     # -- discovery ---------------------------------------------------------------------------
     async def refresh_peers(self) -> None:
@@ -194,6 +197,7 @@ class Trainer:
             self.peers[stage] = [r for r in records if r.stage == stage and r.state == "serving"]
         self.records = {r.peer_id: r for stage in self.peers.values() for r in stage}
         self._sync(self.routing, self.clock())
+        self.waiting.clear()
         self.peers_changed.set()
 
     async def _refresh_loop(self) -> None:
@@ -243,6 +247,7 @@ class Trainer:
             if now > deadline:
                 raise NoPeers(f"{what} for {timeout:g} s")
             self.status = f"{what}; waiting"
+            self.waiting.set()
             self.peers_changed.clear()
             try:
                 await asyncio.wait_for(self.peers_changed.wait(), timeout=min(1.0, deadline - now))

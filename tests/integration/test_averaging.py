@@ -40,14 +40,6 @@ def descendants(pid):
     return proc.descendants(pid, live_only=True, ignore_programs=frozenset({"torch_shm_manager"}))
 
 
-def wait_until(condition, deadline_s, what):
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def tensors(seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen) for shape in SHAPES]
@@ -146,8 +138,12 @@ def test_two_peers_average_weight_and_share_state():
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
-    wait_until(lambda: not multiprocessing.active_children(), 30, "averager and DHT processes to exit")
-    wait_until(lambda: set(descendants(os.getpid())) <= before, 30, "p2pd and other descendants to exit")
+    children = multiprocessing.active_children()  # the averagers' and DHTs' processes
+    assert proc.wait_for_exit([c.pid for c in children], 30) == [], "averager and DHT processes did not exit"
+    for child in children:
+        child.join(timeout=5)  # reap them
+    assert proc.wait_for_exit(set(descendants(os.getpid())) - before, 30) == [], \
+        "p2pd and other descendants did not exit"
 
 
 def test_codec_mapping_refuses_what_the_allreduce_cannot_carry():

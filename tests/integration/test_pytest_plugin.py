@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 import swarmrt
-from swarmrt.roles.proc import processes_with_env
+from swarmrt.roles.proc import processes_with_env, wait_for_exit
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def test_user_test_times_out(local_swarm, tmp_path):
     count("timeout.during")
     signal.setitimer(signal.ITIMER_REAL, 0.2)  # pytest-timeout's alarm, armed at 120 s, goes off now
     while True:  # a test stuck waiting for something that never comes
-        time.sleep(0.05)
+        signal.pause()
 test_user_test_times_out = pytest.mark.timeout(120, method="signal")(test_user_test_times_out)
 
 def test_test_process_is_killed_outright(local_swarm, tmp_path):
@@ -64,10 +64,12 @@ def test_test_process_is_killed_outright(local_swarm, tmp_path):
 
 
 def wait_until_gone(marker, timeout=30.0):
+    """The marked processes still running after waiting up to ``timeout`` s for them to exit
+    (looked up again after each wait, in case one had started a child in the meantime)."""
     deadline = time.monotonic() + timeout
     while (left := processes_with_env(MARK, marker)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
+        wait_for_exit(left, deadline - time.monotonic())
+    return processes_with_env(MARK, marker)
 
 
 @pytest.fixture

@@ -13,11 +13,6 @@ from swarmrt.config import ConfigError, RunConfig, with_overrides
 from swarmrt.roles.peer import PeerOptions, Peer, download_state, drain, heartbeat
 
 
-async def until(condition):
-    while not condition():
-        await asyncio.sleep(0)  # let the task under test run (callers bound this with wait_for)
-
-
 class FakeAnnouncer:
     def __init__(self, serving=("me",), fail=0):
         self.announced, self.serving, self.fail = [], list(serving), fail
@@ -92,7 +87,8 @@ def test_drain_announces_leaving_waits_for_in_flight_work_then_checkpoints_if_la
         servicer.inflight = 1
         servicer.idle.clear()
         task = asyncio.create_task(drain(servicer, announcer, checkpoints, grace_s=30))
-        await asyncio.wait_for(until(lambda: announcer.announced == ["leaving"]), timeout=5)
+        await asyncio.wait_for(announcer.beat.wait(), timeout=5)  # set as `leaving` is announced
+        assert announcer.announced == ["leaving"]
         assert servicer.state == "leaving" and not task.done() and checkpoints.on_leave == []
         servicer.inflight = 0
         servicer.idle.set()  # the last request finished

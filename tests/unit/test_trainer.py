@@ -223,9 +223,8 @@ def test_a_stage_without_peers_waits_with_a_status_line_then_raises_no_peers(swa
 
     async def go():
         task = asyncio.create_task(trainer.train_step(0))
-        while not task.done():
-            statuses.append(trainer.status)
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(trainer.waiting.wait(), timeout=5)
+        statuses.append(trainer.status)
         return await task
 
     with pytest.raises(NoPeers, match=r"stage 1 has no peers \(no peers\) for 0.3 s"):
@@ -239,8 +238,8 @@ def test_a_peer_that_joins_while_the_trainer_waits_is_used(swarms):
 
     async def go():
         task = asyncio.create_task(trainer.train_step(0))
-        while not trainer.status.startswith("stage 2 has no peers"):
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(trainer.waiting.wait(), timeout=5)
+        assert trainer.status.startswith("stage 2 has no peers")
         trainer.view_peers(swarm.records)
         return await task
 
