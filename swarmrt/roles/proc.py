@@ -131,7 +131,7 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
     """Write a file another process waits for (a ready file, an address file) so that it never
     sees it half written: write ``PATH.tmp``, then rename."""
     path = pathlib.Path(path)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")  # PATH.tmp: two files of one stem never share a temp file
     tmp.write_text(text)
     tmp.rename(path)
 

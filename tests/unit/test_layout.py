@@ -67,7 +67,8 @@ def _modules() -> dict[str, pathlib.Path]:
 MODULES = _modules()
 
 
-def _resolve(base: str, node: ast.ImportFrom, module_name: str, is_package: bool) -> str:
+def _resolve(node: ast.ImportFrom, module_name: str, is_package: bool) -> str:
+    """The absolute module a ``from ... import`` names (relative imports resolved against ``module_name``)."""
     if node.level == 0:
         return node.module or ""
     package = module_name if is_package else module_name.rpartition(".")[0]
@@ -91,7 +92,7 @@ def imports_in_source(source: str, name: str, is_package: bool = False) -> list[
         if isinstance(node, ast.Import):
             out += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = _resolve("", node, name, is_package)
+            base = _resolve(node, name, is_package)
             out.append((base, node.lineno))
             out += [(f"{base}.{alias.name}", node.lineno) for alias in node.names if f"{base}.{alias.name}" in MODULES]
     return out

@@ -135,6 +135,15 @@ def inner_step(worker, outer, *delta):
     outer.after_step()
 
 
+def finish_first_round(worker, outer, averager, compute, *delta):
+    """Two inner steps of ``delta`` (H = 2 starts round 0), the averager's round, then its outcome
+    applied on the compute thread."""
+    inner_step(worker, outer, *delta)
+    inner_step(worker, outer, *delta)
+    averager.wait_for_round(0)
+    compute.run_next()
+
+
 def make(worker, averager, config=PLAIN):
     compute, lines = Compute(), []
     outer = OuterSync(worker, averager, config, submit_to_compute=compute.submit,
@@ -202,10 +211,7 @@ def test_failed_round_rolls_back_and_the_next_round_carries_its_steps():
     outer, compute, lines = make(worker, averager)
     pre_hash = outer.diloco.params_hash()
 
-    inner_step(worker, outer, 0.5)
-    inner_step(worker, outer, 0.5)
-    averager.wait_for_round(0)
-    compute.run_next()
+    finish_first_round(worker, outer, averager, compute, 0.5)
     # nothing moved: global stays (every peer of the group rolls back alike), local keeps its steps
     assert outer.diloco.global_params[0].tolist() == [1.0] and worker.values() == [0.0]
     assert outer.diloco.params_hash() == pre_hash and outer.diloco.round == 0
@@ -243,10 +249,7 @@ def test_out_of_step_peer_loads_the_groups_post_round_state():
     outer, compute, lines = make(worker, averager)
     pre_hash = outer.diloco.params_hash()
 
-    inner_step(worker, outer, 0.5, 0.5)
-    inner_step(worker, outer, 0.5, 0.5)
-    averager.wait_for_round(0)
-    compute.run_next()
+    finish_first_round(worker, outer, averager, compute, 0.5, 0.5)
     # the average (9) was not applied to stale global params: the group's post-round state was loaded
     assert averager.load_calls == [PLAIN.state_timeout_s] * 2
     assert outer.diloco.round == 5 and outer.diloco.params_hash() == after[0]
@@ -265,10 +268,7 @@ def test_out_of_step_peer_whose_download_fails_rolls_back():
     outer, compute, lines = make(worker, averager)
     pre_hash = outer.diloco.params_hash()
 
-    inner_step(worker, outer, 0.5, 0.5)
-    inner_step(worker, outer, 0.5, 0.5)
-    averager.wait_for_round(0)
-    compute.run_next()
+    finish_first_round(worker, outer, averager, compute, 0.5, 0.5)
     assert averager.load_calls == [PLAIN.state_timeout_s] * PLAIN.state_attempts
     assert outer.diloco.round == 0 and outer.diloco.params_hash() == pre_hash
     assert worker.values() == [0.0, 0.0]  # local progress kept, as in any rolled-back round
@@ -287,10 +287,7 @@ def test_a_peer_that_holds_the_canonical_state_applies_despite_a_disagreeing_mat
     # with one disagreeing mate the tie goes to the larger hash (ours, here): this peer applies
     averager.replies = [lambda tensors, weight, gather: AveragingResult(
         True, 2, 2, [torch.tensor([0.5])], {ME: gather, MATE: {"hash": "0" * 16, "round": 0}}, None, 1.0)]
-    inner_step(worker, outer, 0.5)
-    inner_step(worker, outer, 0.5)
-    averager.wait_for_round(0)
-    compute.run_next()
+    finish_first_round(worker, outer, averager, compute, 0.5)
     assert averager.load_calls == [] and outer.diloco.round == 1
     assert outer.diloco.global_params[0].tolist() == [0.5] and worker.values() == [0.5]
 
