@@ -327,9 +327,8 @@ class Trainer:
         try:
             while position < len(route.hops):
                 if not chosen_now:  # SWARM: this hop's peer is drawn now that its input is ready
-                    now = self.clock()
-                    self._sync(routes, now)
-                    route, _ = routes.repick(route, position, failed, now, self.rng)
+                    routes.set_own_load(self.inflight)  # the view and bans change only by sync
+                    route, _ = routes.repick(route, position, failed, self.clock(), self.rng)
                 chosen_now = False
                 stage, peer_id = route.hops[position]
                 try:

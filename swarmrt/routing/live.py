@@ -157,6 +157,8 @@ class LiveRouting:
         # recompute on backward), so memory is no hard limit here: room for a whole window.
         self.memory = max(1, self.window)
         self._step_overheads: list[float] = []
+        self._announced: dict[str, int] = {}
+        """The load each peer of the table announced, as of the last :meth:`sync`."""
 
     # -- the live swarm ----------------------------------------------------------------------
     def sync(self, records: Iterable[StageRecord], banned: Collection[str],
@@ -186,6 +188,15 @@ class LiveRouting:
             if r.peer_id not in self.table or self._differs(r, forward, backward, own_figure):
                 self.table.upsert(r.peer_id, r.stage, forward, backward, self.memory, measured=own_figure)
             self.table.set_in_flight(r.peer_id, r.load + own_load.get(r.peer_id, 0))
+        self._announced = {r.peer_id: r.load for r in live.values()}
+
+    def set_own_load(self, own_load: Mapping[str, int]) -> None:
+        """This trainer's requests in flight changed (nothing else did): each peer's in-flight figure
+        becomes its announced load (as of the last :meth:`sync`) plus ``own_load``. What a hop
+        re-draw needs, without re-reading the whole view."""
+        for peer, own in own_load.items():
+            if peer in self.table:
+                self.table.set_in_flight(peer, self._announced.get(peer, 0) + own)
 
     def _differs(self, r: StageRecord, forward: float, backward: float, measured: bool) -> bool:
         info = self.table.get(r.peer_id)

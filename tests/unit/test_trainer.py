@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import random
 
 import grpc
@@ -260,12 +261,25 @@ def test_swarm_routes_draw_each_hop_with_the_current_load():
     for mb in range(200):
         route, why = routing.route(0.0, rng, mb)
         assert route is not None, why
-        routing.sync(records, banned=(), own_load={"s1p0": 50})
+        routing.set_own_load({"s1p0": 50})  # what the trainer does before each hop's draw
         route, _ = routing.repick(route, 1, (), 0.0, rng)
         picks[route.hops[1].peer] += 1
         routing.finished(route)
-        routing.sync(records, banned=())
+        routing.set_own_load({"s1p0": 0})
     assert picks["s1p1"] > 180, picks
+
+
+def test_own_load_adds_to_the_load_a_peer_announced():
+    config = config_from_dict(MLP)
+    routing = LiveRouting(config)
+    records = [dataclasses.replace(r, load=2) if r.peer_id == "s1p0" else r
+               for r in InProcessSwarm.build(config, peers_per_stage=2).records]
+    routing.sync(records, banned=())
+    assert routing.table.in_flight("s1p0") == 2
+    routing.set_own_load({"s1p0": 3, "gone": 1})  # a peer not in the view is ignored
+    assert routing.table.in_flight("s1p0") == 5 and "gone" not in routing.table
+    routing.set_own_load({"s1p0": 0})
+    assert routing.table.in_flight("s1p0") == 2
 
 
 # -- evaluation ------------------------------------------------------------------------------------
