@@ -42,7 +42,9 @@ def test_retried_faults_leave_the_loss_curve_unchanged(local_swarm, fault_plan):
     plan = fault_plan(seed=0)
     plan.drop_rpc(Peer(0, 1), "Forward", count=1, at_step=2)
     plan.delay_rpc(Peer(1, 1), "Backward", delay_s=4.0, count=1, at_step=4)  # past the 3 s deadline
-    plan.slow(Peer(1, 1), factor=3, duration_s=2.0, at_step=6)
+    # until the end of the run: a 2 s window could pass between two steps' calls and leave the peer
+    # never slowed (unconfirmed) when the trainer is fast; the rest of the run always calls it
+    plan.slow(Peer(1, 1), factor=3, at_step=6)
     plan.hang(Peer(0, 1), duration_s=1.0, at_step=9)  # shorter than a deadline: only a stall
     run = swarm.run_with_faults(plan, steps=STEPS, timeout=180)
 
