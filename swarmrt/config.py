@@ -211,6 +211,41 @@ class RoutingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RebalanceSection:
+    """How peers started without ``--stage`` choose a stage and move between stages
+    (:mod:`swarmrt.routing.rebalance` decides; pinned peers never move)."""
+
+    enabled: bool = True
+    """Peers without ``--stage`` move to where the swarm needs them; false: they stay where they joined."""
+    period_s: float = 5.0
+    """How often a peer re-checks the balance. A stage that has no peer is checked on every heartbeat."""
+    balance_quality: float = 0.8
+    """Move only when the swarm's bottleneck throughput now is below this share of what it would be
+    after the move (0.8: a move must raise it by more than 25%). In (0, 1]."""
+    cooldown_s: float = 30.0
+    """A peer that joined or moved less than this long ago does not move again (refills excepted:
+    no peer refills twice within it either)."""
+    join_settle_s: float = 1.0
+    """A joining peer announces where it means to go, waits a seeded random time up to this, re-reads
+    the other joiners and re-picks, so peers started in the same second spread over the stages."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool), "rebalance.enabled", f"must be true or false, got {self.enabled!r}")
+        for name in ("period_s", "join_settle_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                   and value > 0, f"rebalance.{name}", f"must be > 0, got {value!r}")
+        _check(isinstance(self.cooldown_s, (int, float)) and not isinstance(self.cooldown_s, bool)
+               and math.isfinite(self.cooldown_s) and self.cooldown_s >= 0, "rebalance.cooldown_s",
+               f"must be >= 0, got {self.cooldown_s!r}")
+        _check(isinstance(self.balance_quality, (int, float)) and 0 < self.balance_quality <= 1,
+               "rebalance.balance_quality", f"must be in (0, 1], got {self.balance_quality!r}")
+
+    def rules(self) -> RebalanceRules:
+        return RebalanceRules(balance_quality=float(self.balance_quality), cooldown_s=float(self.cooldown_s))
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     location: str | None = None
     """Where checkpoints go: a local directory, or an fsspec URL (``s3://bucket/runs``,
@@ -260,6 +295,7 @@ class RunConfig:
     local_sgd: LocalSGDSection = dataclasses.field(default_factory=LocalSGDSection)
     routing: RoutingSection = dataclasses.field(default_factory=RoutingSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    rebalance: RebalanceSection = dataclasses.field(default_factory=RebalanceSection)
 
     def __post_init__(self) -> None:
         ratio = self.routing.skip_ratio

@@ -36,6 +36,7 @@ PURE = {
     "swarmrt.routing.links",
     "swarmrt.routing.timeline",
     "swarmrt.routing.live",
+    "swarmrt.routing.rebalance",
     "swarmrt.sim.scenario",
     "swarmrt.sim.simulator",
     "swarmrt.sim.planner",
