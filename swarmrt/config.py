@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
 from swarmrt.routing.paths import PathRules
+from swarmrt.routing.rebalance import RebalanceRules
 
 
 class ConfigError(ValueError):
@@ -223,8 +224,8 @@ class RebalanceSection:
     """Move only when the swarm's bottleneck throughput now is below this share of what it would be
     after the move (0.8: a move must raise it by more than 25%). In (0, 1]."""
     cooldown_s: float = 30.0
-    """A peer that joined or moved less than this long ago does not move again (refills excepted:
-    no peer refills twice within it either)."""
+    """A peer that joined or moved less than this long ago does not move again, except to fill a
+    stage that has no peer at all."""
     join_settle_s: float = 1.0
     """A joining peer announces where it means to go, waits a seeded random time up to this, re-reads
     the other joiners and re-picks, so peers started in the same second spread over the stages."""

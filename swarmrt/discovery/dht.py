@@ -11,10 +11,10 @@ from typing import Any
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from swarmrt.discovery.records import RUNS_KEY, StageRecord, stage_key
+from swarmrt.discovery.records import RUNS_KEY, JoinIntent, StageRecord, joining_key, stage_key
 
-__all__ = ["RUNS_KEY", "StageRecord", "stage_key", "announce", "announce_run", "read_stage", "read_runs",
-           "start_dht", "visible_maddrs"]
+__all__ = ["RUNS_KEY", "StageRecord", "JoinIntent", "stage_key", "announce", "announce_run", "announce_joining",
+           "read_stage", "read_swarm", "read_joining", "read_runs", "start_dht", "visible_maddrs"]
 
 
 def announce(dht: DHT, run_id: str, record: StageRecord, ttl: float, timeout: float = 5.0) -> bool:
@@ -25,6 +25,12 @@ def announce(dht: DHT, run_id: str, record: StageRecord, ttl: float, timeout: fl
 
 def announce_run(dht: DHT, run_id: str, stages: int, digest: str, ttl: float, timeout: float = 5.0) -> bool:
     ok = dht.store(RUNS_KEY, subkey=run_id, value={"stages": stages, "config": digest},
+                   expiration_time=get_dht_time() + ttl, return_future=True)
+    return bool(ok.result(timeout=timeout))
+
+
+def announce_joining(dht: DHT, run_id: str, intent: JoinIntent, ttl: float, timeout: float = 5.0) -> bool:
+    ok = dht.store(joining_key(run_id), subkey=intent.peer_id, value=intent.to_value(),
                    expiration_time=get_dht_time() + ttl, return_future=True)
     return bool(ok.result(timeout=timeout))
 
@@ -40,6 +46,27 @@ def read_stage(dht: DHT, run_id: str, stage: int, timeout: float = 5.0) -> list[
     """Live records of one stage (expired ones are already gone), sorted by peer id."""
     records = [StageRecord.from_value(v) for v in _subkey_values(dht, stage_key(run_id, stage), timeout).values()]
     return sorted((r for r in records if r is not None), key=lambda r: r.peer_id)
+
+
+def read_joining(dht: DHT, run_id: str, timeout: float = 5.0) -> list[JoinIntent]:
+    """Live join intents of a run (peers on their way to a stage), sorted by peer id."""
+    intents = [JoinIntent.from_value(v) for v in _subkey_values(dht, joining_key(run_id), timeout).values()]
+    return sorted((j for j in intents if j is not None), key=lambda j: j.peer_id)
+
+
+def read_swarm(dht: DHT, run_id: str, num_stages: int, timeout: float = 5.0
+               ) -> tuple[list[StageRecord], list[JoinIntent]]:
+    """Every stage's records and the run's join intents, all fetched at once."""
+    futures = [dht.get(stage_key(run_id, s), latest=True, return_future=True) for s in range(num_stages)]
+    futures.append(dht.get(joining_key(run_id), latest=True, return_future=True))
+    values = []
+    for future in futures:
+        found = future.result(timeout=timeout)
+        values.append({} if found is None or not isinstance(found.value, dict)
+                      else {sub: item.value for sub, item in found.value.items()})
+    records = [r for v in values[:-1] for r in map(StageRecord.from_value, v.values()) if r is not None]
+    intents = [j for j in map(JoinIntent.from_value, values[-1].values()) if j is not None]
+    return sorted(records, key=lambda r: (r.stage, r.peer_id)), sorted(intents, key=lambda j: j.peer_id)
 
 
 def read_runs(dht: DHT, timeout: float = 5.0) -> dict[str, dict[str, Any]]:

@@ -4,6 +4,8 @@ Records (values are msgpack-serialised dicts, via hivemind's own serializer):
 
 - ``swarmrt:runs`` / subkey ``<run_id>``: ``{"stages": S, "config": digest}``
 - ``<run_id>:stage:<n>`` / subkey ``<peer_id>``: :class:`StageRecord` fields
+- ``<run_id>:joining`` / subkey ``<peer_id>``: :class:`JoinIntent` fields: the stage a peer is
+  about to serve (while it chooses, loads the stage's state, or moves there)
 
 Every record expires by itself (``ttl``); a live peer re-announces on a
 heartbeat, so a dead one vanishes from routing within ``ttl`` seconds. Storing
@@ -13,15 +15,70 @@ and reading them is :mod:`swarmrt.discovery.dht`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
-from swarmrt.routing.rebalance import PeerState
+from swarmrt.routing.rebalance import JOINING, PeerState
 
 RUNS_KEY = "swarmrt:runs"
 
 
 def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}:stage:{stage}"
+
+
+def joining_key(run_id: str) -> str:
+    return f"{run_id}:joining"
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinIntent:
+    """A peer on its way to a stage: joining the swarm, or moving from another stage."""
+
+    peer_id: str
+    stage: int
+    pinned: bool
+    settled: bool
+    """It has made its choice (pinned, settled by the join protocol, or moving): joiners place around it."""
+    heartbeat: float
+    """DHT time of this announcement (a newer stage record of the same peer supersedes it)."""
+
+    def to_value(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "JoinIntent | None":
+        if not isinstance(value, dict):
+            return None
+        try:
+            intent = cls(**{f.name: value[f.name] for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError):
+            return None
+        ok = (isinstance(intent.peer_id, str) and isinstance(intent.stage, int) and isinstance(intent.pinned, bool)
+              and isinstance(intent.settled, bool)
+              and isinstance(intent.heartbeat, (int, float)))
+        return intent if ok else None
+
+
+def swarm_view(records: Iterable[StageRecord], intents: Iterable[JoinIntent], num_stages: int) -> list[PeerState]:
+    """One :class:`PeerState` per peer, from its newest announcement: a stage record, or a join
+    intent that is newer than any stage record of that peer (a peer on its way to a stage).
+    Records of stages outside ``0..num_stages-1`` are dropped."""
+    newest: dict[str, tuple[float, PeerState]] = {}
+
+    def offer(peer_id: str, heartbeat: float, state: PeerState) -> None:
+        if 0 <= state.stage < num_stages and (peer_id not in newest or heartbeat > newest[peer_id][0]):
+            newest[peer_id] = (heartbeat, state)
+
+    for r in records:
+        try:
+            offer(r.peer_id, float(r.heartbeat), r.policy_view())
+        except (TypeError, ValueError):  # a malformed record counts nowhere
+            continue
+    for j in intents:
+        offer(j.peer_id, float(j.heartbeat), PeerState(peer_id=j.peer_id, stage=j.stage, state=JOINING,
+                                                      pinned=j.pinned, settled=j.settled,
+                                                      since=float(j.heartbeat)))
+    return [newest[p][1] for p in sorted(newest)]
 
 
 @dataclasses.dataclass(frozen=True)

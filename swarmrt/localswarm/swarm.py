@@ -265,15 +265,32 @@ class LocalSwarm:
 
     # -- inspecting --------------------------------------------------------------------------
     def peers(self, stage: int | None = None, alive: bool = True) -> list[Role]:
-        return [r for r in self.roles if r.name.startswith("peer") and (stage is None or r.stage == stage)
-                and (not alive or r.alive())]
+        """Peer roles (alive ones by default), of ``stage`` if given: the stage each serves now, as its
+        ready file says (a peer rewrites it when it moves)."""
+        roles = [r for r in self.roles if r.name.startswith("peer") and (not alive or r.alive())]
+        for role in roles:
+            self._refresh_stage(role)
+        return [r for r in roles if stage is None or r.stage == stage]
+
+    def _refresh_stage(self, role: Role) -> None:
+        if role.address is None:
+            return
+        try:
+            stage, address, _ = (self.workdir / f"{role.name}.ready").read_text().split()
+            role.stage, role.address = int(stage), address
+        except (OSError, ValueError):
+            pass  # being rewritten: keep what we knew
 
     def ledger(self, stage: int) -> list[str]:
-        """Microbatch ids applied by every peer (dead ones included) that ever served ``stage``."""
+        """Microbatch ids applied on ``stage`` by every peer (dead ones included). A peer's ledger has one
+        ``STAGE MICROBATCH_ID`` line per applied microbatch, so a peer that moved counts on each stage it served."""
         ids: list[str] = []
-        for role in self.peers(stage, alive=False):
+        for role in self.peers(alive=False):
             if role.ledger is not None and role.ledger.exists():
-                ids += [line for line in role.ledger.read_text().splitlines() if line]
+                for line in role.ledger.read_text().splitlines():
+                    served, _, mb = line.partition(" ")
+                    if mb and served == str(stage):
+                        ids.append(mb)
         return ids
 
     # -- stopping ----------------------------------------------------------------------------

@@ -239,7 +239,7 @@ class StageWorker:
                 self.samples_applied += samples
                 self.microbatches_applied += 1
             if self._ledger is not None:
-                self._ledger.write(f"{microbatch_id}\n")
+                self._ledger.write(f"{self.stage} {microbatch_id}\n")
             if self.samples_pending >= self.config.optimizer.samples_per_step:
                 self._step()
                 stepped = True

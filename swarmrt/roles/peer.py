@@ -1,13 +1,17 @@
 """A stage peer: joins the DHT, serves one stage over gRPC, heartbeats, drains on SIGTERM.
 
 Lifecycle (:func:`serve_peer`): start the DHT node -> :meth:`Peer.join`: pick a
-stage (given, or the one with the least capacity: :func:`pick_stage`) -> build
-the stage module (:func:`build_stage_worker`) -> start the gRPC service -> take
-over the stage's state (:meth:`Peer.take_over_state`: from a serving peer of
-the stage, :func:`download_state`; else, or with ``--resume``, from the newest
-checkpoint) -> announce ``serving`` -> :func:`heartbeat` until stopped
-(re-announcing, and writing periodic checkpoints if this peer is the stage's
-writer) -> on SIGTERM/SIGINT :func:`drain`: announce ``leaving`` (routers stop
+stage (given with ``--stage``, which pins the peer there; else where the swarm
+needs it, without racing other joiners: :meth:`Organizer.choose_stage
+<swarmrt.roles.organizer.Organizer.choose_stage>`) -> build the stage module
+(:func:`build_stage_worker`) -> start the gRPC service -> take over the stage's
+state (:meth:`Peer.take_over_state`: from a serving peer of the stage,
+:func:`download_state`; else, or with ``--resume``, from the newest checkpoint)
+-> announce ``serving`` -> :func:`heartbeat` until stopped (re-announcing,
+writing periodic checkpoints if this peer is the stage's writer, and asking the
+rebalancing policy whether this peer should move: :meth:`Peer.move` drains the
+old stage as on SIGTERM, then serves the new one the same way it joined)
+-> on SIGTERM/SIGINT :func:`drain`: announce ``leaving`` (routers stop
 picking it at once), refuse new forwards, finish what is in flight (up to the
 grace period), write a checkpoint if it is the last peer of its stage -> leave,
 exit 0. A second signal exits at once, still reaping the DHT child and p2pd
@@ -36,8 +40,9 @@ from swarmrt.discovery import dht as dht_records
 from swarmrt.models.build import build_layers, partition_hash, stage_ranges
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.roles.organizer import Organizer
 from swarmrt.roles.proc import install_stop_handlers, write_atomically
-from swarmrt.routing.wiring import choose_stage
+from swarmrt.routing.rebalance import Move
 from swarmrt.wire.client import StageClient
 from swarmrt.wire.emulation import server_interceptors
 from swarmrt.wire.server import start_server
@@ -50,7 +55,7 @@ class PeerOptions:
     initial_peers: tuple[str, ...]
     """Multiaddrs of DHT peers to join through."""
     stage: int | None = None
-    """Stage to serve; None picks the stage with the least capacity."""
+    """Stage to serve, pinned (never moved by rebalancing); None: the swarm places and moves the peer."""
     port: int = 0
     """gRPC port (0: any free port)."""
     grace_s: float = 20.0
@@ -58,7 +63,7 @@ class PeerOptions:
     ready_file: str | None = None
     """Written (with the gRPC address) once the peer serves."""
     ledger: str | None = None
-    """Append every applied microbatch id here (tests count exactly-once with it)."""
+    """Append ``STAGE MICROBATCH_ID`` for every applied microbatch here (tests count exactly-once with it)."""
     compute_delay_s: float = 0.0
     """Emulated extra compute time per forward and per backward (benchmarks)."""
     slowdown: float = 1.0
@@ -82,16 +87,6 @@ def say(message: str) -> None:
 
 
 # -- the parts ----------------------------------------------------------------------------------
-async def pick_stage(dht, config: RunConfig, rng: random.Random) -> tuple[int, str]:
-    """The stage with the least announced capacity (:func:`swarmrt.routing.wiring.choose_stage`
-    decides); ``(stage, reason)``."""
-    capacity = {}
-    for s in range(config.num_stages):
-        records = await asyncio.to_thread(dht_records.read_stage, dht, config.run.id, s)
-        capacity[s] = sum(r.throughput if r.throughput > 0 else 1.0 for r in records if r.state != "leaving")
-    return choose_stage(capacity, config.num_stages, rng)
-
-
 def build_stage_worker(config: RunConfig, stage: int, options: PeerOptions) -> tuple[StageWorker, range, str]:
     """The stage's module and optimizer: ``(worker, its layer indices, the partition hash)``."""
     layers = build_layers(config)
@@ -123,20 +118,22 @@ class StageAnnouncer:
     and which peers serve its stage."""
 
     def __init__(self, dht, config: RunConfig, peer_id: str, stage: int, address: str, worker: StageWorker,
-                 servicer: StageServicer):
+                 servicer: StageServicer, pinned: bool = False, since: float | None = None):
         self.dht, self.config, self.peer_id, self.stage, self.address = dht, config, peer_id, stage, address
-        self.worker, self.servicer = worker, servicer
+        self.worker, self.servicer, self.pinned = worker, servicer, pinned
+        self.since = time.time() if since is None else since
         self.config_hash = training_config_hash(config)
 
-    def record(self, state: str) -> dht_records.StageRecord:
+    def record(self, state: str, target: int | None = None) -> dht_records.StageRecord:
         stats = self.worker.stats()
         return dht_records.StageRecord(peer_id=self.peer_id, stage=self.stage, address=self.address,
                                        throughput=float(stats["throughput"]), load=self.servicer.inflight,
-                                       version=int(stats["version"]), state=state, heartbeat=time.time())
+                                       version=int(stats["version"]), state=state, heartbeat=time.time(),
+                                       pinned=self.pinned, target=target, since=self.since)
 
-    async def announce(self, state: str) -> None:
+    async def announce(self, state: str, target: int | None = None) -> None:
         ttl = self.config.network.record_ttl_s
-        await asyncio.to_thread(dht_records.announce, self.dht, self.config.run.id, self.record(state), ttl)
+        await asyncio.to_thread(dht_records.announce, self.dht, self.config.run.id, self.record(state, target), ttl)
         await asyncio.to_thread(dht_records.announce_run, self.dht, self.config.run.id, self.config.num_stages,
                                 self.config_hash, ttl)
 
@@ -148,9 +145,11 @@ class StageAnnouncer:
 
 
 async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnnouncer,
-                    checkpoints: Checkpointer | None) -> None:
-    """Until ``stop`` is set: every ``interval_s``, announce ``serving`` and write a periodic
-    checkpoint if one is due. A failed beat is logged, not fatal: the next one may pass."""
+                    checkpoints: Checkpointer | None, after_beat=None) -> None:
+    """Until ``stop`` is set: every ``interval_s``, announce ``serving``, write a periodic
+    checkpoint if one is due, then await ``after_beat()`` (if given); a truthy answer ends the
+    loop (the peer moved: its announcer and checkpointer changed). A failed beat is logged, not
+    fatal: the next one may pass."""
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
@@ -164,6 +163,12 @@ async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnno
                 await checkpoints.maybe_periodic(await announcer.serving_ids())
         except Exception as e:
             logger.warning("heartbeat failed: %s", e)
+        if after_beat is not None:
+            try:
+                if await after_beat():
+                    return
+            except Exception as e:
+                logger.warning("rebalancing check failed: %s", e)
 
 
 async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints: Checkpointer | None,
@@ -205,15 +210,54 @@ class Peer:
         self.server = None
         self.checkpoints: Checkpointer | None = None
         self.announcer: StageAnnouncer | None = None
+        self.organizer = Organizer(dht, config, self.peer_id, pinned=options.stage is not None,
+                                   rng=random.Random(self.peer_id), log=say)
+        self.moves = 0
 
     async def join(self) -> None:
-        """Pick the stage, build it, serve it over gRPC, take over its state, announce ``serving``."""
-        config, options, net = self.config, self.options, self.config.network
-        if options.stage is None:
-            self.stage, reason = await pick_stage(self.dht, config, random.Random(self.peer_id))
-            say(f"picked stage {self.stage}: {reason}")
+        """Pick the stage (announcing the intent, so concurrent joiners spread), then serve it."""
+        if self.options.stage is None:
+            stage, reason = await self.organizer.choose_stage()
+            say(f"picked stage {stage}: {reason}")
         else:
-            self.stage = options.stage
+            stage = self.options.stage
+            await self.organizer.announce_intent(stage)
+        await self.serve(stage)
+
+    async def organize(self) -> bool:
+        """One rebalancing check (after a heartbeat): move if the policy names this peer. True when it moved."""
+        move = await self.organizer.check()
+        return move is not None and await self.move(move)
+
+    async def move(self, move: Move) -> bool:
+        """Drain this stage (as on SIGTERM: refuse new work, finish what is in flight, nothing lost),
+        free it, then serve ``move.target`` the way a joiner does (state from a live peer of the
+        stage, else its newest checkpoint). False when the move was withdrawn for a rival's."""
+        old = self.stage
+        say(f"stage {old}: {move.reason}")
+        await self.announcer.announce("moving", target=move.target)
+        ok, why = await self.organizer.confirm(move)
+        if not ok:
+            say(f"stage {old}: move to stage {move.target} {why}")
+            await self.announcer.announce("serving")
+            return False
+        await self.organizer.announce_intent(move.target)
+        self.servicer.state = "leaving"
+        try:
+            await asyncio.wait_for(self.servicer.idle.wait(), timeout=self.options.grace_s)
+        except asyncio.TimeoutError:
+            logger.warning("move: grace period over with %d requests in flight", self.servicer.inflight)
+        applied = self.worker.microbatches_applied
+        await self.close()
+        self.moves += 1
+        say(f"stage {old} peer {self.peer_id} moves to stage {move.target} after applying {applied} microbatches")
+        await self.serve(move.target, moved_from=old)
+        return True
+
+    async def serve(self, stage: int, moved_from: int | None = None) -> None:
+        """Build ``stage``, serve it over gRPC, take over its state, announce ``serving``."""
+        config, options, net = self.config, self.options, self.config.network
+        self.stage = stage
         self.worker, layers, partition = build_stage_worker(config, self.stage, options)
         self.servicer = StageServicer(self.worker, config.run.id, self.peer_id, net.max_tensor_mb * 2**20)
         self.start_outer_sync()
@@ -223,14 +267,16 @@ class Peer:
                                                interceptors=server_interceptors(options.net_rules, self.worker))
         address = f"{net.host}:{port}"
         self.announcer = StageAnnouncer(self.dht, config, self.peer_id, self.stage, address, self.worker,
-                                        self.servicer)
+                                        self.servicer, pinned=options.stage is not None)
         note = await self.take_over_state()
         self.servicer.state = "serving"
         await self.announcer.announce("serving")
+        self.organizer.arrived()
         if options.ready_file:
             write_atomically(options.ready_file, f"{self.stage} {address} {self.peer_id}\n")
-        say(f"serving stage {self.stage} (layers {layers.start}..{layers.stop - 1}) at {address} as {self.peer_id}; "
-            f"{note}")
+        moved = "" if moved_from is None else f" (moved from stage {moved_from})"
+        say(f"serving stage {self.stage} (layers {layers.start}..{layers.stop - 1}) at {address} as {self.peer_id}"
+            f"{moved}; {note}")
 
     def start_outer_sync(self) -> None:
         """Local SGD's outer loop, before the gRPC server starts: the averager forks."""
@@ -270,11 +316,14 @@ class Peer:
 
     async def close(self) -> None:
         """Stop serving and free the stage (the DHT node is the caller's)."""
-        if self.server is not None:
-            await self.server.stop(grace=1.0)
-        if self.servicer is not None:
-            self.servicer.close()
-            self.servicer.worker.close()
+        self.organizer.arrived()
+        server, servicer = self.server, self.servicer
+        self.server = self.servicer = None
+        if server is not None:
+            await server.stop(grace=1.0)
+        if servicer is not None:
+            servicer.close()
+            servicer.worker.close()
 
 
 async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
@@ -286,7 +335,9 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
     peer = Peer(config, options, dht)
     try:
         await peer.join()
-        await heartbeat(stop, config.network.heartbeat_s, peer.announcer, peer.checkpoints)
+        while not stop.is_set():  # a move returns from the heartbeat: beat on with the new stage's parts
+            await heartbeat(stop, config.network.heartbeat_s, peer.announcer, peer.checkpoints,
+                            after_beat=peer.organize)
         await drain(peer.servicer, peer.announcer, peer.checkpoints, options.grace_s)
         say(f"stage {peer.stage} peer {peer.peer_id} left after applying {peer.worker.microbatches_applied} "
             f"microbatches")

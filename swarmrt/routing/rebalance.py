@@ -77,6 +77,8 @@ class PeerState:
     """When it took its current stage (joined or moved), on the caller's clock."""
     load: int = 0
     """Requests in flight (breaks ties between equally good targets: the busier stage first)."""
+    settled: bool = False
+    """A joiner that has made its choice: later joiners place themselves around it."""
 
     @property
     def serving_stage(self) -> int | None:
@@ -172,7 +174,8 @@ def plan_joins(peers: Sequence[PeerState], num_stages: int, demand: Sequence[flo
                ) -> dict[str, tuple[int, str]]:
     """Where every unpinned ``joining`` peer in ``peers`` should go: ``{peer_id: (stage, reason)}``.
 
-    Peers that serve (or move, or joined pinned) count where they are; the unpinned joiners are
+    Peers that serve (or move, or joined pinned, or settled their choice) count where they are; the
+    other joiners are
     then placed one at a time, in peer-id order, each on the stage with the least capacity
     (ties: the lowest stage). Every joiner that sees the same joiners computes the same
     placement, so peers started in the same second spread out instead of all taking the
@@ -180,8 +183,8 @@ def plan_joins(peers: Sequence[PeerState], num_stages: int, demand: Sequence[flo
     """
     d = _demand(demand, num_stages)
     model = SpeedModel.fit(peers, num_stages)
-    free = sorted((p for p in peers if p.state == JOINING and not p.pinned), key=lambda p: p.peer_id)
-    placed = [p for p in peers if not (p.state == JOINING and not p.pinned)]
+    free = sorted((p for p in peers if p.state == JOINING and not (p.pinned or p.settled)), key=lambda p: p.peer_id)
+    placed = [p for p in peers if not (p.state == JOINING and not (p.pinned or p.settled))]
     caps = stage_capacity(placed, num_stages, model)
     plan = {}
     for p in free:
@@ -194,13 +197,15 @@ def plan_joins(peers: Sequence[PeerState], num_stages: int, demand: Sequence[flo
 
 
 # -- moves --------------------------------------------------------------------------------------
-def movable(peer: PeerState, serving_count: Mapping[int, int], now: float, rules: RebalanceRules) -> str | None:
-    """Why ``peer`` may not move now (None: it may)."""
+def movable(peer: PeerState, serving_count: Mapping[int, int], now: float, rules: RebalanceRules,
+            refill: bool = False) -> str | None:
+    """Why ``peer`` may not move now (None: it may). ``refill``: to fill an empty stage, which the
+    cooldown does not hold back."""
     if peer.pinned:
         return "pinned with --stage"
     if peer.state != SERVING:
         return f"it is {peer.state}"
-    if now - peer.since < rules.cooldown_s:
+    if not refill and now - peer.since < rules.cooldown_s:
         return f"cooling down ({now - peer.since:.0f} of {rules.cooldown_s:g} s)"
     if serving_count.get(peer.stage, 0) < 2:
         return f"it is the last peer of stage {peer.stage}"
@@ -211,8 +216,8 @@ def plan_moves(peers: Sequence[PeerState], num_stages: int, now: float, rules: R
                demand: Sequence[float] | None = None) -> tuple[list[Move], str]:
     """The moves that raise the swarm's bottleneck, greedily, best first: ``(moves, reason)``.
 
-    Each move takes one serving, unpinned, cooled-down peer off a stage that keeps at least one
-    other serving peer and has no move in flight, and puts it where the swarm's score (first:
+    Each move takes one serving, unpinned peer off a stage that keeps at least one other serving
+    peer and has no move in flight (and, unless it fills an empty stage, a peer past its cooldown), and puts it where the swarm's score (first:
     fewer empty stages, then: a higher bottleneck) improves most. A move is planned only when it
     fills an empty stage or the bottleneck now is below ``rules.balance_quality`` x the bottleneck
     after it. Among equally good moves the one that costs least wins: the slowest peer, then the
@@ -227,8 +232,9 @@ def plan_moves(peers: Sequence[PeerState], num_stages: int, now: float, rules: R
         if p.state == SERVING and 0 <= p.stage < num_stages:
             serving[p.stage] += 1
     busy_sources = {p.stage for p in peers if p.state == MOVING}
-    candidates = sorted((p for p in peers if movable(p, serving, now, rules) is None and p.stage not in busy_sources),
-                        key=lambda p: p.peer_id)
+    candidates = sorted((p for p in peers if movable(p, serving, now, rules, refill=True) is None
+                         and p.stage not in busy_sources), key=lambda p: p.peer_id)
+    cooling = {p.peer_id for p in candidates if movable(p, serving, now, rules) is not None}
     stage_load = [0] * num_stages
     for p in peers:
         if p.state == SERVING and 0 <= p.stage < num_stages:
@@ -249,7 +255,7 @@ def plan_moves(peers: Sequence[PeerState], num_stages: int, now: float, rules: R
             here = model.at(p, s)
             cap_s = caps[s] - here
             for t in range(num_stages):
-                if t == s:
+                if t == s or (p.peer_id in cooling and caps[t] > 0):
                     continue
                 cap_t = caps[t] + model.at(p, t)
                 rest = next((per[k] for k in order if k != s and k != t), float("inf"))
@@ -275,6 +281,8 @@ def plan_moves(peers: Sequence[PeerState], num_stages: int, now: float, rules: R
         candidates = [c for c in candidates if c.peer_id != p.peer_id]
     if moves:
         return moves, "; ".join(m.reason for m in moves)
+    if min(caps) > 0:  # only balance moves were possible: the cooling peers could not make them
+        candidates = [c for c in candidates if c.peer_id not in cooling]
     return [], _why_no_move(peers, caps, d, serving, candidates, now, rules)
 
 

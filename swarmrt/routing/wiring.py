@@ -89,16 +89,3 @@ class BanList:
 
     def banned(self, now: float) -> dict[str, float]:
         return {p: t for p, t in self.until.items() if t > now}
-
-
-def choose_stage(capacity: Mapping[int, float], num_stages: int, rng: random.Random) -> tuple[int, str]:
-    """For a joining peer: the stage with the least capacity (sum of throughput; a peer
-    without a figure counts as 1). Ties are broken at random. ``capacity`` may omit stages
-    that have no peers (capacity 0)."""
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-    caps = [float(capacity.get(s, 0.0)) for s in range(num_stages)]
-    least = min(caps)
-    candidates = [s for s, c in enumerate(caps) if c == least]
-    stage = rng.choice(candidates)
-    return stage, f"stage {stage} has the least capacity ({least:g}) of {num_stages} stages"

@@ -59,6 +59,18 @@ def test_an_emptied_stage_is_refilled_by_the_peer_whose_departure_costs_least():
     assert (moves[0].source, moves[0].target) == (0, 2)
 
 
+def test_a_cooling_peer_still_refills_an_empty_stage_but_makes_no_balance_move():
+    view = [serving("a", 0, 10.0, since=99.0), serving("b", 0, 10.0, since=99.0), serving("c", 1, 10.0)]
+    moves, _ = plan_moves(view, 3, now=100.0, rules=RULES)
+    assert [(m.source, m.target) for m in moves] == [(0, 2)]
+    # stage 1 is 4x slower, but a and b joined a second ago: no balance move yet
+    view = [serving("a", 0, 10.0, since=99.0), serving("b", 0, 10.0, since=99.0), serving("c", 1, 2.5)]
+    moves, why = plan_moves(view, 2, now=100.0, rules=RULES)
+    assert moves == [] and "cooling down" in why
+    moves, _ = plan_moves(view, 2, now=200.0, rules=RULES)
+    assert [(m.source, m.target) for m in moves] == [(0, 1)]
+
+
 def test_last_peer_of_a_stage_pinned_peers_and_cooling_peers_never_move():
     view = [serving("last", 0, 100.0), serving("pin1", 1, 1.0, pinned=True), serving("pin2", 1, 1.0, pinned=True),
             serving("new1", 2, 1.0, since=95.0), serving("new2", 2, 1.0, since=95.0)]
@@ -190,3 +202,10 @@ def test_rules_are_validated():
         RebalanceRules(balance_quality=1.5)
     with pytest.raises(ValueError, match="cooldown_s"):
         RebalanceRules(cooldown_s=-1)
+
+
+def test_a_late_joiner_places_itself_around_joiners_that_already_settled():
+    # p5 settled on stage 0 before p0 showed up; p0 sorts first but must not take p5's place
+    view = [PeerState("p5", 0, JOINING, settled=True), PeerState("p6", 1, JOINING, settled=True),
+            PeerState("p0", 0, JOINING)]
+    assert plan_joins(view, 3) == {"p0": (2, plan_joins(view, 3)["p0"][1])}

@@ -7,7 +7,7 @@ from swarmrt.routing.links import FunctionLinks
 from swarmrt.routing.paths import PathRules
 from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policies import SchedulerConfig, make_policy
-from swarmrt.routing.wiring import BanList, PeerView, choose_peer, choose_stage
+from swarmrt.routing.wiring import BanList, PeerView, choose_peer
 
 
 def _split(peers, draws=21000, seed=0, banned=None, now=0.0):
@@ -66,15 +66,6 @@ def test_ban_list_bans_after_consecutive_failures_and_forgives_on_success():
     assert bans.failure("a", now=12.0)  # still failing after the ban: banned again at once
     bans.success("a")
     assert bans.banned(now=12.5) == {} and not bans.failure("a", now=13.0)
-
-
-def test_joiner_picks_the_stage_with_least_capacity():
-    stage, reason = choose_stage({0: 5.0, 1: 1.0, 2: 3.0}, 3, random.Random(0))
-    assert stage == 1 and "least capacity" in reason
-    stage, _ = choose_stage({0: 5.0, 1: 1.0}, 3, random.Random(0))
-    assert stage == 2  # no peers at all
-    picks = {choose_stage({}, 3, random.Random(s))[0] for s in range(30)}
-    assert picks == {0, 1, 2}  # ties broken at random
 
 
 # --- the "swarm" routing policy runs this very rule --------------------------------------------

@@ -1,0 +1,168 @@
+"""How a live peer takes part in organizing the swarm: where it joins, and when it moves.
+
+The decisions are :mod:`swarmrt.routing.rebalance` (pure, the same code as
+``swarmrt simulate --rebalance``); this module reads the swarm from the DHT,
+hands the policy what it read, and announces what this peer is about to do, so
+that other peers deciding at the same moment take it into account.
+
+Joining (:meth:`Organizer.choose_stage`): a peer started without ``--stage``
+reads every stage and every join intent, asks :func:`plan_joins` where it
+belongs, announces that intent, waits a seeded random time (up to
+``rebalance.join_settle_s``), reads again and re-plans, until its placement is
+the same on two reads in a row. Every joiner places all the joiners it sees in
+the same order (by peer id), so peers started in the same second spread over
+the stages instead of all taking the emptiest one. A pinned peer (``--stage``)
+announces its intent too, so that the others count it.
+
+Moving (:meth:`Organizer.check`): on every heartbeat when some stage has no
+peer, else every ``rebalance.period_s``, the peer plans the swarm's moves with
+:func:`plan_moves`. If it is named, it announces ``moving`` and, after a seeded
+settle time, re-reads the swarm: when another peer claims a move from the same
+stage or to the same stage, the lower peer id keeps its move and the other
+withdraws (:func:`move_conflicts`). The peer role then drains, loads the new
+stage's state and serves it (:meth:`swarmrt.roles.peer.Peer.move`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Awaitable, Callable, Sequence
+
+from hivemind.utils import get_dht_time
+
+from swarmrt.config import RunConfig
+from swarmrt.discovery import dht as dht_records
+from swarmrt.discovery.records import JoinIntent, swarm_view
+from swarmrt.routing.paths import PathRules
+from swarmrt.routing.rebalance import MOVING, Move, PeerState, plan_joins, plan_moves, stage_capacity
+
+logger = logging.getLogger("swarmrt.organizer")
+
+MAX_JOIN_ROUNDS = 6
+"""A joiner stops re-planning after this many reads, and goes where the last plan put it
+(the rebalancer corrects what a join got wrong)."""
+
+
+def stage_demand(config: RunConfig) -> list[float]:
+    """Share of microbatches that visit each stage: 1 for a full pipeline; with SkipPipe, a middle
+    stage is visited by (visited - 2) of its (S - 2) middle stages' worth of routes."""
+    S = config.num_stages
+    if config.routing.skip_ratio <= 0 or S < 3:
+        return [1.0] * S
+    visited = PathRules(stages=S, skip_ratio=config.routing.skip_ratio).visited
+    middle = max(visited - 2, 1) / (S - 2)
+    return [1.0] + [middle] * (S - 2) + [1.0]
+
+
+def move_conflicts(view: Sequence[PeerState], move: Move) -> list[str]:
+    """Peers other than the mover that are moving from ``move.source`` or to ``move.target``, with
+    a lower peer id: each of them wins over this move."""
+    return sorted(p.peer_id for p in view
+                  if p.state == MOVING and p.peer_id != move.peer_id and p.peer_id < move.peer_id
+                  and (p.stage == move.source or p.target == move.target))
+
+
+class Organizer:
+    """This peer's side of joining and rebalancing; one per peer process."""
+
+    def __init__(self, dht, config: RunConfig, peer_id: str, pinned: bool,
+                 clock: Callable[[], float] = get_dht_time, rng: random.Random | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, log: Callable[[str], None] = print):
+        self.dht, self.config, self.peer_id, self.pinned = dht, config, peer_id, pinned
+        self.section = config.rebalance
+        self.rules = config.rebalance.rules()
+        self.demand = stage_demand(config)
+        self.clock, self.sleep, self.log = clock, sleep, log
+        self.rng = rng or random.Random(peer_id)
+        self._intent: int | None = None
+        self._settled = False
+        self._keepalive: asyncio.Task | None = None
+        self._last_plan = float("-inf")
+        self.last_view: list[PeerState] = []
+
+    # -- reading and announcing ------------------------------------------------------------------
+    async def read_view(self) -> list[PeerState]:
+        """Every peer of the run as the policy sees it (newest announcement of each)."""
+        records, intents = await asyncio.to_thread(dht_records.read_swarm, self.dht, self.config.run.id,
+                                                   self.config.num_stages)
+        self.last_view = swarm_view(records, intents, self.config.num_stages)
+        return self.last_view
+
+    async def announce_intent(self, stage: int, settled: bool = True) -> None:
+        """Announce that this peer is on its way to ``stage`` (``settled``: its choice is made), and
+        keep announcing it (every heartbeat) until :meth:`arrived`."""
+        self._intent, self._settled = stage, settled
+        await self._announce_intent()
+        if self._keepalive is None:
+            self._keepalive = asyncio.create_task(self._keep_announcing())
+
+    async def _announce_intent(self) -> None:
+        if self._intent is None:
+            return
+        intent = JoinIntent(self.peer_id, self._intent, self.pinned, self._settled, self.clock())
+        await asyncio.to_thread(dht_records.announce_joining, self.dht, self.config.run.id, intent,
+                                self.config.network.record_ttl_s)
+
+    async def _keep_announcing(self) -> None:
+        while self._intent is not None:
+            await self.sleep(self.config.network.heartbeat_s)
+            try:
+                await self._announce_intent()
+            except Exception as e:  # the next beat may pass
+                logger.warning("could not announce the join intent: %s", e)
+
+    def arrived(self) -> None:
+        """Stop announcing the intent: the peer serves (its stage record supersedes the intent)."""
+        self._intent = None
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    # -- joining ---------------------------------------------------------------------------------
+    async def choose_stage(self) -> tuple[int, str]:
+        """Where this (unpinned) peer joins: ``(stage, reason)``. See the module docstring."""
+        me = PeerState(self.peer_id, 0, "joining")
+        placed, reason, stable = None, "", 0
+        for round_ in range(MAX_JOIN_ROUNDS):
+            view = [p for p in await self.read_view() if p.peer_id != self.peer_id]
+            if placed is not None:
+                me = PeerState(self.peer_id, placed, "joining")
+            stage, reason = plan_joins([*view, me], self.config.num_stages, self.demand)[self.peer_id]
+            stable = stable + 1 if stage == placed else 0
+            if stable >= 1:
+                await self.announce_intent(stage, settled=True)
+                return stage, f"{reason} (settled after {round_ + 1} reads)"
+            placed = stage
+            await self.announce_intent(stage, settled=False)
+            await self.sleep(self.section.join_settle_s * (0.5 + 0.5 * self.rng.random()))
+        await self.announce_intent(placed, settled=True)
+        return placed, f"{reason} (not settled after {MAX_JOIN_ROUNDS} reads)"
+
+    # -- moving ----------------------------------------------------------------------------------
+    async def check(self) -> Move | None:
+        """The move this peer should make now, if the policy names it; None otherwise.
+
+        Plans on every call while some stage has no peer, else at most every ``period_s``.
+        """
+        if self.pinned or not self.section.enabled:
+            return None
+        now = self.clock()
+        view = await self.read_view()
+        caps = stage_capacity(view, self.config.num_stages)
+        if min(caps) > 0 and now - self._last_plan < self.section.period_s:
+            return None
+        self._last_plan = now
+        moves, why = plan_moves(view, self.config.num_stages, now, self.rules, self.demand)
+        logger.info("rebalance plan: %s", why)
+        return next((m for m in moves if m.peer_id == self.peer_id), None)
+
+    async def confirm(self, move: Move) -> tuple[bool, str]:
+        """After announcing ``moving``: wait a seeded settle time, re-read, and keep the move only if
+        no peer with a lower id claims a move from the same stage or to the same stage."""
+        await self.sleep(self.section.join_settle_s * (0.5 + 0.5 * self.rng.random()))
+        rivals = move_conflicts(await self.read_view(), move)
+        if rivals:
+            return False, f"withdrawn: {rivals[0]} moves from stage {move.source} or to stage {move.target} first"
+        return True, "confirmed"
