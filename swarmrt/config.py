@@ -221,8 +221,9 @@ class RebalanceSection:
     period_s: float = 5.0
     """How often a peer re-checks the balance. A stage that has no peer is checked on every heartbeat."""
     balance_quality: float = 0.8
-    """Move only when the swarm's bottleneck throughput now is below this share of what it would be
-    after the move (0.8: a move must raise it by more than 25%). In (0, 1]."""
+    """Peers move only while the swarm's bottleneck throughput is below this share of what the same
+    peers could reach (Petals' rule; 0.8: when more than 25% is to be gained), and then only by moves
+    that raise the slowest stages. In (0, 1]."""
     cooldown_s: float = 30.0
     """A peer that joined or moved less than this long ago does not move again, except to fill a
     stage that has no peer at all."""

@@ -42,8 +42,8 @@ class RebalanceRules:
     """When peers choose and change stages (the ``[rebalance]`` config section maps onto this)."""
 
     balance_quality: float = 0.8
-    """A peer moves only when the swarm's bottleneck now is below this share of what it would be
-    after the move (0.8: the move must raise the bottleneck by more than 25%). In (0, 1]."""
+    """The swarm rebalances only when its bottleneck is below this share of the bottleneck the same
+    peers could reach (0.8: more than 25% is to be gained). In (0, 1]."""
     cooldown_s: float = 30.0
     """A peer that took its stage (joined or moved) less than this long ago does not move again."""
     max_moves: int = 0
@@ -212,78 +212,154 @@ def movable(peer: PeerState, serving_count: Mapping[int, int], now: float, rules
     return None
 
 
+def ideal_bottleneck(peers: Sequence[PeerState], num_stages: int, demand: Sequence[float] | None = None,
+                     model: SpeedModel | None = None) -> float:
+    """An upper bound on the bottleneck any placement of these peers reaches: pinned peers stay,
+    every other peer's speed is poured where the swarm is lowest, as if peers were divisible
+    (water-filling). Computed in closed form, so it is cheap at 1,000 peers."""
+    d = _demand(demand, num_stages)
+    model = model or SpeedModel.fit(peers, num_stages)
+    fixed = [0.0] * num_stages
+    free = 0.0
+    for p in sorted(peers, key=lambda p: p.peer_id):
+        s = p.serving_stage
+        if s is None or not 0 <= s < num_stages:
+            continue
+        if p.pinned:
+            fixed[s] += model.at(p, s)
+        else:
+            free += model.speed(p)
+    # find B with sum_t max(0, B d_t - fixed_t) / typical_t = free: stages join the pool in order of fixed_t / d_t
+    unit = [model.typical[t] for t in range(num_stages)]
+    levels = sorted(range(num_stages), key=lambda t: fixed[t] / d[t])
+    spent_rate, spent_base = 0.0, 0.0  # sum over joined stages of d_t / unit_t and fixed_t / unit_t
+    for i, t in enumerate(levels):
+        spent_rate += d[t] / unit[t]
+        spent_base += fixed[t] / unit[t]
+        level = (free + spent_base) / spent_rate
+        nxt = fixed[levels[i + 1]] / d[levels[i + 1]] if i + 1 < num_stages else float("inf")
+        if level <= nxt:
+            return level
+    return 0.0  # pragma: no cover - the last stage always stops the loop
+
+
+CANDIDATES_PER_STAGE = 8
+"""Peers of one stage a plan weighs as movers: spread over the stage's range of speeds (slowest,
+fastest and evenly between). Keeps a plan of 1,000 peers in milliseconds; peers of equal speed
+are interchangeable anyway."""
+
+
+def _stage_candidates(peers: list[PeerState], model: SpeedModel) -> list[PeerState]:
+    ranked = sorted(peers, key=lambda p: (model.speed(p), p.peer_id))
+    if len(ranked) <= CANDIDATES_PER_STAGE:
+        return ranked
+    k = CANDIDATES_PER_STAGE - 1
+    return [ranked[round(i * (len(ranked) - 1) / k)] for i in range(k + 1)]
+
+
 def plan_moves(peers: Sequence[PeerState], num_stages: int, now: float, rules: RebalanceRules,
                demand: Sequence[float] | None = None) -> tuple[list[Move], str]:
-    """The moves that raise the swarm's bottleneck, greedily, best first: ``(moves, reason)``.
+    """The moves that raise the swarm's throughput, greedily, best first: ``(moves, reason)``.
+
+    When a stage has no peer, the plan fills it: the move that leaves the best swarm behind (so
+    from a crowded stage, the peer it misses least), cooldowns notwithstanding. Otherwise the
+    swarm rebalances only when its bottleneck is below ``rules.balance_quality`` x the bottleneck
+    the same peers could reach (:func:`ideal_bottleneck`, as Petals compares the swarm with its
+    re-chosen self), and then each move must raise the sorted vector of stage capacities (the
+    slowest stage first, then the next: two equally slow stages get one peer each) by more than
+    half of what the moving peer adds or takes away (:func:`_improves`: noise must not trade peers
+    back and forth).
 
     Each move takes one serving, unpinned peer off a stage that keeps at least one other serving
-    peer and has no move in flight (and, unless it fills an empty stage, a peer past its cooldown), and puts it where the swarm's score (first:
-    fewer empty stages, then: a higher bottleneck) improves most. A move is planned only when it
-    fills an empty stage or the bottleneck now is below ``rules.balance_quality`` x the bottleneck
-    after it. Among equally good moves the one that costs least wins: the slowest peer, then the
-    lowest peer id. At most one move leaves each stage; moves already in flight count at their
-    target.
+    peer and has no move in flight (and, unless it fills an empty stage, a peer past its cooldown).
+    Among equally good moves the one that costs least wins: the busier target stage, then the
+    slower peer, then the lowest peer id. At most one move leaves each stage; moves in flight count
+    at their target. Every peer that sees the same records computes the same plan.
     """
     d = _demand(demand, num_stages)
     model = SpeedModel.fit(peers, num_stages)
     caps = stage_capacity(peers, num_stages, model)
     serving = {s: 0 for s in range(num_stages)}
-    for p in peers:
-        if p.state == SERVING and 0 <= p.stage < num_stages:
-            serving[p.stage] += 1
-    busy_sources = {p.stage for p in peers if p.state == MOVING}
-    candidates = sorted((p for p in peers if movable(p, serving, now, rules, refill=True) is None
-                         and p.stage not in busy_sources), key=lambda p: p.peer_id)
-    cooling = {p.peer_id for p in candidates if movable(p, serving, now, rules) is not None}
     stage_load = [0] * num_stages
     for p in peers:
         if p.state == SERVING and 0 <= p.stage < num_stages:
+            serving[p.stage] += 1
             stage_load[p.stage] += p.load
-    limit = rules.max_moves or num_stages
+    busy_sources = {p.stage for p in peers if p.state == MOVING}
+    eligible = [p for p in peers if movable(p, serving, now, rules, refill=True) is None and p.stage not in busy_sources]
+    cooling = {p.peer_id for p in eligible if movable(p, serving, now, rules) is not None}
+    refill = min(caps) <= 0
+    if not refill:
+        eligible = [p for p in eligible if p.peer_id not in cooling]
+        ideal = ideal_bottleneck(peers, num_stages, d, model)
+        current = bottleneck(caps, d)
+        if not current < rules.balance_quality * ideal:
+            return [], (f"balance quality {balance_quality(caps, d):.2f}; bottleneck {current:.3g} samples/s is within "
+                        f"{rules.balance_quality:g} of the {ideal:.3g} these peers could reach")
+    by_stage: dict[int, list[PeerState]] = {}
+    for p in eligible:
+        by_stage.setdefault(p.stage, []).append(p)
+    candidates = [c for s in sorted(by_stage) for c in _stage_candidates(by_stage[s], model)]
     id_keys = {p.peer_id: _neg_id(p.peer_id) for p in candidates}
+    limit = rules.max_moves or num_stages
     moves: list[Move] = []
     while len(moves) < limit:
-        before = _score(caps, d)
-        per = [c / x for c, x in zip(caps, d)]
-        order = sorted(range(num_stages), key=lambda k: per[k])
-        empty = sum(1 for c in caps if c <= 0)
+        before = _leximin(caps, d)
         best, best_key = None, None
         for p in candidates:
             s = p.stage
             if s in busy_sources or serving[s] < 2:
                 continue
             here = model.at(p, s)
-            cap_s = caps[s] - here
             for t in range(num_stages):
                 if t == s or (p.peer_id in cooling and caps[t] > 0):
                     continue
-                cap_t = caps[t] + model.at(p, t)
-                rest = next((per[k] for k in order if k != s and k != t), float("inf"))
-                after = (-(empty - (caps[s] <= 0) + (cap_s <= 0) - (caps[t] <= 0) + (cap_t <= 0)),
-                         min(rest, cap_s / d[s], cap_t / d[t]))
+                after_caps = list(caps)
+                after_caps[s] -= here
+                after_caps[t] += model.at(p, t)
+                after = _leximin(after_caps, d)
+                if not _improves(before, after, tolerance=0.5 * min(here / d[s], model.at(p, t) / d[t])):
+                    continue
                 key = (after, stage_load[t], -here, id_keys[p.peer_id], -t)
                 if best_key is None or key > best_key:
-                    best, best_key = (p, t, here, cap_s, cap_t, after), key
+                    best, best_key = (p, t, after_caps, after), key
         if best is None:
             break
-        p, t, here, cap_s, cap_t, after = best
-        fills = after[0] > before[0]
-        if not fills and not before[1] < rules.balance_quality * after[1]:
-            break
+        p, t, after_caps, after = best
+        fills = caps[t] <= 0
         why = (f"stage {t} is empty" if fills else
-               f"bottleneck {before[1]:.3g} -> {after[1]:.3g} samples/s (> {1 / rules.balance_quality:.3g}x)")
-        moves.append(Move(p.peer_id, p.stage, t, before[1], after[1],
+               f"bottleneck {bottleneck(caps, d):.3g} -> {bottleneck(after_caps, d):.3g} samples/s "
+               f"(these peers could reach {ideal_bottleneck(peers, num_stages, d, model):.3g})")
+        moves.append(Move(p.peer_id, p.stage, t, bottleneck(caps, d), bottleneck(after_caps, d),
                           f"move {p.peer_id} from stage {p.stage} to stage {t}: {why}"))
-        caps = list(caps)
-        caps[p.stage], caps[t] = cap_s, cap_t
+        caps = after_caps
         serving[p.stage] -= 1
         busy_sources.add(p.stage)
         candidates = [c for c in candidates if c.peer_id != p.peer_id]
     if moves:
         return moves, "; ".join(m.reason for m in moves)
-    if min(caps) > 0:  # only balance moves were possible: the cooling peers could not make them
-        candidates = [c for c in candidates if c.peer_id not in cooling]
     return [], _why_no_move(peers, caps, d, serving, candidates, now, rules)
+
+
+def _improves(before: tuple, after: tuple, tolerance: float) -> bool:
+    """Whether ``after`` beats ``before`` (:func:`_leximin` vectors): fewer empty stages; else a
+    bottleneck higher by more than ``tolerance``; else a bottleneck no lower, shared by fewer stages
+    (within ``tolerance`` of it). The tolerance, half of what the moving peer adds or takes away
+    (the smaller), keeps noisy figures from trading peers back and forth."""
+    if after[0] != before[0]:
+        return after[0] > before[0]
+    b, a = before[1], after[1]
+    if a > b + tolerance:
+        return True
+    if a < b - 1e-9 * max(1.0, abs(b)):
+        return False
+    return sum(1 for x in after[1:] if x <= a + tolerance) < sum(1 for x in before[1:] if x <= b + tolerance)
+
+
+def _leximin(caps: Sequence[float], demand: Sequence[float]) -> tuple:
+    """Fewer empty stages first, then the per-demand capacities from the slowest stage up."""
+    per = sorted(c / x for c, x in zip(caps, demand))
+    return (-sum(1 for c in caps if c <= 0), *per)
 
 
 def _neg_id(peer_id: str) -> tuple[int, ...]:
@@ -301,7 +377,7 @@ def _why_no_move(peers, caps, demand, serving, candidates, now, rules) -> str:
     q = balance_quality(caps, demand)
     if not candidates:
         return f"balance quality {q:.2f}; no peer may move ({_blocked_summary(peers, serving, now, rules)})"
-    return f"balance quality {q:.2f}; no move raises the bottleneck past 1/{rules.balance_quality:g}"
+    return f"balance quality {q:.2f}; no single move raises the slowest stages"
 
 
 def _blocked_summary(peers, serving, now, rules) -> str:
