@@ -73,6 +73,8 @@ def test_status_report_and_text_from_the_dht_records(monkeypatch):
     assert report["r1"]["config"] == "abc" and report["r1"]["stages"][1] == []
     assert report["r1"]["stages"][0][0]["heartbeat_age_s"] == 2.5 and report["r1"]["stages"][0][0]["version"] == 7
     lines = status.format_status(report)
-    assert lines[0] == "run r1 (config abc), 2 stages" and lines[2] == "  stage 1: no peers"
-    assert "stage 0: AAAAAAAAAAAA 127.0.0.1:5000" in lines[1] and "serving" in lines[1] and "heartbeat 2.5 s ago" in lines[1]
+    assert lines[0] == "run r1 (config abc), 2 stages"
+    assert lines[1] == "  stage 0: 1 peer (1 serving), 12.5 samples/s" and lines[3] == "  stage 1: no peers"
+    assert "AAAAAAAAAAAA 127.0.0.1:5000" in lines[2] and "serving" in lines[2] and "beat 2.5 s ago" in lines[2]
+    assert report["r1"]["balance"]["empty_stages"] == [1] and report["r1"]["stage_totals"][0]["throughput"] == 12.5
     assert status.format_status({}) == ["no runs announced in this DHT"]
