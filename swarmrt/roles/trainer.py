@@ -278,9 +278,11 @@ class Trainer:
         if healable:
             return True, "peers elsewhere can move there"
         others = len(self.swarm)
-        return False, ("no peer is announced" if not others else
-                       f"the other {others} peer{' is' if others == 1 else 's are'} pinned, leaving or the last "
-                       "of their stage")
+        if not others:
+            return False, "no peer is announced"
+        if others == 1:
+            return False, "the only other peer is pinned, leaving or the last of its stage"
+        return False, f"the other {others} peers are pinned, leaving or the last of their stage"
 
     def _announce(self, line: str, now: float, waited: float) -> None:
         """Print a waiting line through :attr:`say`, at most every :data:`STATUS_EVERY_S`, once a wait
