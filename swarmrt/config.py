@@ -158,7 +158,13 @@ class NetworkSection:
     context_max_mb: int = 512
     """Memory cap on kept autograd contexts; the oldest are evicted (then recomputed from inputs)."""
     no_peers_timeout_s: float = 120.0
-    """How long a trainer waits for a stage with no peers before failing the run."""
+    """How long a trainer waits for a stage that has no peer and that no peer can fill (none joins or
+    moves there, and no peer elsewhere is free to move: all pinned with ``--stage`` or the last of their
+    stage) before it fails the run (``swarmrt train``/``eval`` exit 3 with one line naming the stage).
+    While the swarm can fill the stage (a peer is moving or joining there, or could), the trainer waits
+    up to 3x this long (``swarmrt.roles.trainer.HEAL_FACTOR``): moves take seconds, so a stage empty
+    that long means its peers do not rebalance. Also how long a stage whose peers are all banned, or a
+    backward that keeps failing, is retried."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "record_ttl_s", "forward_timeout_s", "backward_timeout_s", "ban_s",

@@ -1,6 +1,8 @@
 """The ``swarmrt`` command: one console script, a subcommand per role.
 
-Bad flags and bad config values print one line naming what was wrong and exit 2.
+Bad flags and bad config values print one line naming what was wrong and exit 2. A trainer
+(``train``, ``eval``) that gives up on a stage without peers prints one line naming the stage and
+exits 3 (:data:`EXIT_NO_PEERS`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
 
 EXIT_USAGE = 2
+EXIT_NO_PEERS = 3
+"""``swarmrt train``/``eval``: a stage had no peer and the swarm did not fill it in time."""
+NO_PEERS_EPILOG = (f"exit status {EXIT_NO_PEERS}: a stage had no peer and none could be moved there for "
+                   "network.no_peers_timeout_s (or stayed empty 3x that long although peers could move there); "
+                   "one line on stderr names the stage. While the swarm can fill a stage the trainer waits and "
+                   "says so on stderr.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +79,7 @@ def cmd_train(args) -> int:
     from swarmrt.wire.client import StageClient
     from swarmrt.discovery.dht import start_dht
     from swarmrt.wire.emulation import client_interceptors, rules_path
-    from swarmrt.roles.proc import install_stop_handlers, run
+    from swarmrt.roles.proc import install_stop_handlers
     from swarmrt.checkpoint.store import load_data_position
     from swarmrt.roles.trainer import Trainer
 
@@ -97,13 +105,29 @@ def cmd_train(args) -> int:
             client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
             trainer = Trainer(config, dht, client=client, stream=args.stream, metrics_path=args.metrics_file,
                               progress=args.progress if args.progress is not None else sys.stderr.isatty(),
-                              trainer_id=args.trainer_id)
+                              trainer_id=args.trainer_id, say=_say)
             _print_result(await trainer.run(args.steps, start_step=start_step, stop=stop), args.summary_file)
             return 0
         finally:
             await asyncio.to_thread(dht.shutdown)
 
-    return run(main())
+    return _run_trainer(args, main())
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_trainer(args, main) -> int:
+    """Run a trainer's ``main``; a stage without peers for too long is one line and :data:`EXIT_NO_PEERS`."""
+    from swarmrt.roles.proc import run
+    from swarmrt.roles.trainer import NoPeers
+
+    try:
+        return run(main)
+    except NoPeers as e:
+        print(f"swarmrt {args.command}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return EXIT_NO_PEERS
 
 
 def _print_result(result: dict, summary_file: str | None) -> None:
@@ -134,7 +158,6 @@ def _positive_int(text: str) -> int:
 def cmd_eval(args) -> int:
     from swarmrt.models.build import skip_compatibility
     from swarmrt.discovery.dht import start_dht
-    from swarmrt.roles.proc import run
     from swarmrt.roles.trainer import Trainer, parse_stage_subset
     from swarmrt.wire.client import StageClient
 
@@ -151,17 +174,18 @@ def cmd_eval(args) -> int:
         dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
         try:
             trainer = Trainer(config, dht, client=StageClient(config.network.max_tensor_mb),
-                              trainer_id=f"eval-{int(time.time())}")
+                              trainer_id=f"eval-{int(time.time())}", say=_say)
             _print_result(await trainer.evaluate(stages, args.batches), args.summary_file)
             return 0
         finally:
             await asyncio.to_thread(dht.shutdown)
 
-    return run(main())
+    return _run_trainer(args, main())
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss and perplexity through all stages or a subset (forward only)")
+    p = sub.add_parser("eval", help="held-out loss and perplexity through all stages or a subset (forward only)",
+                       epilog=NO_PEERS_EPILOG)
     _common(p)
     p.add_argument("--stages", dest="eval_stages", metavar="S,S,...",
                    help="stages to go through, e.g. 0,2,5: first and last included, increasing (default: all)")
@@ -213,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "changes; default: $SWARMRT_NET_RULES; see swarmrt.wire.emulation)")
     p.set_defaults(func=cmd_peer)
 
-    p = sub.add_parser("train", help="feed data and drive microbatches through the swarm")
+    p = sub.add_parser("train", help="feed data and drive microbatches through the swarm", epilog=NO_PEERS_EPILOG)
     _common(p)
     p.add_argument("--steps", type=int, required=True, help="optimizer steps (batches) to train")
     p.add_argument("--metrics-file", help="append one JSON object per step here")

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 import uuid
 from typing import Callable, Collection, Sequence, TypeVar
@@ -56,14 +57,41 @@ from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import from_proto, to_proto
 from swarmrt.checkpoint.store import save_data_position
 from swarmrt.routing.live import LiveRouting
+from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
 
 logger = logging.getLogger("swarmrt.trainer")
 
 T = TypeVar("T")
 
+HEAL_FACTOR = 3.0
+"""A stage the swarm could fill (peers move or join there, or could) but that stays empty fails the run
+after this many ``network.no_peers_timeout_s``."""
+STATUS_EVERY_S = 5.0
+"""Seconds between two waiting lines the trainer prints (``say``)."""
+QUIET_S = 2.0
+"""A wait shorter than this prints nothing (the first view of the swarm, a peer replaced at once)."""
+
 
 class NoPeers(RuntimeError):
-    """A stage had no live peer for longer than ``network.no_peers_timeout_s``."""
+    """A stage had no usable peer for too long (``network.no_peers_timeout_s``); the message is one line
+    that names the stage, why, and what to do."""
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+async def gather_all(coros):
+    """``asyncio.gather`` that cancels (and awaits) the other coroutines when one fails, so a failing
+    step leaves no task running (nor a "Task was destroyed but it is pending" at exit)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class HopFailed(RuntimeError):
@@ -154,7 +182,7 @@ class Trainer:
     def __init__(self, config: RunConfig, dht, *, client: StageCalls, stream: int = 0,
                  metrics_path: str | None = None, progress: bool = False,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 trainer_id: str | None = None):
+                 trainer_id: str | None = None, say: Callable[[str], None] | None = None):
         self.config = config
         self.dht = dht
         self.client = client
@@ -168,6 +196,13 @@ class Trainer:
         self.peers: dict[int, list[dht_records.StageRecord]] = {s: [] for s in range(config.num_stages)}
         self.records: dict[str, dht_records.StageRecord] = {}
         """Every serving peer of the last refresh, by peer id."""
+        self.swarm: list[dht_records.StageRecord] = []
+        """Every record of the last refresh, whatever its state (joining and moving peers too)."""
+        self.say = say
+        """Where the trainer's waiting lines go (one line each, at most every :data:`STATUS_EVERY_S`)."""
+        self._said_at = -math.inf
+        self._said_waiting = False
+        self._bar = None
         if config.routing.skip_ratio > 0:
             from swarmrt.models.build import check_skip
 
@@ -193,6 +228,7 @@ class Trainer:
 
     def view_peers(self, records: list[dht_records.StageRecord]) -> None:
         """Take a new view of the swarm: the stage records of every peer (as read from the DHT)."""
+        self.swarm = list(records)
         for stage in range(self.config.num_stages):
             self.peers[stage] = [r for r in records if r.stage == stage and r.state == "serving"]
         self.records = {r.peer_id: r for stage in self.peers.values() for r in stage}
@@ -228,29 +264,103 @@ class Trainer:
                 return stage, f"all {len(peers)} peers are banned"
         return None
 
+    def _outlook(self, stage: int) -> tuple[bool, str]:
+        """Can the swarm fill the empty ``stage`` (:func:`~swarmrt.routing.rebalance.can_serve_everything`
+        on every record of the last view), and what is on its way there, in words."""
+        views = [r.policy_view() for r in self.swarm]
+        healable, _ = can_serve_everything(views, self.config.num_stages)
+        moving = sum(1 for v in views if v.state == MOVING and v.target == stage)
+        joining = sum(1 for v in views if v.state == JOINING and v.stage == stage)
+        parts = ([f"{moving} peer{' is' if moving == 1 else 's are'} moving there"] if moving else []) + \
+                ([f"{joining} peer{' is' if joining == 1 else 's are'} joining it"] if joining else [])
+        if parts:
+            return healable, ", ".join(parts)
+        if healable:
+            return True, "peers elsewhere can move there"
+        others = len(self.swarm)
+        if not others:
+            return False, "no peer is announced"
+        if others == 1:
+            return False, "the only other peer is pinned, leaving or the last of its stage"
+        return False, f"the other {others} peers are pinned, leaving or the last of their stage"
+
+    def _announce(self, line: str, now: float, waited: float) -> None:
+        """Print a waiting line through :attr:`say`, at most every :data:`STATUS_EVERY_S`, once a wait
+        lasted :data:`QUIET_S`."""
+        self._said_waiting = True
+        if self.say is None or waited < QUIET_S or now - self._said_at < STATUS_EVERY_S:
+            return
+        self._said_at = now
+        self._emit(line)
+
+    def _emit(self, line: str) -> None:
+        if self.say is None:
+            return
+        if self._bar is not None:  # above the progress bar, not through it
+            with type(self._bar).external_write_mode(file=sys.stderr):
+                self.say(line)
+        else:
+            self.say(line)
+
     async def _wait_for(self, decide: Callable[[float], tuple[T | None, str]], stages: Sequence[int]) -> T:
         """The one wait-for-peers loop: ``decide(now)`` until it chooses something.
 
-        While it cannot, :attr:`status` says why (``"stage N has no peers (...); waiting"`` when one of
-        ``stages`` has no eligible peer) and the loop waits for the next view of the swarm; after
-        ``network.no_peers_timeout_s`` it raises :class:`NoPeers`.
+        While it cannot, :attr:`status` says why (``"waiting for stage N (...)"`` when one of ``stages``
+        has no eligible peer), :attr:`say` prints it now and then, and the loop waits for the next view of
+        the swarm. It raises :class:`NoPeers` (one line: the stage, why, what to do):
+
+        - when the empty stage cannot be filled (no peer serves, joins or moves to it, and no peer
+          elsewhere can move there: ``can_serve_everything`` is False) for ``network.no_peers_timeout_s``
+          in a row;
+        - when it stays empty for :data:`HEAL_FACTOR` x that although the swarm could fill it (moves
+          take seconds; an empty stage that long means its peers do not rebalance);
+        - when there is no route for another reason (every peer of a stage banned, ...) for
+          ``network.no_peers_timeout_s``.
         """
         timeout = self.config.network.no_peers_timeout_s
-        deadline = self.clock() + timeout
+        started = self.clock()
+        hopeless_since = None
         while True:
             now = self.clock()
             choice, why = decide(now)
             if choice is not None:
+                if self._said_waiting:
+                    self._said_waiting = False
+                    if self._said_at > -math.inf:
+                        self._emit(f"trainer: resuming (waited {_seconds(now - started)} s for peers)")
+                        self._said_at = -math.inf
                 return choice
             missing = self._stage_without_peers(stages, now)
-            what = f"stage {missing[0]} has no peers ({missing[1]})" if missing else f"no route ({why})"
-            if now > deadline:
-                raise NoPeers(f"{what} for {timeout:g} s")
-            self.status = f"{what}; waiting"
+            waited = now - started
+            if missing is not None and missing[1] == "no peers":
+                stage = missing[0]
+                healable, outlook = self._outlook(stage)
+                hopeless_since = None if healable else (now if hopeless_since is None else hopeless_since)
+                fail_at = started + HEAL_FACTOR * timeout
+                if hopeless_since is not None:
+                    fail_at = min(fail_at, hopeless_since + timeout)
+                if now > fail_at:
+                    if healable:
+                        raise NoPeers(f"stage {stage} has had no peer for {_seconds(waited)} s although {outlook} "
+                                      "(do its peers rebalance? [rebalance] enabled); start a peer with "
+                                      f"--stage {stage}")
+                    raise NoPeers(f"stage {stage} has no peer and no peer elsewhere can move there ({outlook}; "
+                                  f"waited {_seconds(waited)} s); start a peer with --stage {stage}")
+                self.status = (f"waiting for stage {stage} (no peer serves it; {outlook})" if healable else
+                               f"waiting for stage {stage} (no peer serves it and no peer elsewhere can move "
+                               f"there: {outlook}; giving up in {_seconds(fail_at - now)} s)")
+            else:
+                what = (f"stage {missing[0]} has no usable peer ({missing[1]})" if missing is not None
+                        else f"no route ({why})")
+                fail_at = started + timeout
+                if now > fail_at:
+                    raise NoPeers(f"{what} for {_seconds(waited)} s")
+                self.status = f"waiting: {what}"
+            self._announce(f"trainer: {self.status}", now, waited)
             self.waiting.set()
             self.peers_changed.clear()
             try:
-                await asyncio.wait_for(self.peers_changed.wait(), timeout=min(1.0, deadline - now))
+                await asyncio.wait_for(self.peers_changed.wait(), timeout=max(0.0, min(1.0, fail_at - now)))
             except asyncio.TimeoutError:
                 pass
 
@@ -440,7 +550,7 @@ class Trainer:
         x, y = self.batches.batch(step)
         m = self.config.data.microbatch_size
         self.routing.begin_step(step, self.clock(), self.rng)
-        losses = await asyncio.gather(*[self.run_microbatch(self.routing, f"{self.trainer_id}:{step}:{i}",
+        losses = await gather_all([self.run_microbatch(self.routing, f"{self.trainer_id}:{step}:{i}",
                                                             x[i * m:(i + 1) * m], y[i * m:(i + 1) * m])
                                         for i in range(self.config.data.microbatches_per_step)])
         self.routing.end_step()
@@ -464,7 +574,7 @@ class Trainer:
             for b in range(batches):
                 x, y = self.batches.eval_batch(self.config.data.batch_size, index=b)
                 parts = range(0, x.shape[0], m)
-                losses = await asyncio.gather(*[self.run_microbatch(routes, f"eval:{self.trainer_id}:{b}:{i // m}",
+                losses = await gather_all([self.run_microbatch(routes, f"eval:{self.trainer_id}:{b}:{i // m}",
                                                                     x[i:i + m], y[i:i + m], train=False,
                                                                     stages=stages) for i in parts])
                 total += sum(losses)
@@ -492,6 +602,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._bar = bar
         started, samples, losses, done = time.time(), 0, [], start_step
         try:
             for step in range(start_step, steps):
@@ -516,6 +627,7 @@ class Trainer:
                     bar.update(1)
         finally:
             refresher.cancel()
+            self._bar = None
             if bar is not None:
                 bar.close()
             if metrics is not None:

@@ -73,6 +73,48 @@ def test_status_report_and_text_from_the_dht_records(monkeypatch):
     assert report["r1"]["config"] == "abc" and report["r1"]["stages"][1] == []
     assert report["r1"]["stages"][0][0]["heartbeat_age_s"] == 2.5 and report["r1"]["stages"][0][0]["version"] == 7
     lines = status.format_status(report)
-    assert lines[0] == "run r1 (config abc), 2 stages" and lines[2] == "  stage 1: no peers"
-    assert "stage 0: AAAAAAAAAAAA 127.0.0.1:5000" in lines[1] and "serving" in lines[1] and "heartbeat 2.5 s ago" in lines[1]
+    assert lines[0] == "run r1 (config abc), 2 stages"
+    assert lines[1] == "  stage 0: 1 peer (1 serving), 12.5 samples/s" and lines[3] == "  stage 1: no peers"
+    assert "AAAAAAAAAAAA 127.0.0.1:5000" in lines[2] and "serving" in lines[2] and "beat 2.5 s ago" in lines[2]
+    assert report["r1"]["balance"]["empty_stages"] == [1] and report["r1"]["stage_totals"][0]["throughput"] == 12.5
     assert status.format_status({}) == ["no runs announced in this DHT"]
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_trainer_that_gives_up_on_a_stage_prints_one_line_and_exits_3(command, tmp_path, monkeypatch, capsys):
+    from swarmrt.cli.main import EXIT_NO_PEERS
+    from swarmrt.discovery import dht
+    from swarmrt.roles import trainer
+
+    class FakeDHT:
+        def shutdown(self):
+            pass
+
+    class GivingUp:
+        def __init__(self, *args, **kwargs):
+            self.say = kwargs["say"]
+
+        async def run(self, *args, **kwargs):
+            self.say("trainer: waiting for stage 1 (no peer serves it and no peer elsewhere can move there: ...)")
+            raise trainer.NoPeers("stage 1 has no peer and no peer elsewhere can move there (no peer is announced; "
+                                  "waited 0.1 s); start a peer with --stage 1")
+
+        evaluate = run
+
+    monkeypatch.setattr(dht, "start_dht", lambda *args, **kwargs: FakeDHT())
+    monkeypatch.setattr(trainer, "Trainer", GivingUp)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model]\nstages = 2\n")
+    argv = [command, "--config", str(cfg), "--initial-peers", "m"] + (["--steps", "1"] if command == "train" else [])
+    code, err = run(argv, capsys)
+    assert code == EXIT_NO_PEERS == 3
+    lines = err.splitlines()
+    assert lines[-1] == (f"swarmrt {command}: stage 1 has no peer and no peer elsewhere can move there (no peer is "
+                         "announced; waited 0.1 s); start a peer with --stage 1")
+    assert len(lines) == 2 and lines[0].startswith("trainer: waiting for stage 1") and "Traceback" not in err
+
+
+def test_train_help_names_the_no_peers_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "exit status 3" in " ".join(capsys.readouterr().out.split())

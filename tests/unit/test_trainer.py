@@ -217,9 +217,9 @@ def test_a_failed_first_hop_moves_to_another_stage0_peer(swarms):
     assert "s0p0" not in trainer.routing.table
 
 
-def test_a_stage_without_peers_waits_with_a_status_line_then_raises_no_peers(swarms):
+def test_a_stage_no_peer_can_fill_waits_with_a_status_line_then_raises_no_peers(swarms):
     config, swarm, trainer = make(swarms, MLP, no_peers_timeout_s=0.3)
-    trainer.view_peers([r for r in swarm.records if r.stage != 1])
+    trainer.view_peers([r for r in swarm.records if r.stage != 1])  # 1 peer per stage: none can move
     statuses = []
 
     async def go():
@@ -228,9 +228,12 @@ def test_a_stage_without_peers_waits_with_a_status_line_then_raises_no_peers(swa
         statuses.append(trainer.status)
         return await task
 
-    with pytest.raises(NoPeers, match=r"stage 1 has no peers \(no peers\) for 0.3 s"):
+    with pytest.raises(NoPeers) as e:
         asyncio.run(go())
-    assert "stage 1 has no peers (no peers); waiting" in statuses
+    assert str(e.value).startswith("stage 1 has no peer and no peer elsewhere can move there (the other 2 peers "
+                                   "are pinned, leaving or the last of their stage; waited 0.3")
+    assert str(e.value).endswith("start a peer with --stage 1") and "\n" not in str(e.value)
+    assert statuses[0].startswith("waiting for stage 1 (no peer serves it and no peer elsewhere can move there")
 
 
 def test_a_peer_that_joins_while_the_trainer_waits_is_used(swarms):
@@ -240,12 +243,94 @@ def test_a_peer_that_joins_while_the_trainer_waits_is_used(swarms):
     async def go():
         task = asyncio.create_task(trainer.train_step(0))
         await asyncio.wait_for(trainer.waiting.wait(), timeout=5)
-        assert trainer.status.startswith("stage 2 has no peers")
+        assert trainer.status.startswith("waiting for stage 2")
         trainer.view_peers(swarm.records)
         return await task
 
     asyncio.run(go())
     assert_exactly_once(trainer, config.data.microbatches_per_step, 3)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def healing_view(swarm):
+    """Stage 2 has no serving peer; s0p1 is on its way there (stage 0 keeps s0p0)."""
+    return [dataclasses.replace(r, state="moving", target=2) if r.peer_id == "s0p1" else r
+            for r in swarm.records if r.stage != 2]
+
+
+def healing_trainer(swarms, timeout):
+    config, swarm, _ = make(swarms, MLP, peers_per_stage=2, no_peers_timeout_s=timeout)
+    clock, said = FakeClock(), []
+    trainer = Trainer(config, dht=None, client=swarm.client, trainer_id="t", clock=clock, say=said.append)
+    trainer.view_peers(healing_view(swarm))
+    return config, swarm, trainer, clock, said
+
+
+async def still_waiting(trainer, view):
+    """Give the trainer ``view`` and return once it looked at it and waits again."""
+    trainer.view_peers(view)
+    await asyncio.wait_for(trainer.waiting.wait(), timeout=5)
+
+
+def test_a_stage_the_swarm_is_filling_waits_past_the_timeout_and_resumes_when_the_mover_arrives(swarms):
+    config, swarm, trainer, clock, said = healing_trainer(swarms, timeout=1.0)
+
+    async def go():
+        task = asyncio.create_task(trainer.train_step(0))
+        await asyncio.wait_for(trainer.waiting.wait(), timeout=5)
+        assert trainer.status == "waiting for stage 2 (no peer serves it; 1 peer is moving there)"
+        assert said == []  # a short wait prints nothing
+        clock.now = 2.5  # past no_peers_timeout_s: a stage the swarm can fill is waited for
+        await still_waiting(trainer, healing_view(swarm))
+        clock.now = 2.6
+        await still_waiting(trainer, healing_view(swarm))
+        assert not task.done()
+        assert said == ["trainer: waiting for stage 2 (no peer serves it; 1 peer is moving there)"]  # not a flood
+        arrived = [dataclasses.replace(r, stage=2) if r.peer_id == "s0p1" else r for r in healing_view(swarm)]
+        arrived = [r for r in arrived if r.peer_id != "s0p1"] + [r for r in swarm.records if r.stage == 2]
+        clock.now = 3.0
+        trainer.view_peers(arrived)
+        return await task
+
+    asyncio.run(go())
+    assert_exactly_once(trainer, config.data.microbatches_per_step, 3)
+    assert said[-1] == "trainer: resuming (waited 3 s for peers)" and len(said) == 2
+
+
+def test_a_stage_the_swarm_could_fill_but_does_not_fails_after_three_timeouts(swarms):
+    config, swarm, trainer, clock, said = healing_trainer(swarms, timeout=1.0)
+
+    async def go():
+        task = asyncio.create_task(trainer.train_step(0))
+        await asyncio.wait_for(trainer.waiting.wait(), timeout=5)
+        clock.now = 2.9
+        await still_waiting(trainer, healing_view(swarm))
+        clock.now = 3.5
+        trainer.view_peers(healing_view(swarm))
+        return await task
+
+    with pytest.raises(NoPeers) as e:
+        asyncio.run(go())
+    assert str(e.value) == ("stage 2 has had no peer for 3.5 s although 1 peer is moving there (do its peers "
+                            "rebalance? [rebalance] enabled); start a peer with --stage 2")
+
+
+def test_an_unpinned_spare_peer_makes_a_stage_fillable_and_pinned_ones_do_not(swarms):
+    config, swarm, trainer = make(swarms, MLP, peers_per_stage=2)
+    trainer.view_peers([r for r in swarm.records if r.stage != 2])
+    assert trainer._outlook(2) == (True, "peers elsewhere can move there")
+    trainer.view_peers([dataclasses.replace(r, pinned=True) for r in swarm.records if r.stage != 2])
+    assert trainer._outlook(2) == (False, "the other 4 peers are pinned, leaving or the last of their stage")
+    trainer.view_peers([dataclasses.replace(r, state="joining", stage=2) if r.peer_id == "s1p1" else r
+                        for r in swarm.records if r.stage != 2])
+    assert trainer._outlook(2) == (True, "1 peer is joining it")
 
 
 def test_swarm_routes_draw_each_hop_with_the_current_load():
@@ -323,5 +408,5 @@ def test_evaluation_needs_no_peer_at_the_stages_it_leaves_out(swarms):
     trainer.view_peers([r for r in swarm.records if r.stage not in (1, 4)])
     result = asyncio.run(trainer.evaluate((0, 2, 3, 5), batches=1))
     assert result["samples"] == config.data.batch_size and result["skipped"] == [1, 4]
-    with pytest.raises(NoPeers, match=r"stage 1 has no peers"):
+    with pytest.raises(NoPeers, match=r"stage 1 has no peer and no peer elsewhere can move there"):
         asyncio.run(trainer.evaluate((0, 1, 5), batches=1))
