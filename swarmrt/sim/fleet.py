@@ -392,3 +392,14 @@ class FleetSim:
 def simulate_fleet(costs: FleetCosts, config: FleetConfig, rng: random.Random) -> FleetReport:
     """Run one fleet simulation (see the module docstring)."""
     return FleetSim(costs, config, rng).run()
+
+
+def scenario_throughput(scenario: Scenario, head_factor: float = HEAD_FACTOR) -> float:
+    """The fleet model's samples/s for a scenario's own nodes where they stand: the bottleneck of the
+    stages' summed per-node rates (what :class:`FleetSim` computes at every instant)."""
+    costs = costs_from_scenario(scenario, head_factor)
+    caps = [0.0] * scenario.stages
+    for n in scenario.nodes:
+        head = head_factor if (n.stage == 0 and scenario.first_stage_is_also_last) else 0.0
+        caps[n.stage] += 1.0 / (n.forward_s * (1.0 + scenario.backward_factor + head))
+    return bottleneck(caps, costs.demand)
