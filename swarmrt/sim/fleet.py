@@ -330,7 +330,7 @@ class FleetSim:
         for k in range(int(cfg.duration_s / cfg.sample_s) + 1):
             self._at(k * cfg.sample_s, _SAMPLE)
         rows = []
-        done = area = bound_area = below = 0.0
+        area = bound_area = below = 0.0
         first = None
         last_t, tp, bound = 0.0, 0.0, 0.0
         while self.events and self.events[0][0] <= cfg.duration_s:
@@ -369,8 +369,7 @@ class FleetSim:
         bound_area += bound * dt
         if first is not None and tp < 0.5 * first:
             below += dt
-        done = area
-        return FleetReport(cfg.rebalance, tuple(rows), area / cfg.duration_s, done, bound_area / cfg.duration_s,
+        return FleetReport(cfg.rebalance, tuple(rows), area / cfg.duration_s, area, bound_area / cfg.duration_s,
                            below, self.moves, self.rejoins, self.preempted)
 
     def _sample(self, t: float, caps: list[float], tp: float, bound: float) -> FleetSample:

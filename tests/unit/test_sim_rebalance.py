@@ -8,6 +8,7 @@ docs/benchmarks.md is a benchmark, not a test (here 1,000 peers run for a short 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 
@@ -56,7 +57,7 @@ def test_costs_of_geo_aws18():
 def test_rebalancing_recovers_a_wave_on_one_stage():
     cfg = FleetConfig(peers=16, duration_s=1800, waves=(Wave(300, 0.5, 2),), downtime_s=0, sample_s=300)
     static = simulate_fleet(EVEN, cfg, random.Random(1))
-    moved = simulate_fleet(EVEN, FleetConfig(**{**cfg.__dict__, "rebalance": True}), random.Random(1))
+    moved = simulate_fleet(EVEN, dataclasses.replace(cfg, rebalance=True), random.Random(1))
     assert static.moves == 0 and moved.moves >= 1
     assert static.preempted == moved.preempted == 2
     assert moved.mean_throughput > 1.1 * static.mean_throughput
