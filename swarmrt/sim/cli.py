@@ -32,6 +32,7 @@ from swarmrt.sim.scenario import Scenario, ScenarioError, generate_scenario, loa
 from swarmrt.routing.policies import POLICIES, SkipScheduler, make_policy
 from swarmrt.sim.planner import plan_iteration
 from swarmrt.sim.simulator import SimConfig, SimReport, plan_evaluator, simulate
+from swarmrt.sim.fleet_cli import add_fleet_flags, fleet_selected, run_fleet
 
 POLICY_ORDER = ("full", "swarm", "random-skip", "swarmrt")
 """Policies in the order tables list them (the first is the baseline of the ``vs full`` column)."""
@@ -171,7 +172,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--preempt-mtbf", type=_non_negative, default=0.0, metavar="S",
                    help="mean seconds between failures of each node (default 0: no failures)")
     p.add_argument("--downtime", type=_non_negative, default=300.0, metavar="S",
-                   help="mean seconds a failed node stays away (default 300)")
+                   help="mean seconds a failed node stays away (default 300; fleet simulation: 0 = never comes back)")
     p.add_argument("--outer-sync-s", type=_non_negative, default=0.0, metavar="S",
                    help="seconds of the stage groups' outer sync (default 0)")
     p.add_argument("--outer-sync-every", type=_positive_int, default=1, metavar="N",
@@ -181,6 +182,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--plan-budget-s", type=_non_negative, default=0.8, metavar="S",
                    help="wall-clock seconds swarmrt may spend planning each iteration (default 0.8)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the reports as JSON")
+    add_fleet_flags(p)
     p.set_defaults(func=run_simulate)
     return p
 
@@ -207,6 +209,12 @@ def _table(reports: Sequence[SimReport], stages: int) -> str:
 
 def run_simulate(args: argparse.Namespace) -> int:
     """``swarmrt simulate``: returns the exit code."""
+    if fleet_selected(args):
+        try:
+            scenario = load_scenario(args.scenario)
+        except ScenarioError as e:
+            return _fail("simulate", str(e))
+        return run_fleet(args, scenario, lambda message: _fail("simulate", message))
     try:
         scenario = _load(args)
         config = SimConfig(iterations=args.iterations, preempt_mtbf_s=args.preempt_mtbf,

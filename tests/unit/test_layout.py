@@ -40,6 +40,7 @@ PURE = {
     "swarmrt.sim.scenario",
     "swarmrt.sim.simulator",
     "swarmrt.sim.planner",
+    "swarmrt.sim.fleet",
     "swarmrt.local_sgd.config",
     "swarmrt.local_sgd.diloco",
     "swarmrt.checkpoint.policy",
