@@ -7,7 +7,7 @@ throughput follows the stage balance. At step 2 ``slow_stage(1, 4.0)`` makes
 stage 1 four times slower, whoever serves it (the slowdown multiplies the
 emulated delay too, see ``StageWorker._delay``): 2/2/2 then runs at half the
 speed of 1/4/1. The peers must notice (their measured throughput on stage 1
-drops) and move there; at the end, the capacity of the final assignment,
+drops) and move there (in the runs so far: 1/4/1 within 2-5 steps); at the end, the capacity of the final assignment,
 computed from the peers' measured per-stage throughputs (``swarmrt status``),
 must be at least 80% of the best static assignment of the same six peers
 (brute force over the counts per stage, each >= 1). Exactly-once holds
@@ -27,7 +27,7 @@ from swarmrt.testing import FaultPlan, LocalSwarm
 
 pytestmark = pytest.mark.integration
 
-STAGES, PEERS, STEPS, SLOW_AT, FACTOR = 3, 6, 20, 3, 4.0
+STAGES, PEERS, STEPS, SLOW_AT, FACTOR = 3, 6, 16, 3, 4.0
 COMPUTE_DELAY_S = 0.05
 CONFIG = {
     "run": {"id": "slowstage", "seed": 0},
@@ -73,7 +73,7 @@ def rate(metrics: list[dict], first: int, last: int) -> float:
     return (b["samples"] - a["samples"]) / (b["time"] - a["time"])
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)  # 120-200 s on a loaded 2-core machine
 def test_peers_move_to_a_slowed_stage_and_throughput_recovers():
     with LocalSwarm(config_from_dict(CONFIG), peers_per_stage=[0] * STAGES, start_timeout=120) as swarm:
         peers = [swarm.add_peer(None, wait=False, extra_args=["--compute-delay", str(COMPUTE_DELAY_S)])
@@ -85,7 +85,7 @@ def test_peers_move_to_a_slowed_stage_and_throughput_recovers():
 
         plan = FaultPlan(seed=0)
         slow = plan.slow_stage(1, FACTOR, at_step=SLOW_AT)
-        run = swarm.run_with_faults(plan, steps=STEPS, timeout=180)
+        run = swarm.run_with_faults(plan, steps=STEPS, timeout=300)
         print(run.report())
         swarm.assert_exactly_once(run.summary, run.trainer)
         assert run.summary["steps"] == STEPS
