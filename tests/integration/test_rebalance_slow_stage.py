@@ -3,15 +3,18 @@
 Six peers start without ``--stage`` and spread 2/2/2 over three stages. Every
 peer sleeps ``COMPUTE_DELAY_S`` per forward and per backward (``--compute-delay``),
 so compute dominates the RPC overhead of a 2-core machine and the pipeline's
-throughput follows the stage balance. At step 2 ``slow_stage(1, 4.0)`` makes
+throughput follows the stage balance. At step 3 ``slow_stage(1, 4.0)`` makes
 stage 1 four times slower, whoever serves it (the slowdown multiplies the
 emulated delay too, see ``StageWorker._delay``): 2/2/2 then runs at half the
 speed of 1/4/1. The peers must notice (their measured throughput on stage 1
-drops) and move there (in the runs so far: 1/4/1 within 2-5 steps); at the end, the capacity of the final assignment,
-computed from the peers' measured per-stage throughputs (``swarmrt status``),
-must be at least 80% of the best static assignment of the same six peers
-(brute force over the counts per stage, each >= 1). Exactly-once holds
-throughout (moves drain before they leave).
+drops) and move there (in the runs so far: 1/4/1 within 2-5 steps); at
+the end, the capacity of the final assignment, computed from the peers'
+measured per-stage throughputs (``swarmrt status``), must be at least 80% of
+the best static assignment of the same six peers (brute force over the counts
+per stage, each >= 1). Exactly-once holds throughout (moves drain before they
+leave). The trainer's samples/s before, right after and at the end are printed
+(``-s``), not asserted: on 2 shared cores RPC overhead keeps it well under the
+stage capacity.
 """
 
 import itertools
