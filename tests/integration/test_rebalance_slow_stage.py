@@ -1,6 +1,8 @@
 """One stage slowed 4x by a fault plan: peers move toward it, and the swarm recovers.
 
-Six peers start without ``--stage`` and spread 2/2/2 over three stages. Every
+Six peers start without ``--stage`` and spread over three stages (printed as
+"joined": the join left 3/2/1, 3/1/2 or 2/3/1 in the runs so far; the
+balancing may even it out before the fault). Every
 peer sleeps ``COMPUTE_DELAY_S`` per forward and per backward (``--compute-delay``),
 so compute dominates the RPC overhead of a 2-core machine and the pipeline's
 throughput follows the stage balance. At step 3 ``slow_stage(1, 4.0)`` makes
