@@ -23,6 +23,12 @@ What each fault does on a :class:`~swarmrt.localswarm.swarm.LocalSwarm`:
 ``preempt``    SIGTERM: the peer announces ``leaving``, drains, exits.
 ``slow``       multiply its compute time by ``factor`` (rule file, at once);
                back to normal after ``duration_s`` if given.
+``slow_stage`` multiply the compute time of STAGE ``stage`` by ``factor``,
+               whoever serves it: the rule (with ``"stage": S``) goes into
+               every peer's rules file, so a peer that moves onto the stage
+               computes slower and one that moves off it at normal speed;
+               peers that faults start later get it too. Removed after
+               ``duration_s`` if given.
 ``drop``       its next ``count`` calls of ``method`` fail with UNAVAILABLE.
 ``delay``      its next ``count`` calls of ``method`` wait ``delay_s`` first.
 ``corrupt``    its next ``count`` calls of ``method`` get NaN bytes written
@@ -37,7 +43,9 @@ What each fault does on a :class:`~swarmrt.localswarm.swarm.LocalSwarm`:
 RPC faults (drop, delay, corrupt) and ``slow`` count as fired only once the
 peer reports that it applied them (``count`` calls affected, or the new
 factor in force), ``revive`` and ``add_peer`` once the new peer serves; the
-others fire when the signal is sent or the rule is installed.
+others fire when the signal is sent or the rule is installed (``slow_stage``:
+when every peer's rules are written; its effects count the peers that
+reported computing slower on the stage).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import dataclasses
 import random
 from typing import Any, Protocol, Sequence, Union
 
-KINDS = ("crash", "hang", "preempt", "slow", "drop", "delay", "corrupt", "partition", "revive", "add_peer")
+KINDS = ("crash", "hang", "preempt", "slow", "slow_stage", "drop", "delay", "corrupt", "partition", "revive", "add_peer")
 RPC_KINDS = ("drop", "delay", "corrupt")
 RPC_METHODS = ("Forward", "Backward", "GetState", "Info")
 """Methods of the stage service an RPC fault can target (the gRPC method names)."""
@@ -55,6 +63,8 @@ TAKES_DOWN = ("crash", "preempt")
 """Kinds after which the target is gone for good (a ``revive`` starts a new process)."""
 DISRUPTS = ("crash", "preempt", "hang", "partition")
 """Kinds whose target does not count as healthy while the fault lasts."""
+LASTING = ("hang", "slow", "slow_stage", "partition")
+"""Kinds that last until ``duration_s`` is over (or the run ends)."""
 
 
 class FaultError(ValueError):
@@ -125,7 +135,7 @@ class Fault:
     at_time: float | None
     """Or: fire this many seconds after the run started."""
     duration_s: float | None = None
-    """hang / slow / partition: how long it lasts (None: until the end of the run)."""
+    """hang / slow / slow_stage / partition: how long it lasts (None: until the end of the run)."""
     params: dict = dataclasses.field(default_factory=dict)
     """factor, method, count, delay_s, mode, stage: whatever the kind takes."""
 
@@ -158,8 +168,8 @@ class Fault:
 
     @property
     def lasting(self) -> bool:
-        """A fault with an end (hang, slow, partition) that has fired and not ended yet."""
-        return self.kind in ("hang", "slow", "partition") and self.fired and not self.ended
+        """A fault with an end (hang, slow, slow_stage, partition) that has fired and not ended yet."""
+        return self.kind in LASTING and self.fired and not self.ended
 
     def trigger_text(self) -> str:
         return f"at step {self.at_step}" if self.at_step is not None else f"at {self.at_time:g} s"
@@ -173,6 +183,8 @@ class Fault:
         elif self.kind == "add_peer":
             stage = p.get("stage")
             what = "add a peer" + (f" to stage {stage}" if stage is not None else " (it picks its stage)")
+        elif self.kind == "slow_stage":
+            what = f"slow stage {p.get('stage')} x{p.get('factor'):g} (whoever serves it)"
         elif self.kind == "partition":
             what = "partition {" + ", ".join(t.describe() for t in self.targets) + "} from the rest"
         else:
@@ -202,6 +214,8 @@ class Fault:
             line += f"; peer confirmed {self.effects}/{self.required_effects}"
         elif self.kind == "partition":
             line += f"; {self.effects} call(s) refused"
+        elif self.kind == "slow_stage":
+            line += f"; {self.effects} peer(s) computed slower on stage {self.params.get('stage')}"
         if self.ended:
             line += f"; ended at {self.ended_time:.1f} s"
         return line
@@ -289,6 +303,16 @@ class FaultPlan:
         if not isinstance(factor, (int, float)) or factor < 1:
             raise FaultError(f"slow: factor must be a number >= 1, got {factor!r}")
         return self._add("slow", [target], at_step, at_time, duration_s, factor=float(factor))
+
+    def slow_stage(self, stage: int, factor: float, duration_s: float | None = None, at_step: Trigger = None,
+                   at_time: Trigger = None) -> Fault:
+        """Multiply the compute time of stage ``stage`` by ``factor`` (>= 1), whoever serves it: a peer
+        that moves onto the stage computes slower, one that moves off it at normal speed."""
+        if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
+            raise FaultError(f"slow_stage: stage must be an integer >= 0, got {stage!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+            raise FaultError(f"slow_stage: factor must be a number >= 1, got {factor!r}")
+        return self._add("slow_stage", [], at_step, at_time, duration_s, stage=stage, factor=float(factor))
 
     # RPC faults
     def _rpc(self, kind: str, target: Target, method: str, count: int, at_step, at_time, **params) -> Fault:
@@ -449,7 +473,8 @@ class Executor(Protocol):
         """Undo a lasting fault (resume a hung peer, restore speed, heal a partition); return a note."""
 
     def effects(self) -> dict[str, int]:
-        """Confirmed effects so far per fault id (calls affected, a slowdown in force, a joiner serving)."""
+        """Confirmed effects so far per fault id (calls affected, a slowdown in force, a joiner serving;
+        for ``slow_stage``: how many peers computed slower on the stage)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,6 +555,7 @@ class FaultInjector:
                 continue
             fault.effects = count
             text = (f"{fault.id} confirmed by the peer ({count}/{fault.required_effects})" if fault.required_effects
+                    else f"{fault.id}: {count} peer(s) computed slower" if fault.kind == "slow_stage"
                     else f"{fault.id}: {count} call(s) affected")
             new.append(FaultEvent(step, elapsed, fault, "effect", text))
         self.events.extend(new)

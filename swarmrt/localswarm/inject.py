@@ -2,7 +2,7 @@
 
 :class:`SwarmExecutor` turns faults into what a real swarm suffers: signals to
 a peer's process group (crash, hang, preempt), rules in its net rules file
-(slow, drop, delay, corrupt, partition; see :mod:`swarmrt.wire.emulation`) and
+(slow, slow_stage, drop, delay, corrupt, partition; see :mod:`swarmrt.wire.emulation`) and
 new peer processes (revive, add_peer). :func:`run_with_faults` follows a
 trainer's metrics file and fires the plan as its steps complete, polling with
 a deadline; it never sleeps to wait for something to happen, and whatever
@@ -33,6 +33,8 @@ class SwarmExecutor:
         self.watch_exit: dict[str, tuple[Role, Fault]] = {}
         self.confirmed: dict[str, int] = {}
         self.info: list[tuple[Fault, str]] = []
+        self.stage_slowdowns: dict[str, dict] = {}
+        """Stage slowdowns in force (fault id -> rule): peers that faults start get them too."""
         self._effects_cache: dict[pathlib.Path, tuple[int, dict[str, int]]] = {}
 
     # -- the Executor protocol -------------------------------------------------------------------
@@ -49,8 +51,18 @@ class SwarmExecutor:
             stage = roles[0].stage if kind == "revive" else fault.params.get("stage")
             joiner = swarm.add_peer(stage, wait=False)
             self.joiners[joiner.name] = (joiner, fault)
+            for rule in self.stage_slowdowns.values():  # a stage slowdown in force slows it there too
+                swarm.update_rules(joiner, slowdown=dict(rule))
             where = f"stage {stage}" if stage is not None else "the stage it picks"
             return f"started {joiner.name} on {where}", [joiner.name]
+        if kind == "slow_stage":
+            stage, factor = fault.params["stage"], fault.params["factor"]
+            rule = {"factor": factor, "id": fault.id, "stage": stage}
+            self.stage_slowdowns[fault.id] = rule
+            peers = swarm.peers(alive=False)
+            for peer in peers:
+                swarm.update_rules(peer, slowdown=dict(rule))
+            return f"compute x{factor:g} on stage {stage}, whoever serves it (rule written for {len(peers)} peer(s))"
         role = roles[0]
         where = f"{role.name} (stage {role.stage}, pid {role.proc.pid})"
         if kind == "crash":
@@ -92,6 +104,15 @@ class SwarmExecutor:
         if fault.kind == "slow":
             swarm.update_rules(fault.resolved[0], slowdown=None)
             return f"{fault.resolved[0]} back to normal speed"
+        if fault.kind == "slow_stage":
+            self.stage_slowdowns.pop(fault.id, None)
+            cleared = 0
+            for peer in swarm.peers(alive=False):
+                rule = swarm._rules.get(peer.name, {}).get("slowdown")
+                if isinstance(rule, dict) and rule.get("id") == fault.id:
+                    swarm.update_rules(peer, slowdown=None)
+                    cleared += 1
+            return f"stage {fault.params['stage']} back to normal speed ({cleared} peer(s))"
         if fault.kind == "partition":
             for peer in swarm.peers(alive=False):
                 rules = swarm._rules.get(peer.name, {})

@@ -141,8 +141,13 @@ class StageWorker:
 
     # -- helpers -----------------------------------------------------------------------------
     def _delay(self, started: float) -> None:
-        """Emulated compute time: a fixed delay and/or a slowdown factor (benchmarks, fault tests)."""
-        extra = self.compute_delay_s + (self.slowdown - 1.0) * (self.clock() - started)
+        """Emulated compute time: a fixed delay and/or a slowdown factor (benchmarks, fault tests).
+
+        The factor multiplies the whole compute time, real and emulated: a call that computed for
+        ``t`` seconds takes ``slowdown * (t + compute_delay_s)`` in all, so a slowed peer (or stage)
+        is ``slowdown`` times slower even when ``--compute-delay`` dominates its compute."""
+        elapsed = self.clock() - started
+        extra = self.slowdown * (self.compute_delay_s + elapsed) - elapsed
         if extra > 0:
             time.sleep(extra)
 

@@ -25,6 +25,7 @@ running test can change them. Every key is optional::
       "link": {"latency_s": 0.05, "bandwidth_Bps": 1e7},   # default link to any caller
       "links": {"trainer1": {"latency_s": 0.3, "bandwidth_Bps": 1.3e8}},  # per calling node
       "slowdown": {"factor": 4, "id": "f7"},           # or a plain number: compute time x factor
+                                                        # ("stage": 1 in it: only while serving stage 1)
       "faults": [                                       # each applies to the next `count` calls
         {"id": "f3", "method": "Forward", "action": "drop", "count": 2},
         {"id": "f4", "method": "Backward", "action": "delay", "delay_s": 5, "count": 1},
@@ -127,9 +128,17 @@ class NetRules:
     faults: tuple[RpcFault, ...] = ()
     partitions: tuple[Partition, ...] = ()
     events: str | None = None
+    slowdown_stage: int | None = None
+    """The slowdown applies only while the peer serves this stage (None: whatever it serves)."""
 
     def link_for(self, caller: str) -> LinkSpec | None:
         return self.links.get(caller, self.link)
+
+    def slowdown_for(self, stage: int | None) -> float | None:
+        """The slowdown factor in force for a peer serving ``stage`` (None: no rule applies)."""
+        if self.slowdown is None or (self.slowdown_stage is not None and stage != self.slowdown_stage):
+            return None
+        return self.slowdown
 
 
 def parse_rules(raw: Any, source: str = "rules") -> NetRules:
@@ -147,10 +156,19 @@ def parse_rules(raw: Any, source: str = "rules") -> NetRules:
     if not isinstance(links_raw, Mapping):
         raise RulesError(f"{source}: links: must map caller names to links")
     links = {str(k): LinkSpec.parse(v, f"{source}: links.{k}") for k, v in links_raw.items()}
-    slowdown, slowdown_id = raw.get("slowdown"), None
+    slowdown, slowdown_id, slowdown_stage = raw.get("slowdown"), None, None
     if isinstance(slowdown, Mapping):
-        slowdown_id, slowdown = slowdown.get("id"), slowdown.get("factor")
-    if slowdown is not None and (not isinstance(slowdown, (int, float)) or slowdown <= 0):
+        unknown = set(slowdown) - {"factor", "id", "stage"}
+        if unknown:
+            raise RulesError(f"{source}: slowdown.{sorted(unknown)[0]}: unknown key; known: factor, id, stage")
+        if "factor" not in slowdown:
+            raise RulesError(f"{source}: slowdown.factor: missing (the compute time multiplier, > 0)")
+        slowdown_id, slowdown_stage, slowdown = slowdown.get("id"), slowdown.get("stage"), slowdown["factor"]
+        if slowdown_stage is not None and (not isinstance(slowdown_stage, int) or isinstance(slowdown_stage, bool)
+                                           or slowdown_stage < 0):
+            raise RulesError(f"{source}: slowdown.stage: must be an integer >= 0, got {slowdown_stage!r}")
+    if slowdown is not None and (isinstance(slowdown, bool) or not isinstance(slowdown, (int, float))
+                                 or slowdown <= 0):
         raise RulesError(f"{source}: slowdown: must be a factor > 0, got {slowdown!r}")
     faults = []
     for i, f in enumerate(raw.get("faults", [])):
@@ -183,7 +201,7 @@ def parse_rules(raw: Any, source: str = "rules") -> NetRules:
         partitions.append(Partition(str(p.get("id", f"partition{i}")), allow, frozenset(map(str, p.get("deny", [])))))
     events = raw.get("events")
     return NetRules(node, link, links, None if slowdown is None else float(slowdown), slowdown_id, tuple(faults),
-                    tuple(partitions), events)
+                    tuple(partitions), events, slowdown_stage)
 
 
 def load_rules(path: str | os.PathLike) -> NetRules:
@@ -472,7 +490,11 @@ def rules_path(cli_value: str | None) -> str | None:
 
 def server_interceptors(path: str | os.PathLike | None, worker=None) -> Sequence[grpc.aio.ServerInterceptor]:
     """Interceptors for a peer's stage service; with ``worker``, the rules' ``slowdown`` sets its
-    ``slowdown`` (falling back to the value it started with when the rule goes away)."""
+    ``slowdown`` (falling back to the value it started with when the rule goes away).
+
+    A peer builds these anew for every stage it serves (a peer that moves gets a new worker), and
+    the rules in force are applied at once, so a stage slowdown (``"stage": S`` in the rule) slows
+    a peer that moves onto stage S and spares one that moves off it."""
     if not path:
         return ()
     load_rules(path)  # a bad file is a start-up error that names the key, not a silent no-op
@@ -482,12 +504,14 @@ def server_interceptors(path: str | os.PathLike | None, worker=None) -> Sequence
         base = worker.slowdown
 
         def on_change(rules: NetRules) -> None:
-            factor = rules.slowdown if rules.slowdown is not None else base
+            slowdown = rules.slowdown_for(getattr(worker, "stage", None))
+            factor = slowdown if slowdown is not None else base
             if factor != worker.slowdown:
                 worker.slowdown = factor
                 logger.info("slowdown now x%g", factor)
-                if rules.slowdown_id:
-                    interceptor._event(rules, fault=rules.slowdown_id, kind="slow", factor=factor)
+                if rules.slowdown_id and slowdown is not None:
+                    interceptor._event(rules, fault=rules.slowdown_id, kind="slow", factor=factor,
+                                       stage=getattr(worker, "stage", None))
 
         rules_file.on_change = on_change
         on_change(rules_file.rules)

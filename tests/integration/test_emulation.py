@@ -13,7 +13,7 @@ from swarmrt.config import config_from_dict
 from swarmrt.data import sample_input
 from swarmrt.models.build import build_layers, stage_ranges
 from swarmrt.wire.client import StageClient
-from swarmrt.wire.emulation import (LinkSpec, RulesError, client_interceptors, events_path, load_rules,
+from swarmrt.wire.emulation import (LinkSpec, RulesError, client_interceptors, events_path, load_rules, parse_rules,
                                    read_effects, scenario_links, server_interceptors, transfer_time, write_rules)
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
@@ -222,7 +222,13 @@ def test_bad_rules_name_the_key(tmp_path):
              ({"links": {"t": {"bandwidth_Bps": 0}}}, "links.t.bandwidth_Bps"),
              ({"faults": [{"method": "Forward", "action": "explode"}]}, "faults[0].action"),
              ({"faults": [{"method": "Forward", "action": "delay"}]}, "faults[0].delay_s"),
-             ({"partitions": [{"id": "p"}]}, "partitions[0]")]
+             ({"partitions": [{"id": "p"}]}, "partitions[0]"),
+             ({"slowdown": {"factor": 4, "stage": -1}}, "slowdown.stage: must be an integer >= 0, got -1"),
+             ({"slowdown": {"factor": 4, "stage": "1"}}, "slowdown.stage: must be an integer >= 0, got '1'"),
+             ({"slowdown": {"factor": 4, "stage": True}}, "slowdown.stage: must be an integer >= 0, got True"),
+             ({"slowdown": {"factor": 4, "stag": 1}}, "slowdown.stag: unknown key"),
+             ({"slowdown": {"stage": 1}}, "slowdown.factor: missing"),
+             ({"slowdown": {"factor": 0, "stage": 1}}, "slowdown: must be a factor > 0")]
     for raw, needle in cases:
         path.write_text(json.dumps(raw))
         with pytest.raises(RulesError) as e:
@@ -231,6 +237,14 @@ def test_bad_rules_name_the_key(tmp_path):
     path.write_text("{not json")
     with pytest.raises(RulesError, match="not valid JSON"):
         load_rules(path)
+
+
+def test_a_stage_slowdown_applies_only_to_that_stage():
+    rules = parse_rules({"slowdown": {"factor": 4, "id": "f3", "stage": 1}})
+    assert (rules.slowdown, rules.slowdown_id, rules.slowdown_stage) == (4.0, "f3", 1)
+    assert (rules.slowdown_for(1), rules.slowdown_for(0), rules.slowdown_for(None)) == (4.0, None, None)
+    anywhere = parse_rules({"slowdown": 3})
+    assert anywhere.slowdown_stage is None and anywhere.slowdown_for(0) == anywhere.slowdown_for(5) == 3.0
 
 
 def test_scenario_file_maps_local_peers_to_links(tmp_path):

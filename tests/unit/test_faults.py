@@ -206,3 +206,115 @@ def test_chaos_plans_are_seeded_and_replace_what_they_take_down():
         assert f.at_step is None or 15 <= f.at_step <= 72
     assert kinds.count("revive") == kinds.count("crash") + kinds.count("preempt")
     assert isinstance(a.faults[0], Fault)
+
+
+# -- slow_stage: a stage slowed, whoever serves it ---------------------------------------------------
+def test_slow_stage_fires_when_written_lasts_its_duration_and_says_so():
+    plan = FaultPlan(seed=0)
+    fault = plan.slow_stage(1, 4.0, duration_s=3, at_step=2)
+    assert fault.kind == "slow_stage" and fault.targets == () and fault.params == {"stage": 1, "factor": 4.0}
+    assert fault.describe() == "f1: slow stage 1 x4 (whoever serves it) for 3 s at step 2"
+    swarm = FakeSwarm()
+    injector = run(plan, swarm, 10)
+    assert ("fire", 2, "slow_stage", ()) in swarm.calls and ("end", 5, "slow_stage", ()) in swarm.calls
+    assert (fault.fired_step, fault.fired_time, fault.ended_time) == (2, 2.0, 5.0)
+    plan.assert_all_fired()  # fired when the rules were written; nothing to confirm
+    injector.record_effects({fault.id: 2}, 10, 10.0)
+    assert "2 peer(s) computed slower" in injector.events[-1].text
+    assert "; 2 peer(s) computed slower on stage 1; ended at 5.0 s" in fault.outcome()
+
+
+def test_slow_stage_without_duration_ends_with_the_run():
+    plan = FaultPlan(seed=0)
+    fault = plan.slow_stage(0, 2, at_time=1.0)
+    assert fault.lasting is False
+    injector = run(plan, FakeSwarm(), 4)
+    assert fault.ended_time == 4.0 and "run over" in injector.events[-1].text
+
+
+@pytest.mark.parametrize("build, needle", [
+    (lambda p: p.slow_stage(-1, 4.0, at_step=1), "slow_stage: stage must be an integer >= 0, got -1"),
+    (lambda p: p.slow_stage(True, 4.0, at_step=1), "stage must be an integer >= 0, got True"),
+    (lambda p: p.slow_stage("1", 4.0, at_step=1), "stage must be an integer >= 0, got '1'"),
+    (lambda p: p.slow_stage(1, 0.5, at_step=1), "slow_stage: factor must be a number >= 1"),
+    (lambda p: p.slow_stage(1, 4.0), "exactly one of at_step= or at_time="),
+    (lambda p: p.slow_stage(1, 4.0, duration_s=0, at_step=1), "duration_s must be > 0"),
+])
+def test_bad_slow_stage_declarations_name_what_is_wrong(build, needle):
+    with pytest.raises(FaultError) as e:
+        build(FaultPlan())
+    assert needle in str(e.value)
+
+
+class RulesSwarm:
+    """Just what SwarmExecutor needs of a LocalSwarm for rule faults and joiners."""
+
+    class Role:
+        def __init__(self, name, stage):
+            self.name, self.stage, self.rules = name, stage, f"{name}.rules.json"
+
+    def __init__(self):
+        self.roles = [self.Role(f"peer{i}", i % 3) for i in range(1, 5)]
+        self._rules = {r.name: {"node": r.name} for r in self.roles}
+
+    def peers(self, stage=None, alive=True):
+        return [r for r in self.roles if stage is None or r.stage == stage]
+
+    def role(self, name):
+        return next(r for r in self.roles if r.name == name)
+
+    def update_rules(self, role, **keys):
+        rules = self._rules.setdefault(role.name, {"node": role.name})
+        for key, value in keys.items():
+            rules.pop(key, None) if value is None else rules.__setitem__(key, value)
+        return rules
+
+    def add_peer(self, stage=None, wait=True):
+        role = self.Role(f"peer{len(self.roles) + 1}", stage)
+        self.roles.append(role)
+        self._rules[role.name] = {"node": role.name}
+        return role
+
+
+def test_the_swarm_executor_writes_a_stage_slowdown_for_every_peer_and_joiner_and_removes_only_its_own():
+    from swarmrt.localswarm.inject import SwarmExecutor
+    from swarmrt.wire.emulation import parse_rules
+
+    swarm = RulesSwarm()
+    executor = SwarmExecutor(swarm)
+    plan = FaultPlan()
+    fault = plan.slow_stage(1, 4.0, at_step=0)
+    joiner = plan.add_peer(at_step=0)
+    note = executor.fire(fault, [])
+    assert "compute x4 on stage 1, whoever serves it (rule written for 4 peer(s))" == note
+    for name, rules in swarm._rules.items():
+        assert rules["slowdown"] == {"factor": 4.0, "id": "f1", "stage": 1}, name
+        parsed = parse_rules(rules)
+        assert (parsed.slowdown_for(1), parsed.slowdown_for(0)) == (4.0, None)
+    _, (new,) = executor.fire(joiner, [])
+    assert swarm._rules[new]["slowdown"]["id"] == "f1"  # started while the stage is slow: slow there too
+    swarm.update_rules(swarm.role("peer2"), slowdown={"factor": 2.0, "id": "f9"})  # someone else's slowdown
+    assert executor.end(fault) == "stage 1 back to normal speed (4 peer(s))"
+    assert swarm._rules["peer2"]["slowdown"]["id"] == "f9"
+    assert all("slowdown" not in r for n, r in swarm._rules.items() if n != "peer2")
+    _, (later,) = executor.fire(plan.add_peer(at_step=0), [])
+    assert "slowdown" not in swarm._rules[later]
+
+
+def test_a_stage_slowdown_applies_to_the_worker_of_that_stage_only(tmp_path):
+    """server_interceptors is built for each stage a peer serves; the stage rule follows the worker's stage."""
+    import types
+
+    from swarmrt.wire.emulation import events_path, read_effects, server_interceptors, write_rules
+
+    path = tmp_path / "peer.rules.json"
+    write_rules(path, {"slowdown": {"factor": 4, "id": "f3", "stage": 1}})
+    on_stage_0 = types.SimpleNamespace(stage=0, slowdown=1.0)
+    server_interceptors(path, on_stage_0)
+    assert on_stage_0.slowdown == 1.0 and read_effects(events_path(path)) == {}
+    moved_to_1 = types.SimpleNamespace(stage=1, slowdown=1.0)  # the same peer after a move: a new worker
+    (interceptor,) = server_interceptors(path, moved_to_1)
+    assert moved_to_1.slowdown == 4.0 and read_effects(events_path(path)) == {"f3": 1}
+    write_rules(path, {})
+    interceptor.rules.current()  # what the next call does
+    assert moved_to_1.slowdown == 1.0

@@ -148,3 +148,21 @@ def test_state_round_trips_between_peers_of_a_stage():
         assert torch.equal(a, b)
     with pytest.raises(StageError, match="stage 1"):
         fresh[2].load_state_bytes(workers[1].state_bytes())
+
+
+@pytest.mark.parametrize("delay, slowdown, computed, expected", [
+    (0.0, 1.0, 0.2, 0.0),    # nothing emulated
+    (0.5, 1.0, 0.2, 0.5),    # the fixed delay only
+    (0.0, 4.0, 0.2, 0.6),    # 4x the real compute: 0.8 in all
+    (0.5, 4.0, 0.2, 2.6),    # 4x real + emulated: 4 * 0.7 = 2.8 in all, 0.2 of it computed
+])
+def test_the_slowdown_multiplies_real_and_emulated_compute_time(monkeypatch, delay, slowdown, computed, expected):
+    clock = Clock()
+    _, workers = make_workers(MLP, clock=clock)
+    worker = workers[0]
+    worker.compute_delay_s, worker.slowdown = delay, slowdown
+    slept = []
+    monkeypatch.setattr("swarmrt.pipeline.worker.time.sleep", slept.append)
+    clock.now = computed
+    worker._delay(0.0)
+    assert sum(slept) == pytest.approx(expected)
