@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
     from swarmrt.wire.client import StageClient
     from swarmrt.discovery.dht import start_dht
     from swarmrt.wire.emulation import client_interceptors, rules_path
-    from swarmrt.roles.proc import install_stop_handlers, stop_hivemind_child
+    from swarmrt.roles.proc import install_stop_handlers
     from swarmrt.checkpoint.store import load_data_position
     from swarmrt.roles.trainer import Trainer
 
@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
             _print_result(await trainer.run(args.steps, start_step=start_step, stop=stop), args.summary_file)
             return 0
         finally:
-            await asyncio.to_thread(stop_hivemind_child, dht)
+            await asyncio.to_thread(dht.shutdown)
 
     return _run_trainer(args, main())
 
@@ -157,7 +157,6 @@ def _positive_int(text: str) -> int:
 
 def cmd_eval(args) -> int:
     from swarmrt.models.build import skip_compatibility
-    from swarmrt.roles.proc import stop_hivemind_child
     from swarmrt.discovery.dht import start_dht
     from swarmrt.roles.trainer import Trainer, parse_stage_subset
     from swarmrt.wire.client import StageClient
@@ -179,7 +178,7 @@ def cmd_eval(args) -> int:
             _print_result(await trainer.evaluate(stages, args.batches), args.summary_file)
             return 0
         finally:
-            await asyncio.to_thread(stop_hivemind_child, dht)
+            await asyncio.to_thread(dht.shutdown)
 
     return _run_trainer(args, main())
 

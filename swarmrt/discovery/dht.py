@@ -6,9 +6,7 @@ heartbeat, so a dead one vanishes from routing within ``ttl`` seconds.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-from typing import Any, Iterator
+from typing import Any
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
@@ -75,30 +73,13 @@ def read_runs(dht: DHT, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
     return {run: v for run, v in _subkey_values(dht, RUNS_KEY, timeout).items() if isinstance(v, dict)}
 
 
-@contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Fork hivemind's child processes (the DHT node, an averager) inside this: SIGTERM and SIGINT
-    are blocked in the forking thread, and a child inherits the mask, so a signal sent to the whole
-    process group (``systemctl stop``, Slurm's ``scancel``, a terminal's Ctrl-C) reaches only the
-    parent, which drains and then shuts its children down in order. A child that will not stop is
-    killed by :func:`swarmrt.roles.proc.stop_hivemind_child`."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: int = 0,
               client_mode: bool = False) -> DHT:
-    """A hivemind DHT node listening on ``host`` (loopback by default); its process ignores group
-    signals (:func:`stop_signals_blocked`)."""
-    kwargs: dict[str, Any] = dict(initial_peers=initial_peers or None, start=True, client_mode=client_mode,
-                                  shutdown_timeout=2)
+    """A hivemind DHT node listening on ``host`` (loopback by default)."""
+    kwargs: dict[str, Any] = dict(initial_peers=initial_peers or None, start=True, client_mode=client_mode)
     if not client_mode:
         kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
-    with stop_signals_blocked():
-        return DHT(**kwargs)
+    return DHT(**kwargs)
 
 
 def visible_maddrs(dht: DHT) -> list[str]:

@@ -70,7 +70,6 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
-from swarmrt.discovery.dht import stop_signals_blocked
 from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
 from swarmrt.local_sgd.rounds import AveragingResult, StateProvider
 
@@ -254,8 +253,7 @@ class StageAverager:
             shutdown_timeout=5,
         )
         self._averager.state_provider = state_provider
-        with stop_signals_blocked():  # a group SIGTERM must not reach the averager's process
-            self._averager.run_in_background(await_ready=True)
+        self._averager.run_in_background(await_ready=True)
 
     def serve_state(self, provider: StateProvider | None) -> None:
         """Serve ``provider()`` to peers that download state from now on (None: serve nothing)."""

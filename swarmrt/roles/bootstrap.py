@@ -12,7 +12,7 @@ import os
 from typing import Sequence
 
 from swarmrt.discovery.dht import start_dht, visible_maddrs
-from swarmrt.roles.proc import install_stop_handlers, stop_hivemind_child, write_atomically
+from swarmrt.roles.proc import install_stop_handlers, write_atomically
 
 
 async def serve_bootstrap(initial_peers: Sequence[str] = (), host: str = "127.0.0.1", port: int = 0,
@@ -29,4 +29,4 @@ async def serve_bootstrap(initial_peers: Sequence[str] = (), host: str = "127.0.
         await stop.wait()
         return 0
     finally:
-        await asyncio.to_thread(stop_hivemind_child, dht)
+        await asyncio.to_thread(dht.shutdown)

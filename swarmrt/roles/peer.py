@@ -41,7 +41,7 @@ from swarmrt.models.build import build_layers, partition_hash, stage_ranges
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 from swarmrt.roles.organizer import Organizer
-from swarmrt.roles.proc import install_stop_handlers, kill_descendants, stop_hivemind_child, write_atomically
+from swarmrt.roles.proc import install_stop_handlers, write_atomically
 from swarmrt.routing.rebalance import Move
 from swarmrt.wire.client import StageClient
 from swarmrt.wire.emulation import server_interceptors
@@ -123,7 +123,6 @@ class StageAnnouncer:
         self.worker, self.servicer, self.pinned = worker, servicer, pinned
         self.since = time.time() if since is None else since
         self.config_hash = training_config_hash(config)
-        self.last_serving: list[str] | None = None
 
     def record(self, state: str, target: int | None = None) -> dht_records.StageRecord:
         stats = self.worker.stats()
@@ -142,9 +141,7 @@ class StageAnnouncer:
         return await asyncio.to_thread(dht_records.read_stage, self.dht, self.config.run.id, self.stage)
 
     async def serving_ids(self) -> list[str]:
-        """Serving peers of this stage (kept as ``last_serving`` for a drain that cannot read the DHT)."""
-        self.last_serving = [r.peer_id for r in await self.stage_records() if r.state == "serving"]
-        return self.last_serving
+        return [r.peer_id for r in await self.stage_records() if r.state == "serving"]
 
 
 async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnnouncer,
@@ -181,11 +178,10 @@ async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints:
     other peer serves it (within what is left of the grace period, at least 1 s)."""
     servicer.state = "leaving"
     started = time.monotonic()
-    dht_wait = max(1.0, min(3.0, grace_s / 4))  # a group signal may have taken p2pd down with us
     try:
-        await asyncio.wait_for(announcer.announce("leaving"), timeout=dht_wait)
+        await announcer.announce("leaving")
     except Exception as e:
-        logger.warning("could not announce leaving: %s", e or type(e).__name__)
+        logger.warning("could not announce leaving: %s", e)
     try:
         await asyncio.wait_for(servicer.idle.wait(), timeout=grace_s)
     except asyncio.TimeoutError:
@@ -193,13 +189,7 @@ async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints:
     if checkpoints is None:
         return
     try:
-        try:
-            serving = await asyncio.wait_for(announcer.serving_ids(), timeout=dht_wait)
-        except Exception as e:  # the DHT is gone (p2pd took the group signal too): use the last list read
-            serving = getattr(announcer, "last_serving", None)
-            if serving is None:
-                raise
-            logger.warning("could not read the stage's peers (%s); using the last list read", e or type(e).__name__)
+        serving = await announcer.serving_ids()
         await asyncio.wait_for(checkpoints.maybe_on_leave(serving),
                                timeout=max(1.0, grace_s - (time.monotonic() - started)))
     except Exception as e:
@@ -354,5 +344,4 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         return 0
     finally:
         await peer.close()
-        await asyncio.to_thread(stop_hivemind_child, dht)
-        kill_descendants()  # an averager that did not stop (hivemind's SIGTERM cannot reach it)
+        await asyncio.to_thread(dht.shutdown)

@@ -127,33 +127,6 @@ def kill_descendants(sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def stop_hivemind_child(child, timeout: float = 2.0) -> None:
-    """Shut down a hivemind child process (a DHT node, an averager) and make sure it is gone.
-
-    Asks it to stop (``child.shutdown()``: hivemind waits a few seconds, then sends SIGTERM, which
-    our children ignore, see :func:`swarmrt.discovery.dht.stop_signals_blocked`); whatever is
-    still alive after ``timeout`` seconds -- the child and its own children, e.g. p2pd -- gets
-    SIGKILL, and the child is joined, so multiprocessing's exit handler never waits on it."""
-    is_process = hasattr(child, "is_alive")  # or anything else with shutdown()
-    if is_process and not child.is_alive():
-        return
-    try:
-        child.shutdown()
-    except Exception:  # a broken pipe to a dead child: kill below
-        if not is_process:
-            raise
-    if not is_process:
-        return
-    child.join(timeout)
-    if child.is_alive():
-        for pid in [*descendants(child.pid), child.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        child.join(5.0)
-
-
 def write_atomically(path: str | os.PathLike, text: str) -> None:
     """Write a file another process waits for (a ready file, an address file) so that it never
     sees it half written: write ``PATH.tmp``, then rename."""

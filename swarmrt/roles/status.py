@@ -14,7 +14,6 @@ import time
 from typing import Any, Callable, Sequence
 
 from swarmrt.discovery.dht import read_runs, read_stage, start_dht
-from swarmrt.roles.proc import stop_hivemind_child
 from swarmrt.discovery.records import StageRecord
 from swarmrt.routing.rebalance import (JOINING, MOVING, SERVING, STATES, SpeedModel, balance_quality, bottleneck,
                                        can_serve_everything, stage_capacity)
@@ -41,7 +40,7 @@ def swarm_status(initial_peers: Sequence[str]) -> dict[str, dict[str, Any]]:
     try:
         return read_status(dht)
     finally:
-        stop_hivemind_child(dht)
+        dht.shutdown()
 
 
 def summarize_run(stages: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
