@@ -120,13 +120,15 @@ async def download_state(worker: StageWorker, client: StageClient, run_id: str,
 
 class StageAnnouncer:
     """This peer's record in the DHT (``serving`` on every heartbeat, ``leaving`` when it drains),
-    and which peers serve its stage."""
+    and which peers serve its stage (:attr:`last_serving`: as last read, for when the DHT is gone)."""
 
     def __init__(self, dht, config: RunConfig, peer_id: str, stage: int, address: str, worker: StageWorker,
                  servicer: StageServicer):
         self.dht, self.config, self.peer_id, self.stage, self.address = dht, config, peer_id, stage, address
         self.worker, self.servicer = worker, servicer
         self.config_hash = training_config_hash(config)
+        self.last_serving: list[str] = []
+        """Peer ids announced ``serving`` at the last successful read of the stage's records."""
 
     def record(self, state: str) -> dht_records.StageRecord:
         stats = self.worker.stats()
@@ -134,17 +136,24 @@ class StageAnnouncer:
                                        throughput=float(stats["throughput"]), load=self.servicer.inflight,
                                        version=int(stats["version"]), state=state, heartbeat=time.time())
 
-    async def announce(self, state: str) -> None:
+    async def announce(self, state: str, timeout: float = 5.0) -> None:
+        """Store this peer's record, then the run's; each store waits at most ``timeout`` seconds."""
         ttl = self.config.network.record_ttl_s
-        await asyncio.to_thread(dht_records.announce, self.dht, self.config.run.id, self.record(state), ttl)
+        await asyncio.to_thread(dht_records.announce, self.dht, self.config.run.id, self.record(state), ttl, timeout)
         await asyncio.to_thread(dht_records.announce_run, self.dht, self.config.run.id, self.config.num_stages,
-                                self.config_hash, ttl)
+                                self.config_hash, ttl, timeout)
 
-    async def stage_records(self) -> list[dht_records.StageRecord]:
-        return await asyncio.to_thread(dht_records.read_stage, self.dht, self.config.run.id, self.stage)
+    async def stage_records(self, timeout: float = 5.0) -> list[dht_records.StageRecord]:
+        records = await asyncio.to_thread(dht_records.read_stage, self.dht, self.config.run.id, self.stage, timeout)
+        self.last_serving = [r.peer_id for r in records if r.state == "serving"]
+        return records
 
-    async def serving_ids(self) -> list[str]:
-        return [r.peer_id for r in await self.stage_records() if r.state == "serving"]
+    async def serving_ids(self, timeout: float = 5.0) -> list[str]:
+        await self.stage_records(timeout)
+        return list(self.last_serving)
+
+    def dht_usable(self) -> bool:
+        return dht_records.node_usable(self.dht)
 
 
 async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnnouncer,
@@ -166,25 +175,49 @@ async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnno
             logger.warning("heartbeat failed: %s", e)
 
 
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__  # asyncio's TimeoutError has no message
+
+
+def drain_dht_timeout(grace_s: float) -> float:
+    """How long one DHT call of :func:`drain` may wait: a quarter of the grace period, 0.5..2 s
+    (its p2pd may be dead: a signal to the whole process group kills it at once)."""
+    return min(2.0, max(0.5, grace_s / 4))
+
+
 async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints: Checkpointer | None,
                 grace_s: float) -> None:
     """Leave cleanly: refuse new forwards and announce ``leaving`` (routers stop picking this peer
     at once), finish in-flight work within ``grace_s``, then write the stage's checkpoint if no
-    other peer serves it (within what is left of the grace period, at least 1 s)."""
+    other peer serves it (within what is left of the grace period, at least 1 s).
+
+    Works without a DHT (its p2pd killed with the process group): each DHT call waits at most
+    :func:`drain_dht_timeout`, and "does another peer serve the stage?" falls back to the
+    heartbeat's last read (:attr:`StageAnnouncer.last_serving`)."""
     servicer.state = "leaving"
     started = time.monotonic()
+    dht_timeout = drain_dht_timeout(grace_s)
     try:
-        await announcer.announce("leaving")
+        if not announcer.dht_usable():
+            raise ConnectionError("the DHT node's p2pd is gone")
+        await asyncio.wait_for(announcer.announce("leaving", timeout=dht_timeout), timeout=2 * dht_timeout + 0.5)
     except Exception as e:
-        logger.warning("could not announce leaving: %s", e)
+        logger.warning("could not announce leaving: %s", _why(e))
     try:
-        await asyncio.wait_for(servicer.idle.wait(), timeout=grace_s)
+        await asyncio.wait_for(servicer.idle.wait(), timeout=max(0.0, grace_s - (time.monotonic() - started)))
     except asyncio.TimeoutError:
         logger.warning("grace period over with %d requests in flight", servicer.inflight)
     if checkpoints is None:
         return
     try:
-        serving = await announcer.serving_ids()
+        if not announcer.dht_usable():
+            raise ConnectionError("the DHT node's p2pd is gone")
+        serving = await asyncio.wait_for(announcer.serving_ids(timeout=dht_timeout), timeout=dht_timeout + 0.5)
+    except Exception as e:
+        serving = list(announcer.last_serving)
+        logger.warning("could not read the stage's peers (%s); deciding on the last heartbeat's read: %s",
+                       _why(e), serving)
+    try:
         await asyncio.wait_for(checkpoints.maybe_on_leave(serving),
                                timeout=max(1.0, grace_s - (time.monotonic() - started)))
     except Exception as e:
@@ -284,13 +317,17 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
     install_stop_handlers(asyncio.get_running_loop(), stop)
     dht = await asyncio.to_thread(dht_records.start_dht, list(options.initial_peers), config.network.host)
     peer = Peer(config, options, dht)
+    stopping = None
     try:
         await peer.join()
         await heartbeat(stop, config.network.heartbeat_s, peer.announcer, peer.checkpoints)
+        stopping = time.monotonic()
         await drain(peer.servicer, peer.announcer, peer.checkpoints, options.grace_s)
         say(f"stage {peer.stage} peer {peer.peer_id} left after applying {peer.worker.microbatches_applied} "
             f"microbatches")
         return 0
     finally:
         await peer.close()
-        await asyncio.to_thread(dht.shutdown)
+        # the DHT child (forked with SIGTERM/SIGINT blocked) gets what is left of the grace period, 1..3 s
+        left = 3.0 if stopping is None else options.grace_s - (time.monotonic() - stopping)
+        await asyncio.to_thread(dht_records.stop_dht, dht, min(3.0, max(1.0, left)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-from swarmrt.discovery.dht import read_runs, read_stage, start_dht
+from swarmrt.discovery.dht import read_runs, read_stage, start_dht, stop_dht
 
 
 def read_status(dht, clock: Callable[[], float] = time.time) -> dict[str, dict[str, Any]]:
@@ -28,7 +28,7 @@ def swarm_status(initial_peers: Sequence[str]) -> dict[str, dict[str, Any]]:
     try:
         return read_status(dht)
     finally:
-        dht.shutdown()
+        stop_dht(dht)
 
 
 def format_status(report: dict[str, dict[str, Any]]) -> list[str]:
