@@ -179,6 +179,26 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__  # asyncio's TimeoutError has no message
 
 
+async def while_dht_usable(announcer: StageAnnouncer, call, timeout: float, check_s: float = 0.1):
+    """Await the DHT ``call`` for at most ``timeout`` seconds, and give up (ConnectionError) as soon
+    as the node's p2pd is gone: a group signal may kill it just after the drain started."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(call)
+    deadline = loop.time() + timeout
+    try:
+        while not task.done():
+            if not announcer.dht_usable():
+                raise ConnectionError("the DHT node's p2pd is gone")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError()
+            await asyncio.wait({task}, timeout=min(check_s, left))
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def drain_dht_timeout(grace_s: float) -> float:
     """How long one DHT call of :func:`drain` may wait: a quarter of the grace period, 0.5..2 s
     (its p2pd may be dead: a signal to the whole process group kills it at once)."""
@@ -198,9 +218,7 @@ async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints:
     started = time.monotonic()
     dht_timeout = drain_dht_timeout(grace_s)
     try:
-        if not announcer.dht_usable():
-            raise ConnectionError("the DHT node's p2pd is gone")
-        await asyncio.wait_for(announcer.announce("leaving", timeout=dht_timeout), timeout=2 * dht_timeout + 0.5)
+        await while_dht_usable(announcer, announcer.announce("leaving", timeout=dht_timeout), 2 * dht_timeout + 0.5)
     except Exception as e:
         logger.warning("could not announce leaving: %s", _why(e))
     try:
@@ -210,9 +228,7 @@ async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints:
     if checkpoints is None:
         return
     try:
-        if not announcer.dht_usable():
-            raise ConnectionError("the DHT node's p2pd is gone")
-        serving = await asyncio.wait_for(announcer.serving_ids(timeout=dht_timeout), timeout=dht_timeout + 0.5)
+        serving = await while_dht_usable(announcer, announcer.serving_ids(timeout=dht_timeout), dht_timeout + 0.5)
     except Exception as e:
         serving = list(announcer.last_serving)
         logger.warning("could not read the stage's peers (%s); deciding on the last heartbeat's read: %s",

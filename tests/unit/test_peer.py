@@ -219,5 +219,25 @@ def test_drain_bounds_a_dht_call_that_hangs():
         return asyncio.get_running_loop().time() - started, checkpoints
 
     took, checkpoints = asyncio.run(scenario())
-    assert took < 3, took  # 0.5 s per call at grace 2 s (+0.5 s slack each)
+    assert took < 5, took  # 1.5 s for the announce, 1 s for the read at grace 2 s (was 5 s per store/read)
     assert checkpoints.on_leave == [["me"]]
+
+
+def test_drain_gives_up_a_dht_call_as_soon_as_p2pd_dies_during_it(caplog):
+    class DyingAnnouncer(FakeAnnouncer):
+        async def announce(self, state, timeout=5.0):
+            self.usable = False  # the group signal's p2pd death lands while the store waits
+            await asyncio.Event().wait()
+
+    async def scenario():
+        servicer, checkpoints = FakeServicer(), FakeCheckpoints()
+        announcer = DyingAnnouncer(last_serving=["me", "other"])
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(drain(servicer, announcer, checkpoints, grace_s=30), timeout=10)
+        return asyncio.get_running_loop().time() - started, announcer, checkpoints
+
+    with caplog.at_level("WARNING", logger="swarmrt.peer"):
+        took, announcer, checkpoints = asyncio.run(scenario())
+    assert took < 1, took  # not the 2 s call timeout at grace 30 s
+    assert announcer.reads == 0 and checkpoints.on_leave == [["me", "other"]]
+    assert "could not announce leaving: the DHT node's p2pd is gone" in caplog.text
