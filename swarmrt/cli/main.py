@@ -77,7 +77,7 @@ def cmd_peer(args) -> int:
 # -- train -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from swarmrt.wire.client import StageClient
-    from swarmrt.discovery.dht import start_dht
+    from swarmrt.discovery.dht import start_dht, stop_dht
     from swarmrt.wire.emulation import client_interceptors, rules_path
     from swarmrt.roles.proc import install_stop_handlers
     from swarmrt.checkpoint.store import load_data_position
@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
             _print_result(await trainer.run(args.steps, start_step=start_step, stop=stop), args.summary_file)
             return 0
         finally:
-            await asyncio.to_thread(dht.shutdown)
+            await asyncio.to_thread(stop_dht, dht)
 
     return _run_trainer(args, main())
 
@@ -157,7 +157,8 @@ def _positive_int(text: str) -> int:
 
 def cmd_eval(args) -> int:
     from swarmrt.models.build import skip_compatibility
-    from swarmrt.discovery.dht import start_dht
+    from swarmrt.discovery.dht import start_dht, stop_dht
+    from swarmrt.roles.proc import run
     from swarmrt.roles.trainer import Trainer, parse_stage_subset
     from swarmrt.wire.client import StageClient
 
@@ -178,7 +179,7 @@ def cmd_eval(args) -> int:
             _print_result(await trainer.evaluate(stages, args.batches), args.summary_file)
             return 0
         finally:
-            await asyncio.to_thread(dht.shutdown)
+            await asyncio.to_thread(stop_dht, dht)
 
     return _run_trainer(args, main())
 

@@ -12,9 +12,11 @@ from hivemind import DHT
 from hivemind.utils import get_dht_time
 
 from swarmrt.discovery.records import RUNS_KEY, JoinIntent, StageRecord, joining_key, stage_key
+from swarmrt.procs import descendants, stop_child, stop_signals_blocked
 
 __all__ = ["RUNS_KEY", "StageRecord", "JoinIntent", "stage_key", "announce", "announce_run", "announce_joining",
-           "read_stage", "read_swarm", "read_joining", "read_runs", "start_dht", "visible_maddrs"]
+           "read_stage", "read_swarm", "read_joining", "read_runs", "start_dht", "stop_dht", "node_usable",
+           "visible_maddrs"]
 
 
 def announce(dht: DHT, run_id: str, record: StageRecord, ttl: float, timeout: float = 5.0) -> bool:
@@ -75,11 +77,41 @@ def read_runs(dht: DHT, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
 
 def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: int = 0,
               client_mode: bool = False) -> DHT:
-    """A hivemind DHT node listening on ``host`` (loopback by default)."""
-    kwargs: dict[str, Any] = dict(initial_peers=initial_peers or None, start=True, client_mode=client_mode)
+    """A hivemind DHT node listening on ``host`` (loopback by default), in a child process forked
+    with SIGTERM/SIGINT blocked (:func:`swarmrt.procs.stop_signals_blocked`): a signal to the whole
+    process group leaves it (and its p2pd) to the role, which drains and then stops it with
+    :func:`stop_dht`."""
+    kwargs: dict[str, Any] = dict(initial_peers=initial_peers or None, start=False, client_mode=client_mode)
     if not client_mode:
         kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
-    return DHT(**kwargs)
+    dht = DHT(**kwargs)
+    with stop_signals_blocked():
+        dht.start()
+    try:
+        dht.wait_until_ready()
+    except BaseException:
+        stop_dht(dht)
+        raise
+    return dht
+
+
+def node_usable(dht: DHT) -> bool:
+    """Whether the node's process and its p2pd (the node's only child) are alive: a signal to the
+    whole process group kills p2pd at once (it handles SIGTERM itself), after which every DHT
+    call only times out and the node cannot shut down by itself."""
+    pid = getattr(dht, "pid", None)
+    if pid is None:
+        return True  # not a process (a test's fake)
+    return dht.is_alive() and bool(descendants(pid, live_only=True))
+
+
+def stop_dht(dht: DHT, timeout: float = 3.0) -> bool:
+    """Shut the node down; if it (or its p2pd) is still alive after ``timeout`` seconds, SIGKILL
+    them; the child is reaped either way. A node whose p2pd is gone is killed at once (its
+    shutdown would hang). Returns whether it stopped by itself."""
+    if dht.is_alive() and not node_usable(dht):
+        timeout = 0.0
+    return stop_child(dht, dht.shutdown, timeout, name="DHT")
 
 
 def visible_maddrs(dht: DHT) -> list[str]:

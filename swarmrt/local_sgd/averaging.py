@@ -72,6 +72,8 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
 from swarmrt.local_sgd.rounds import AveragingResult, StateProvider
+from swarmrt.discovery.dht import node_usable
+from swarmrt.procs import stop_child, stop_signals_blocked
 
 __all__ = ["AveragingResult", "StageAverager", "hivemind_compression"]
 
@@ -233,7 +235,7 @@ class StageAverager:
         templates = list(tensors)
         if not templates or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in templates):
             raise ValueError("StageAverager needs a non-empty list of floating-point tensors")
-        self.prefix = prefix
+        self.prefix, self._dht = prefix, dht
         self.shapes = [tuple(t.shape) for t in templates]
         buffers = [torch.zeros(shape, dtype=torch.float32) for shape in self.shapes]
         self._averager = _StageDecentralizedAverager(
@@ -253,7 +255,17 @@ class StageAverager:
             shutdown_timeout=5,
         )
         self._averager.state_provider = state_provider
-        self._averager.run_in_background(await_ready=True)
+        # forked with SIGTERM/SIGINT blocked: a signal to the whole process group must not reach it
+        # (it would inherit this process's handlers and swallow SIGTERM); shutdown() stops it for sure.
+        # Not hivemind's run_in_background: that also sets SIGINT to SIG_IGN in *this* process, which
+        # would leave a peer deaf to Ctrl-C.
+        with stop_signals_blocked():
+            self._averager.start()
+        try:
+            self._averager.wait_until_ready()
+        except BaseException:
+            self.shutdown()
+            raise
 
     def serve_state(self, provider: StateProvider | None) -> None:
         """Serve ``provider()`` to peers that download state from now on (None: serve nothing)."""
@@ -358,10 +370,14 @@ class StageAverager:
     def state_sharing_priority(self, value: float) -> None:
         self._averager.state_sharing_priority = value
 
-    def shutdown(self) -> None:
-        """Stop the averager process (the DHT is the caller's to shut down)."""
+    def shutdown(self, timeout: float = 7.0) -> None:
+        """Stop the averager process (the DHT is the caller's to shut down): ask it, and SIGKILL it
+        if it is still alive after ``timeout`` seconds (:func:`swarmrt.procs.stop_child`); 1 s
+        when the DHT's p2pd (which the averager talks through) is already gone."""
         if self._averager.is_alive():
-            self._averager.shutdown()
+            if not node_usable(self._dht):
+                timeout = min(timeout, 1.0)
+            stop_child(self._averager, self._averager.shutdown, timeout, name="averager")
 
     def __enter__(self) -> StageAverager:
         return self

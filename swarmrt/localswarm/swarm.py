@@ -79,16 +79,18 @@ class Role:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, group: bool = False) -> None:
         """Deliver ``sig`` the way the real world does.
 
         SIGTERM and SIGINT (a preemption notice, Ctrl-C) go to the role's main process
         only, as a container runtime delivers them, so it can drain and shut its DHT
-        down in order. Everything else (SIGKILL: the machine is gone; SIGSTOP/SIGCONT:
+        down in order; ``group=True`` sends them to the whole process group instead, as
+        systemd (``KillMode=control-group``), Slurm's ``scancel``, ``tini -g`` and a
+        terminal's Ctrl-C do. Everything else (SIGKILL: the machine is gone; SIGSTOP/SIGCONT:
         it hangs) hits the whole process group, hivemind's DHT child and p2pd included.
         """
         try:
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            if sig in (signal.SIGTERM, signal.SIGINT) and not group:
                 os.kill(self.proc.pid, sig)
             else:
                 os.killpg(self.pgid, sig)
@@ -294,9 +296,10 @@ class LocalSwarm:
         return ids
 
     # -- stopping ----------------------------------------------------------------------------
-    def stop_role(self, role: Role, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal a role, wait for it, and make sure its whole process group is gone."""
-        role.signal(sig)
+    def stop_role(self, role: Role, sig: int = signal.SIGTERM, timeout: float = 30.0, group: bool = False) -> int:
+        """Signal a role (``group``: its whole process group, see :meth:`Role.signal`), wait for it,
+        and make sure its whole process group is gone."""
+        role.signal(sig, group=group)
         try:
             role.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

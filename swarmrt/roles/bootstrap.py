@@ -11,7 +11,7 @@ import asyncio
 import os
 from typing import Sequence
 
-from swarmrt.discovery.dht import start_dht, visible_maddrs
+from swarmrt.discovery.dht import start_dht, stop_dht, visible_maddrs
 from swarmrt.roles.proc import install_stop_handlers, write_atomically
 
 
@@ -29,4 +29,4 @@ async def serve_bootstrap(initial_peers: Sequence[str] = (), host: str = "127.0.
         await stop.wait()
         return 0
     finally:
-        await asyncio.to_thread(dht.shutdown)
+        await asyncio.to_thread(stop_dht, dht)

@@ -115,7 +115,7 @@ async def download_state(worker: StageWorker, client: StageClient, run_id: str,
 
 class StageAnnouncer:
     """This peer's record in the DHT (``serving`` on every heartbeat, ``leaving`` when it drains),
-    and which peers serve its stage."""
+    and which peers serve its stage (:attr:`last_serving`: as last read, for when the DHT is gone)."""
 
     def __init__(self, dht, config: RunConfig, peer_id: str, stage: int, address: str, worker: StageWorker,
                  servicer: StageServicer, pinned: bool = False, since: float | None = None):
@@ -123,6 +123,8 @@ class StageAnnouncer:
         self.worker, self.servicer, self.pinned = worker, servicer, pinned
         self.since = time.time() if since is None else since
         self.config_hash = training_config_hash(config)
+        self.last_serving: list[str] = []
+        """Peer ids announced ``serving`` at the last successful read of the stage's records."""
 
     def record(self, state: str, target: int | None = None) -> dht_records.StageRecord:
         stats = self.worker.stats()
@@ -131,17 +133,25 @@ class StageAnnouncer:
                                        version=int(stats["version"]), state=state, heartbeat=time.time(),
                                        pinned=self.pinned, target=target, since=self.since)
 
-    async def announce(self, state: str, target: int | None = None) -> None:
+    async def announce(self, state: str, target: int | None = None, timeout: float = 5.0) -> None:
+        """Store this peer's record, then the run's; each store waits at most ``timeout`` seconds."""
         ttl = self.config.network.record_ttl_s
-        await asyncio.to_thread(dht_records.announce, self.dht, self.config.run.id, self.record(state, target), ttl)
+        await asyncio.to_thread(dht_records.announce, self.dht, self.config.run.id, self.record(state, target), ttl,
+                                timeout)
         await asyncio.to_thread(dht_records.announce_run, self.dht, self.config.run.id, self.config.num_stages,
-                                self.config_hash, ttl)
+                                self.config_hash, ttl, timeout)
 
-    async def stage_records(self) -> list[dht_records.StageRecord]:
-        return await asyncio.to_thread(dht_records.read_stage, self.dht, self.config.run.id, self.stage)
+    async def stage_records(self, timeout: float = 5.0) -> list[dht_records.StageRecord]:
+        records = await asyncio.to_thread(dht_records.read_stage, self.dht, self.config.run.id, self.stage, timeout)
+        self.last_serving = [r.peer_id for r in records if r.state == "serving"]
+        return records
 
-    async def serving_ids(self) -> list[str]:
-        return [r.peer_id for r in await self.stage_records() if r.state == "serving"]
+    async def serving_ids(self, timeout: float = 5.0) -> list[str]:
+        await self.stage_records(timeout)
+        return list(self.last_serving)
+
+    def dht_usable(self) -> bool:
+        return dht_records.node_usable(self.dht)
 
 
 async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnnouncer,
@@ -171,25 +181,65 @@ async def heartbeat(stop: asyncio.Event, interval_s: float, announcer: StageAnno
                 logger.warning("rebalancing check failed: %s", e)
 
 
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__  # asyncio's TimeoutError has no message
+
+
+async def while_dht_usable(announcer: StageAnnouncer, call, timeout: float, check_s: float = 0.1):
+    """Await the DHT ``call`` for at most ``timeout`` seconds, and give up (ConnectionError) as soon
+    as the node's p2pd is gone: a group signal may kill it just after the drain started."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(call)
+    deadline = loop.time() + timeout
+    try:
+        while not task.done():
+            if not announcer.dht_usable():
+                raise ConnectionError("the DHT node's p2pd is gone")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError()
+            await asyncio.wait({task}, timeout=min(check_s, left))
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def drain_dht_timeout(grace_s: float) -> float:
+    """How long one DHT call of :func:`drain` may wait: a quarter of the grace period, 0.5..2 s
+    (its p2pd may be dead: a signal to the whole process group kills it at once)."""
+    return min(2.0, max(0.5, grace_s / 4))
+
+
 async def drain(servicer: StageServicer, announcer: StageAnnouncer, checkpoints: Checkpointer | None,
                 grace_s: float) -> None:
     """Leave cleanly: refuse new forwards and announce ``leaving`` (routers stop picking this peer
     at once), finish in-flight work within ``grace_s``, then write the stage's checkpoint if no
-    other peer serves it (within what is left of the grace period, at least 1 s)."""
+    other peer serves it (within what is left of the grace period, at least 1 s).
+
+    Works without a DHT (its p2pd killed with the process group): each DHT call waits at most
+    :func:`drain_dht_timeout`, and "does another peer serve the stage?" falls back to the
+    heartbeat's last read (:attr:`StageAnnouncer.last_serving`)."""
     servicer.state = "leaving"
     started = time.monotonic()
+    dht_timeout = drain_dht_timeout(grace_s)
     try:
-        await announcer.announce("leaving")
+        await while_dht_usable(announcer, announcer.announce("leaving", timeout=dht_timeout), 2 * dht_timeout + 0.5)
     except Exception as e:
-        logger.warning("could not announce leaving: %s", e)
+        logger.warning("could not announce leaving: %s", _why(e))
     try:
-        await asyncio.wait_for(servicer.idle.wait(), timeout=grace_s)
+        await asyncio.wait_for(servicer.idle.wait(), timeout=max(0.0, grace_s - (time.monotonic() - started)))
     except asyncio.TimeoutError:
         logger.warning("grace period over with %d requests in flight", servicer.inflight)
     if checkpoints is None:
         return
     try:
-        serving = await announcer.serving_ids()
+        serving = await while_dht_usable(announcer, announcer.serving_ids(timeout=dht_timeout), dht_timeout + 0.5)
+    except Exception as e:
+        serving = list(announcer.last_serving)
+        logger.warning("could not read the stage's peers (%s); deciding on the last heartbeat's read: %s",
+                       _why(e), serving)
+    try:
         await asyncio.wait_for(checkpoints.maybe_on_leave(serving),
                                timeout=max(1.0, grace_s - (time.monotonic() - started)))
     except Exception as e:
@@ -333,15 +383,19 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
     install_stop_handlers(asyncio.get_running_loop(), stop)
     dht = await asyncio.to_thread(dht_records.start_dht, list(options.initial_peers), config.network.host)
     peer = Peer(config, options, dht)
+    stopping = None
     try:
         await peer.join()
         while not stop.is_set():  # a move returns from the heartbeat: beat on with the new stage's parts
             await heartbeat(stop, config.network.heartbeat_s, peer.announcer, peer.checkpoints,
                             after_beat=peer.organize)
+        stopping = time.monotonic()
         await drain(peer.servicer, peer.announcer, peer.checkpoints, options.grace_s)
         say(f"stage {peer.stage} peer {peer.peer_id} left after applying {peer.worker.microbatches_applied} "
             f"microbatches")
         return 0
     finally:
         await peer.close()
-        await asyncio.to_thread(dht.shutdown)
+        # the DHT child (forked with SIGTERM/SIGINT blocked) gets what is left of the grace period, 1..3 s
+        left = 3.0 if stopping is None else options.grace_s - (time.monotonic() - stopping)
+        await asyncio.to_thread(dht_records.stop_dht, dht, min(3.0, max(1.0, left)))

@@ -1,7 +1,8 @@
 """Process plumbing shared by every role: the process table, signals, reaping, the event loop,
 and the files roles leave for the processes that wait on them.
 
-Everything that reads ``/proc`` (Linux) goes through :func:`process_table`, so
+Everything that reads ``/proc`` (Linux) goes through :func:`process_table` (in
+:mod:`swarmrt.procs`, re-exported here), so
 "which processes are alive, who is whose child, what is in their environment"
 has one answer across the peer's shutdown, ``LocalSwarm``'s reaper and the
 tests that check nothing was left behind.
@@ -10,69 +11,18 @@ tests that check nothing was left behind.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import pathlib
-import select
 import signal
-import time
+
+from swarmrt.procs import ProcessInfo, descendants, process_table, wait_for_exit
+
+__all__ = ["TAG_VAR", "ProcessInfo", "descendants", "process_table", "wait_for_exit", "processes_with_env",
+           "tagged_processes", "kill_descendants", "write_atomically", "install_stop_handlers", "new_event_loop", "run"]
 
 TAG_VAR = "SWARMRT_SWARM_ID"
 """Environment variable that tags every process of one local swarm (inherited by
 hivemind's DHT child and p2pd, which keep their environment)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessInfo:
-    pid: int
-    ppid: int
-    state: str
-    """One letter from ``/proc/PID/stat``: ``Z`` is a zombie (dead, not yet reaped)."""
-    program: str
-    """Base name of ``argv[0]`` ('' when unreadable, e.g. a kernel thread)."""
-
-
-def _read_info(entry: pathlib.Path) -> ProcessInfo | None:
-    try:
-        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    try:
-        argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
-    except OSError:
-        argv0 = b""
-    return ProcessInfo(int(entry.name), int(fields[1]), fields[0], os.path.basename(argv0).decode(errors="replace"))
-
-
-def process_table() -> dict[int, ProcessInfo]:
-    """Every process visible in ``/proc`` now, by pid."""
-    table = {}
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            info = _read_info(entry)
-            if info is not None:
-                table[info.pid] = info
-    return table
-
-
-def descendants(pid: int | None = None, live_only: bool = False, ignore_programs: frozenset[str] = frozenset()
-                ) -> list[int]:
-    """Every descendant of ``pid`` (default: this process). ``live_only`` leaves zombies out;
-    ``ignore_programs`` leaves out processes (and what hangs below them) by program name."""
-    root = os.getpid() if pid is None else pid
-    children: dict[int, list[int]] = {}
-    for info in process_table().values():
-        if live_only and info.state == "Z":
-            continue
-        if info.program in ignore_programs:
-            continue
-        children.setdefault(info.ppid, []).append(info.pid)
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def processes_with_env(var: str, value: str) -> list[int]:
@@ -93,29 +43,6 @@ def processes_with_env(var: str, value: str) -> list[int]:
 def tagged_processes(tag: str) -> list[int]:
     """Live processes carrying ``SWARMRT_SWARM_ID=tag`` (one LocalSwarm's children and theirs)."""
     return processes_with_env(TAG_VAR, tag)
-
-
-def wait_for_exit(pids, timeout: float) -> list[int]:
-    """Block until every process in ``pids`` has exited (a zombie counts as exited) or ``timeout``
-    seconds pass; returns the pids still running. Works for any process, not only children: the
-    kernel signals each exit on a pidfd (Linux 5.3+), so nothing is polled."""
-    deadline = time.monotonic() + timeout
-    fds: dict[int, int] = {}
-    try:
-        for pid in pids:
-            try:
-                fds[os.pidfd_open(pid)] = pid
-            except ProcessLookupError:
-                pass  # already gone
-        while fds and (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select(list(fds), [], [], left)
-            for fd in ready:
-                os.close(fd)
-                del fds[fd]
-        return sorted(fds.values())
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def kill_descendants(sig: int = signal.SIGKILL) -> None:

@@ -13,7 +13,7 @@ import textwrap
 import time
 from typing import Any, Callable, Sequence
 
-from swarmrt.discovery.dht import read_runs, read_stage, start_dht
+from swarmrt.discovery.dht import read_runs, read_stage, start_dht, stop_dht
 from swarmrt.discovery.records import StageRecord
 from swarmrt.routing.rebalance import (JOINING, MOVING, SERVING, STATES, SpeedModel, balance_quality, bottleneck,
                                        can_serve_everything, stage_capacity)
@@ -40,7 +40,7 @@ def swarm_status(initial_peers: Sequence[str]) -> dict[str, dict[str, Any]]:
     try:
         return read_status(dht)
     finally:
-        dht.shutdown()
+        stop_dht(dht)
 
 
 def summarize_run(stages: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:

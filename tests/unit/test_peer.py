@@ -14,19 +14,24 @@ from swarmrt.roles.peer import PeerOptions, Peer, download_state, drain, heartbe
 
 
 class FakeAnnouncer:
-    def __init__(self, serving=("me",), fail=0):
+    def __init__(self, serving=("me",), fail=0, usable=True, last_serving=()):
         self.announced, self.serving, self.fail = [], list(serving), fail
+        self.usable, self.last_serving, self.reads = usable, list(last_serving), 0
         self.beat = asyncio.Event()
 
-    async def announce(self, state):
+    async def announce(self, state, timeout=5.0):
         self.beat.set()
         if self.fail:
             self.fail -= 1
             raise OSError("dht unreachable")
         self.announced.append(state)
 
-    async def serving_ids(self):
+    async def serving_ids(self, timeout=5.0):
+        self.reads += 1
         return list(self.serving)
+
+    def dht_usable(self):
+        return self.usable
 
     async def stage_records(self):
         return [types.SimpleNamespace(peer_id=p, state="serving", version=v, address=f"{p}:1")
@@ -178,3 +183,61 @@ def test_options_name_the_flag_that_cannot_work():
     with pytest.raises(ConfigError, match=r"--resume needs \[checkpoint\] location"):
         PeerOptions(initial_peers=(), resume=True).check(config)
     PeerOptions(initial_peers=(), stage=1, resume=True).check(with_overrides(config, checkpoint={"location": "/x"}))
+
+
+def test_drain_without_a_dht_skips_it_and_decides_on_the_last_heartbeats_read(caplog):
+    """A signal to the whole process group killed p2pd: no announce, no read (each would only
+    time out), in-flight work still finishes, and "am I the last peer?" uses the heartbeat's list."""
+    async def scenario(last_serving):
+        servicer, checkpoints = FakeServicer(), FakeCheckpoints()
+        announcer = FakeAnnouncer(serving=("never read",), usable=False, last_serving=last_serving)
+        await asyncio.wait_for(drain(servicer, announcer, checkpoints, grace_s=30), timeout=5)
+        return announcer, checkpoints
+
+    with caplog.at_level("WARNING", logger="swarmrt.peer"):
+        announcer, checkpoints = asyncio.run(scenario(["me", "other"]))
+    assert announcer.announced == [] and announcer.reads == 0
+    assert checkpoints.on_leave == [["me", "other"]]
+    assert "could not announce leaving: the DHT node's p2pd is gone" in caplog.text
+    assert "deciding on the last heartbeat's read" in caplog.text
+    assert asyncio.run(scenario([]))[1].on_leave == [[]]  # never read: decide as the last peer
+
+
+def test_drain_bounds_a_dht_call_that_hangs():
+    class HangingAnnouncer(FakeAnnouncer):
+        async def announce(self, state, timeout=5.0):
+            await asyncio.Event().wait()
+
+        async def serving_ids(self, timeout=5.0):
+            await asyncio.Event().wait()
+
+    async def scenario():
+        servicer, checkpoints = FakeServicer(), FakeCheckpoints()
+        announcer = HangingAnnouncer(last_serving=["me"])
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(drain(servicer, announcer, checkpoints, grace_s=2), timeout=10)
+        return asyncio.get_running_loop().time() - started, checkpoints
+
+    took, checkpoints = asyncio.run(scenario())
+    assert took < 5, took  # 1.5 s for the announce, 1 s for the read at grace 2 s (was 5 s per store/read)
+    assert checkpoints.on_leave == [["me"]]
+
+
+def test_drain_gives_up_a_dht_call_as_soon_as_p2pd_dies_during_it(caplog):
+    class DyingAnnouncer(FakeAnnouncer):
+        async def announce(self, state, timeout=5.0):
+            self.usable = False  # the group signal's p2pd death lands while the store waits
+            await asyncio.Event().wait()
+
+    async def scenario():
+        servicer, checkpoints = FakeServicer(), FakeCheckpoints()
+        announcer = DyingAnnouncer(last_serving=["me", "other"])
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(drain(servicer, announcer, checkpoints, grace_s=30), timeout=10)
+        return asyncio.get_running_loop().time() - started, announcer, checkpoints
+
+    with caplog.at_level("WARNING", logger="swarmrt.peer"):
+        took, announcer, checkpoints = asyncio.run(scenario())
+    assert took < 1, took  # not the 2 s call timeout at grace 30 s
+    assert announcer.reads == 0 and checkpoints.on_leave == [["me", "other"]]
+    assert "could not announce leaving: the DHT node's p2pd is gone" in caplog.text
