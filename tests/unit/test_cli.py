@@ -86,7 +86,9 @@ def test_a_trainer_that_gives_up_on_a_stage_prints_one_line_and_exits_3(command,
     from swarmrt.discovery import dht
     from swarmrt.roles import trainer
 
-    class FakeDHT:  # already stopped: stop_dht has nothing to do
+    class FakeDHT:  # never started as a process: stop_dht has nothing to kill
+        pid = None
+
         def is_alive(self):
             return False
 
