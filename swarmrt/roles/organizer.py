@@ -8,10 +8,12 @@ that other peers deciding at the same moment take it into account.
 Joining (:meth:`Organizer.choose_stage`): a peer started without ``--stage``
 reads every stage and every join intent, asks :func:`plan_joins` where it
 belongs, announces that intent, waits a seeded random time (up to
-``rebalance.join_settle_s``), reads again and re-plans, until its placement is
-the same on two reads in a row. Every joiner places all the joiners it sees in
-the same order (by peer id), so peers started in the same second spread over
-the stages instead of all taking the emptiest one. A pinned peer (``--stage``)
+``rebalance.join_settle_s``), reads again and re-plans, until two reads in a
+row give the same placement from the same picture of the other peers; it then
+marks its intent settled, and later joiners place themselves around it. Every
+joiner places all the unsettled joiners it sees in the same order (by peer
+id), so peers started in the same second spread over the stages instead of
+all taking the emptiest one. A pinned peer (``--stage``)
 announces its intent too, so that the others count it.
 
 Moving (:meth:`Organizer.check`): on every heartbeat when some stage has no
@@ -40,7 +42,7 @@ from swarmrt.routing.rebalance import MOVING, Move, PeerState, plan_joins, plan_
 
 logger = logging.getLogger("swarmrt.organizer")
 
-MAX_JOIN_ROUNDS = 6
+MAX_JOIN_ROUNDS = 8
 """A joiner stops re-planning after this many reads, and goes where the last plan put it
 (the rebalancer corrects what a join got wrong)."""
 
@@ -124,17 +126,19 @@ class Organizer:
     async def choose_stage(self) -> tuple[int, str]:
         """Where this (unpinned) peer joins: ``(stage, reason)``. See the module docstring."""
         me = PeerState(self.peer_id, 0, "joining")
-        placed, reason, stable = None, "", 0
+        placed, reason, seen = None, "", None
         for round_ in range(MAX_JOIN_ROUNDS):
             view = [p for p in await self.read_view() if p.peer_id != self.peer_id]
             if placed is not None:
                 me = PeerState(self.peer_id, placed, "joining")
             stage, reason = plan_joins([*view, me], self.config.num_stages, self.demand)[self.peer_id]
-            stable = stable + 1 if stage == placed else 0
-            if stable >= 1:
+            # settled: the same place from the same picture of the others, twice in a row (a joiner
+            # whose intent had not reached us yet changes the picture)
+            picture = sorted((p.peer_id, p.state, p.serving_stage, p.settled) for p in view)
+            if stage == placed and picture == seen:
                 await self.announce_intent(stage, settled=True)
                 return stage, f"{reason} (settled after {round_ + 1} reads)"
-            placed = stage
+            placed, seen = stage, picture
             await self.announce_intent(stage, settled=False)
             await self.sleep(self.section.join_settle_s * (0.5 + 0.5 * self.rng.random()))
         await self.announce_intent(placed, settled=True)
