@@ -7,7 +7,6 @@ docs/benchmarks.md is a benchmark, not a test (here 1,000 peers run for a short 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -18,11 +17,12 @@ import pytest
 from swarmrt.routing.links import MatrixLinks
 from swarmrt.routing.rebalance import RebalanceRules
 from swarmrt.sim import scenarios
-from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
 from swarmrt.sim.fleet import (FleetConfig, FleetCosts, Wave, costs_from_scenario, fluid_bound, parse_waves,
                                scenario_throughput, simulate_fleet)
 from swarmrt.sim.scenario import NodeSpec, Scenario, load_scenario
 from swarmrt.sim.simulator import SimConfig, simulate
+
+from .test_sim_cli import run  # the CLI with only the sim subcommands
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,13 +30,6 @@ GEO = scenarios.path("geo-aws18")
 EVEN = FleetCosts((1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0))
 
 
-def run(*argv):
-    parser = argparse.ArgumentParser(prog="swarmrt")
-    sub = parser.add_subparsers()
-    add_plan_parser(sub)
-    add_simulate_parser(sub)
-    args = parser.parse_args(list(argv))
-    return args.func(args)
 
 
 # -- the model --------------------------------------------------------------------------------
