@@ -31,16 +31,21 @@ STATE_CHUNK = 1 << 20
 # Gradients are applied only if at least this much of the caller's deadline is left, so a
 # trainer that times out and retries elsewhere never sees its microbatch applied twice.
 APPLY_MARGIN_S = 0.25
+# A Backward whose caller's wall-clock deadline (BackwardRequest.deadline_unix) passed more than
+# this long ago on this peer's clock is stale: refused, never applied. The allowance absorbs clock
+# differences between hosts (NTP keeps them in milliseconds); a request read after a freeze is
+# seconds late.
+STALE_ALLOWANCE_S = 1.0
 
 
 class StageServicer(pb_grpc.StageServicer):
     def __init__(self, worker: StageWorker, run_id: str, peer_id: str, max_tensor_bytes: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.worker = worker
         self.run_id = run_id
         self.peer_id = peer_id
         self.max_tensor_bytes = max_tensor_bytes
-        self.clock = clock
+        self.clock, self.wall_clock = clock, wall_clock
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         self.inflight = 0
         self.state = "joining"
@@ -91,6 +96,9 @@ class StageServicer(pb_grpc.StageServicer):
 
     async def Backward(self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
         deadline = self._deadline(context)
+        if request.deadline_unix > 0:  # the caller's own deadline, for a request read late
+            stale_at = self.clock() + (request.deadline_unix + STALE_ALLOWANCE_S - self.wall_clock())
+            deadline = stale_at if deadline is None else min(deadline, stale_at)
 
         def run() -> pb.BackwardResponse:
             self._check_target(request.run_id, request.stage)

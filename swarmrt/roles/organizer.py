@@ -28,6 +28,7 @@ stage's state and serves it (:meth:`swarmrt.roles.peer.Peer.move`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from typing import Awaitable, Callable, Sequence
@@ -38,7 +39,7 @@ from swarmrt.config import RunConfig
 from swarmrt.discovery import dht as dht_records
 from swarmrt.discovery.records import JoinIntent, swarm_view
 from swarmrt.routing.paths import PathRules
-from swarmrt.routing.rebalance import MOVING, Move, PeerState, plan_joins, plan_moves, stage_capacity
+from swarmrt.routing.rebalance import MOVING, SERVING, Move, PeerState, plan_joins, plan_moves, stage_capacity
 
 logger = logging.getLogger("swarmrt.organizer")
 
@@ -82,6 +83,7 @@ class Organizer:
         self._settled = False
         self._keepalive: asyncio.Task | None = None
         self._last_plan = float("-inf")
+        self._empty_since: dict[int, float] = {}
         self.last_view: list[PeerState] = []
 
     # -- reading and announcing ------------------------------------------------------------------
@@ -134,7 +136,7 @@ class Organizer:
             stage, reason = plan_joins([*view, me], self.config.num_stages, self.demand)[self.peer_id]
             # settled: the same place from the same picture of the others, twice in a row (a joiner
             # whose intent had not reached us yet changes the picture)
-            picture = sorted((p.peer_id, p.state, p.serving_stage, p.settled) for p in view)
+            picture = sorted((p.peer_id, p.serving_stage) for p in view)
             if stage == placed and picture == seen:
                 await self.announce_intent(stage, settled=True)
                 return stage, f"{reason} (settled after {round_ + 1} reads)"
@@ -148,14 +150,21 @@ class Organizer:
     async def check(self) -> Move | None:
         """The move this peer should make now, if the policy names it; None otherwise.
 
-        Plans on every call while some stage has no peer, else at most every ``period_s``.
+        Plans on every call while some stage has no peer, else at most every ``period_s``. A stage
+        must look empty for ``network.record_ttl_s`` before it is refilled: a peer whose heartbeat
+        is late, or whose record has not reached this node yet, is not a departure.
         """
         if self.pinned or not self.section.enabled:
             return None
         now = self.clock()
         view = await self.read_view()
         caps = stage_capacity(view, self.config.num_stages)
-        if min(caps) > 0 and now - self._last_plan < self.section.period_s:
+        empty = {s for s, c in enumerate(caps) if c <= 0}
+        self._empty_since = {s: self._empty_since.get(s, now) for s in empty}
+        if empty:
+            if now - min(self._empty_since.values()) < self.config.network.record_ttl_s:
+                return None
+        elif now - self._last_plan < self.section.period_s:
             return None
         self._last_plan = now
         moves, why = plan_moves(view, self.config.num_stages, now, self.rules, self.demand)
@@ -164,9 +173,16 @@ class Organizer:
 
     async def confirm(self, move: Move) -> tuple[bool, str]:
         """After announcing ``moving``: wait a seeded settle time, re-read, and keep the move only if
-        no peer with a lower id claims a move from the same stage or to the same stage."""
+        no peer with a lower id claims a move from the same stage or to the same stage, and the
+        plan on the fresh read (this peer counted as serving where it is) still names it."""
         await self.sleep(self.section.join_settle_s * (0.5 + 0.5 * self.rng.random()))
-        rivals = move_conflicts(await self.read_view(), move)
+        view = await self.read_view()
+        rivals = move_conflicts(view, move)
         if rivals:
             return False, f"withdrawn: {rivals[0]} moves from stage {move.source} or to stage {move.target} first"
+        as_before = [dataclasses.replace(p, state=SERVING, target=None) if p.peer_id == self.peer_id else p
+                     for p in view]
+        moves, why = plan_moves(as_before, self.config.num_stages, self.clock(), self.rules, self.demand)
+        if not any(m.peer_id == self.peer_id and m.target == move.target for m in moves):
+            return False, f"withdrawn: a fresh read no longer calls for it ({why})"
         return True, "confirmed"

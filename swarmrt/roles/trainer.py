@@ -483,7 +483,8 @@ class Trainer:
             request = pb.BackwardRequest(run_id=self.config.run.id, stage=hop.stage, microbatch_id=mb_id,
                                          grad_output=to_proto(grad, self.config.compression.gradients),
                                          samples=samples, grad_codec=self.config.compression.gradients,
-                                         need_grad_input=need_grad_input)
+                                         need_grad_input=need_grad_input,
+                                         deadline_unix=time.time() + net.backward_timeout_s)
             if attach_input:
                 codec = "none" if not hop.input.is_floating_point() else self.config.compression.activations
                 request.input.CopyFrom(to_proto(hop.input, codec))

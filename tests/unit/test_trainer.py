@@ -128,6 +128,34 @@ def test_in_process_errors_are_grpc_errors_with_the_handlers_code(swarms):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_a_backward_read_after_its_callers_wall_clock_deadline_is_refused_and_not_applied(swarms):
+    """A peer frozen with a Backward in its socket reads it late, when gRPC's own deadline starts
+    afresh; the caller's wall-clock deadline in the request still tells it the work is stale."""
+    import time
+
+    from swarmrt.pipeline.service import STALE_ALLOWANCE_S
+
+    config, swarm, _ = make(swarms, MLP)
+    worker = swarm.client.servicers["s1p0"].worker
+    forward = pb.ForwardRequest(run_id=config.run.id, stage=1, microbatch_id="late", keep_context=True,
+                                input=to_proto(torch.zeros(4, 16)))
+    asyncio.run(swarm.client.forward("s1p0", forward, timeout=5.0))
+
+    def backward(deadline_unix):  # with the input: a refused call may have dropped the kept context
+        request = pb.BackwardRequest(run_id=config.run.id, stage=1, microbatch_id="late",
+                                     grad_output=to_proto(torch.ones(4, 16)), samples=4, need_grad_input=True,
+                                     input=to_proto(torch.zeros(4, 16)), deadline_unix=deadline_unix)
+        return asyncio.run(swarm.client.backward("s1p0", request, timeout=5.0))
+
+    applied = worker.microbatches_applied
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        backward(time.time() - STALE_ALLOWANCE_S - 5.0)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert worker.microbatches_applied == applied  # nothing applied
+    backward(time.time() + 5.0)  # the same work on time is applied
+    assert worker.microbatches_applied == applied + 1
+
+
 def test_fake_context_counts_down_and_aborts_like_grpc():
     now = [10.0]
     context = FakeContext(2.0, clock=lambda: now[0])
