@@ -15,7 +15,7 @@ from swarmrt.discovery.records import RUNS_KEY, JoinIntent, StageRecord, joining
 from swarmrt.procs import descendants, stop_child, stop_signals_blocked
 
 __all__ = ["RUNS_KEY", "StageRecord", "JoinIntent", "stage_key", "announce", "announce_run", "announce_joining",
-           "read_stage", "read_swarm", "read_joining", "read_runs", "start_dht", "stop_dht", "node_usable",
+           "read_stage", "read_swarm", "read_runs", "start_dht", "stop_dht", "node_usable",
            "visible_maddrs"]
 
 
@@ -37,11 +37,15 @@ def announce_joining(dht: DHT, run_id: str, intent: JoinIntent, ttl: float, time
     return bool(ok.result(timeout=timeout))
 
 
-def _subkey_values(dht: DHT, key: str, timeout: float) -> dict[str, Any]:
-    found = dht.get(key, latest=True, return_future=True).result(timeout=timeout)
+def _values(found) -> dict[str, Any]:
+    """``{subkey: value}`` of what ``dht.get`` found under a key with subkeys (empty if nothing)."""
     if found is None or not isinstance(found.value, dict):
         return {}
     return {sub: item.value for sub, item in found.value.items()}
+
+
+def _subkey_values(dht: DHT, key: str, timeout: float) -> dict[str, Any]:
+    return _values(dht.get(key, latest=True, return_future=True).result(timeout=timeout))
 
 
 def read_stage(dht: DHT, run_id: str, stage: int, timeout: float = 5.0) -> list[StageRecord]:
@@ -50,22 +54,12 @@ def read_stage(dht: DHT, run_id: str, stage: int, timeout: float = 5.0) -> list[
     return sorted((r for r in records if r is not None), key=lambda r: r.peer_id)
 
 
-def read_joining(dht: DHT, run_id: str, timeout: float = 5.0) -> list[JoinIntent]:
-    """Live join intents of a run (peers on their way to a stage), sorted by peer id."""
-    intents = [JoinIntent.from_value(v) for v in _subkey_values(dht, joining_key(run_id), timeout).values()]
-    return sorted((j for j in intents if j is not None), key=lambda j: j.peer_id)
-
-
 def read_swarm(dht: DHT, run_id: str, num_stages: int, timeout: float = 5.0
                ) -> tuple[list[StageRecord], list[JoinIntent]]:
     """Every stage's records and the run's join intents, all fetched at once."""
     futures = [dht.get(stage_key(run_id, s), latest=True, return_future=True) for s in range(num_stages)]
     futures.append(dht.get(joining_key(run_id), latest=True, return_future=True))
-    values = []
-    for future in futures:
-        found = future.result(timeout=timeout)
-        values.append({} if found is None or not isinstance(found.value, dict)
-                      else {sub: item.value for sub, item in found.value.items()})
+    values = [_values(future.result(timeout=timeout)) for future in futures]
     records = [r for v in values[:-1] for r in map(StageRecord.from_value, v.values()) if r is not None]
     intents = [j for j in map(JoinIntent.from_value, values[-1].values()) if j is not None]
     return sorted(records, key=lambda r: (r.stage, r.peer_id)), sorted(intents, key=lambda j: j.peer_id)

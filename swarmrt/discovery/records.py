@@ -26,6 +26,18 @@ def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}:stage:{stage}"
 
 
+def _from_value(cls, value: Any):
+    """``cls`` built from a DHT value's fields (those with a default may be missing), or None when
+    the value is not one."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        return cls(**{f.name: value[f.name] for f in dataclasses.fields(cls)
+                      if f.name in value or f.default is dataclasses.MISSING})
+    except (KeyError, TypeError):
+        return None
+
+
 def joining_key(run_id: str) -> str:
     return f"{run_id}:joining"
 
@@ -47,11 +59,8 @@ class JoinIntent:
 
     @classmethod
     def from_value(cls, value: Any) -> "JoinIntent | None":
-        if not isinstance(value, dict):
-            return None
-        try:
-            intent = cls(**{f.name: value[f.name] for f in dataclasses.fields(cls)})
-        except (KeyError, TypeError):
+        intent = _from_value(cls, value)
+        if intent is None:
             return None
         ok = (isinstance(intent.peer_id, str) and isinstance(intent.stage, int) and isinstance(intent.pinned, bool)
               and isinstance(intent.settled, bool)
@@ -96,8 +105,8 @@ class StageRecord:
     version: int
     """Optimizer steps taken."""
     state: str
-    """'joining' (choosing or loading this stage), 'serving', 'moving' (draining here on its way to
-    ``target``) or 'leaving' (draining before it exits)."""
+    """'serving', 'moving' (draining here on its way to ``target``) or 'leaving' (draining before it
+    exits). A peer choosing or loading a stage announces a :class:`JoinIntent` instead."""
     heartbeat: float
     """DHT time of this announcement."""
     pinned: bool = False
@@ -113,14 +122,7 @@ class StageRecord:
     @classmethod
     def from_value(cls, value: Any) -> "StageRecord | None":
         """The record in a DHT value, or None when it is not one (fields added later may be missing)."""
-        if not isinstance(value, dict):
-            return None
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{name: value[name] for name, f in fields.items()
-                          if name in value or f.default is dataclasses.MISSING})
-        except (KeyError, TypeError):
-            return None
+        return _from_value(cls, value)
 
     def policy_view(self) -> PeerState:
         """What :mod:`swarmrt.routing.rebalance` needs of this record."""

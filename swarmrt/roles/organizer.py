@@ -72,12 +72,12 @@ class Organizer:
 
     def __init__(self, dht, config: RunConfig, peer_id: str, pinned: bool,
                  clock: Callable[[], float] = get_dht_time, rng: random.Random | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, log: Callable[[str], None] = print):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.dht, self.config, self.peer_id, self.pinned = dht, config, peer_id, pinned
         self.section = config.rebalance
         self.rules = config.rebalance.rules()
         self.demand = stage_demand(config)
-        self.clock, self.sleep, self.log = clock, sleep, log
+        self.clock, self.sleep = clock, sleep
         self.rng = rng or random.Random(peer_id)
         self._intent: int | None = None
         self._settled = False

@@ -261,8 +261,7 @@ class Peer:
         self.checkpoints: Checkpointer | None = None
         self.announcer: StageAnnouncer | None = None
         self.organizer = Organizer(dht, config, self.peer_id, pinned=options.stage is not None,
-                                   rng=random.Random(self.peer_id), log=say)
-        self.moves = 0
+                                   rng=random.Random(self.peer_id))
 
     async def join(self) -> None:
         """Pick the stage (announcing the intent, so concurrent joiners spread), then serve it."""
@@ -299,7 +298,6 @@ class Peer:
             logger.warning("move: grace period over with %d requests in flight", self.servicer.inflight)
         applied = self.worker.microbatches_applied
         await self.close()
-        self.moves += 1
         say(f"stage {old} peer {self.peer_id} moves to stage {move.target} after applying {applied} microbatches")
         await self.serve(move.target, moved_from=old)
         return True

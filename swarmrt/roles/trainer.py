@@ -221,9 +221,8 @@ class Trainer:
 
     # -- discovery ---------------------------------------------------------------------------
     async def refresh_peers(self) -> None:
-        records = []
-        for stage in range(self.config.num_stages):
-            records += await asyncio.to_thread(dht_records.read_stage, self.dht, self.config.run.id, stage)
+        records, _ = await asyncio.to_thread(dht_records.read_swarm, self.dht, self.config.run.id,
+                                             self.config.num_stages)  # every stage fetched at once
         self.view_peers(records)
 
     def view_peers(self, records: list[dht_records.StageRecord]) -> None:

@@ -150,14 +150,9 @@ def stage_capacity(peers: Sequence[PeerState], num_stages: int, model: SpeedMode
     return caps
 
 
-def _score(caps: Sequence[float], demand: Sequence[float]) -> tuple[int, float]:
-    """(-empty stages, bottleneck): an empty stage is worse than any slow one."""
-    return (-sum(1 for c in caps if c <= 0), min(c / d for c, d in zip(caps, demand)))
-
-
 def bottleneck(caps: Sequence[float], demand: Sequence[float] | None = None) -> float:
     """The pipeline's throughput: its slowest stage's capacity over its demand."""
-    return _score(caps, _demand(demand, len(caps)))[1]
+    return min(c / d for c, d in zip(caps, _demand(demand, len(caps))))
 
 
 def balance_quality(caps: Sequence[float], demand: Sequence[float] | None = None) -> float:
@@ -288,10 +283,9 @@ def plan_moves(peers: Sequence[PeerState], num_stages: int, now: float, rules: R
     busy_sources = {p.stage for p in peers if p.state == MOVING}
     eligible = [p for p in peers if movable(p, serving, now, rules, refill=True) is None and p.stage not in busy_sources]
     cooling = {p.peer_id for p in eligible if movable(p, serving, now, rules) is not None}
-    refill = min(caps) <= 0
-    if not refill:
+    ideal = ideal_bottleneck(peers, num_stages, d, model)
+    if min(caps) > 0:  # no refill to make: only balance moves, and only when enough is to be gained
         eligible = [p for p in eligible if p.peer_id not in cooling]
-        ideal = ideal_bottleneck(peers, num_stages, d, model)
         current = bottleneck(caps, d)
         if not current < rules.balance_quality * ideal:
             return [], (f"balance quality {balance_quality(caps, d):.2f}; bottleneck {current:.3g} samples/s is within "
@@ -329,7 +323,7 @@ def plan_moves(peers: Sequence[PeerState], num_stages: int, now: float, rules: R
         fills = caps[t] <= 0
         why = (f"stage {t} is empty" if fills else
                f"bottleneck {bottleneck(caps, d):.3g} -> {bottleneck(after_caps, d):.3g} samples/s "
-               f"(these peers could reach {ideal_bottleneck(peers, num_stages, d, model):.3g})")
+               f"(these peers could reach {ideal:.3g})")
         moves.append(Move(p.peer_id, p.stage, t, bottleneck(caps, d), bottleneck(after_caps, d),
                           f"move {p.peer_id} from stage {p.stage} to stage {t}: {why}"))
         caps = after_caps

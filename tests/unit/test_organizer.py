@@ -45,7 +45,7 @@ def config(**rebalance):
 async def join_all(n, seed):
     clock = iter(range(10_000))
     organizers = [Organizer(None, config(), f"peer{seed}-{i:02d}", pinned=False, clock=lambda: float(next(clock)),
-                            rng=random.Random(f"{seed}-{i}"), log=lambda line: None) for i in range(n)]
+                            rng=random.Random(f"{seed}-{i}")) for i in range(n)]
     try:
         return await asyncio.wait_for(asyncio.gather(*[o.choose_stage() for o in organizers]), timeout=10)
     finally:
