@@ -50,11 +50,12 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from swarmrt.routing.paths import Hop, PathRules, Route, balance_bounds
+from swarmrt.routing.paths import Hop, PathRules, Route
 from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policy import Balance, Policy
 from swarmrt.routing.skip_scheduler import SkipScheduler
 from swarmrt.routing.timeline import Timeline, forecast_route
+from swarmrt.sim.repair import repair
 
 PeerId = Hashable
 
@@ -83,8 +84,8 @@ class IterationPlan:
 
 
 def plan_iteration(policy: Policy, microbatches: Mapping[PeerId, int], now: float, rng: random.Random,
-                   clock: Callable[[], float] | None = None, budget_s: float = 0.0,
-                   evaluate: Evaluator | None = None) -> IterationPlan:
+                   clock: Callable[[], float] | None = None, budget_s: float | None = None,
+                   evaluate: Evaluator | None = None, work: int | None = None) -> IterationPlan:
     """Route a whole iteration ahead with ``policy`` (``microbatches``: origin -> count) and forecast its time.
 
     A :class:`~swarmrt.routing.skip_scheduler.SkipScheduler` gets swarmrt's
@@ -95,7 +96,7 @@ def plan_iteration(policy: Policy, microbatches: Mapping[PeerId, int], now: floa
     given, else the timeline forecast (:func:`predict_iteration`).
     """
     if isinstance(policy, SkipScheduler):
-        return _plan_skip(policy, microbatches, now, rng, clock, budget_s, evaluate)
+        return _plan_skip(policy, microbatches, now, rng, clock, budget_s, evaluate, work)
     policy.begin_iteration(microbatches, now, rng)
     left = dict(microbatches)
     routes, reasons = [], []
@@ -140,84 +141,134 @@ class _Chain:
     """Links plus compute along the shape, seconds (with the penalties it was chosen by)."""
 
 
+PLAN_WORK = 12_000
+"""Default work budget of :func:`plan_iteration`, in microbatch-steps (see :class:`_Work`): about 0.5 s
+on geo-aws18 on one idle core of the machine docs/benchmarks-skip.md names."""
+EFT_COST = 20
+"""Work units per microbatch of the per-microbatch EFT construction (a beam search per microbatch costs
+about 20 times what dealing a chain shape or simulating one microbatch does)."""
+
+
+class _Work:
+    """The planner's work budget: what it has done, counted, and what it may still do.
+
+    Units are microbatch-steps: building a chain plan costs one per
+    microbatch, an EFT plan :data:`EFT_COST` per microbatch, scoring a plan
+    one per microbatch per simulated run (``evaluate.runs``). The plan
+    depends only on this count, never on how fast the machine is; the wall
+    clock (``clock``, ``cap_s``) only caps it, as a safety net.
+    """
+
+    def __init__(self, limit: int, clock: Callable[[], float] | None, cap_s: float | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.clock = clock
+        self.cap_s = cap_s
+        self.t0 = clock() if clock is not None else 0.0
+        self.capped = False
+
+    def allows(self, cost: int) -> bool:
+        """May ``cost`` more units be spent?"""
+        if self.used + cost > self.limit:
+            return False
+        if self.clock is not None and self.cap_s is not None and self.clock() - self.t0 >= self.cap_s:
+            self.capped = True
+            return False
+        return True
+
+    def spend(self, cost: int) -> None:
+        self.used += cost
+
+
 def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: float, rng: random.Random,
-               clock: Callable[[], float] | None, budget_s: float, evaluate: Evaluator | None) -> IterationPlan:
+               clock: Callable[[], float] | None, budget_s: float | None, evaluate: Evaluator | None,
+               work: int | None) -> IterationPlan:
     """Plan a whole iteration (``microbatches``: origin -> count); ``sched``'s later ``route`` calls serve it.
 
-    Two constructions, each a complete legal plan:
+    Constructions, each a complete legal plan, scored as soon as it exists:
 
-    - *chains*: every origin gets one route shape (stage set and peers)
-      for all its microbatches, chosen greedily by link and compute cost
-      with the balance rule and each peer's share of its stage as limits,
-      so origins do not collide; an origin whose shape would break
-      balance takes another for the rest. Cheap (one search per origin).
+    - the previous plan, while it still fits;
+    - *chains* (``plan_constructions`` of each kind): every origin gets
+      one route shape (stage set and peers) for all its microbatches, or
+      one per memory lane (*lane chains*), chosen greedily by link and
+      compute cost with the balance rule and each peer's share of its
+      stage as limits, so origins do not collide;
     - *eft*: per-microbatch earliest-finish-time list scheduling (the
       origin that can start soonest routes next, as ``route`` would).
 
-    Both are scored by ``evaluate`` (e.g. the simulator replaying the
-    plan) or, without one, by this scheduler's timeline forecast; the
-    better one is then improved by local search (re-route one
-    microbatch: another peer of a stage, or another stage set, keeping
-    balance; keep the change unless the score gets worse) until
-    ``budget_s`` of ``clock`` is spent. Without a clock, no local search
-    and the result is deterministic for a given ``rng``.
+    Scores come from ``evaluate`` (e.g. the simulator replaying the plan)
+    or, without one, this scheduler's timeline forecast. The best plan is
+    then repaired (:func:`swarmrt.sim.repair.repair`) when the evaluator
+    traces its runs. Everything is counted in the work budget
+    (:class:`_Work`): the first construction is always built and scored,
+    each later step only if it fits, so the result depends on the scenario,
+    ``rng`` and ``work``, not on the machine's load (unless ``budget_s`` of
+    ``clock`` runs out first).
     """
     sched.begin_iteration(microbatches, now, rng)
-    t0 = clock() if clock is not None else 0.0
-
-    def time_left() -> bool:
-        return clock is None or clock() - t0 < budget_s
-
+    n = sum(microbatches.values())
+    budget = _Work(PLAN_WORK if work is None else work, clock, budget_s)
+    eval_cost = n * int(getattr(evaluate, "runs", 1))
     base = sched.save_bookings()
+    best: list = []  # [score, exact seconds, trace, name, routes]
+    scored = 0
 
-    def score(routes: Sequence[Route]) -> float:
+    def consider(name: str, routes: list[Route]) -> None:
+        nonlocal scored
+        budget.spend(eval_cost)
+        scored += 1
         if evaluate is not None:
-            return evaluate(routes)
-        return replay_forecast(routes, sched.table, sched.rules, base.timeline, now)
+            value = evaluate(routes)
+            exact, trace = getattr(evaluate, "exact_s", value), getattr(evaluate, "trace", None)
+        else:
+            value = exact = replay_forecast(routes, sched.table, sched.rules, base.timeline, now)
+            trace = None
+        if not best or value < best[0]:
+            best[:] = [value, exact, trace, name, routes]
 
-    built: list[tuple[str, list[Route]]] = []
     previous = _previous_plan(sched, microbatches)
     if previous is not None:
-        built.append(("previous plan", previous))
+        consider("previous plan", previous)
     for attempt in range(sched.config.plan_constructions):
-        if attempt and not time_left():
+        if best and not budget.allows(n + eval_cost):
             break
         for lanes in (False, True):
-            if lanes and not time_left():
+            if best and not budget.allows(n + eval_cost):
                 break
+            budget.spend(n)
             chains = _chain_plan(sched, microbatches, rng, lanes)
             if chains is not None:
-                built.append(("lane chains" if lanes else "origin chains", chains))
-    if time_left() or not built:
+                consider("lane chains" if lanes else "origin chains", chains)
+    if not best or budget.allows(EFT_COST * n + eval_cost):
         sched.restore_bookings(base)
+        budget.spend(EFT_COST * n)
         eft = _eft_plan(sched, microbatches, now, rng)
         if eft is not None:
-            built.append(("eft", eft))
+            consider("eft", eft)
     sched.restore_bookings(base)
-    if not built:
+    if not best:
         raise RuntimeError("swarmrt: no legal plan for this iteration (a stage has no live peer?)")
-    if previous is not None and not time_left():  # no time: keep improving the plan that ran last
-        scored = [(score(previous), 0, "previous plan", previous)]
-    elif len(built) == 1 and not time_left():  # no time to score: the forecast says how long it takes
-        scored = [(replay_forecast(built[0][1], sched.table, sched.rules, base.timeline, now), 0,
-                   built[0][0] + " (forecast)", built[0][1])]
-    else:
-        scored = []
-        for i, (name, r) in enumerate(built):
-            if scored and not time_left():
-                break
-            scored.append((score(r), i, name, r))
-    best, _, method, routes = min(scored)
-    passes = len(scored)
-    improved = 0
-    if clock is not None and budget_s > 0:
-        if evaluate is not None and scored[-1][3] is not routes:
-            score(routes)  # so that the evaluator's finish_by_origin describes the plan we start from
-        routes, best, moves, improved = _local_search(sched, routes, best, score, rng, time_left, evaluate)
-        passes += moves
-    method = f"{method}, {improved} improving moves"
+    value, exact, trace, method, routes = best
+    repaired = ""
+    if trace is not None and budget.allows(eval_cost):
+        def evaluate_exact(candidate: Sequence[Route]) -> float:
+            nonlocal exact, scored
+            budget.spend(eval_cost)
+            scored += 1
+            score = evaluate(candidate)
+            if score < value_now[0]:
+                exact = getattr(evaluate, "exact_s", score)
+                value_now[0] = score
+            return score
+        value_now = [value]
+        fixed = repair(routes, value, trace, sched.table, sched.rules, evaluate_exact,
+                       lambda: getattr(evaluate, "trace"), lambda: budget.allows(eval_cost))
+        routes, value = list(fixed.routes), fixed.score
+        repaired = f", {fixed.improved} repairs in {fixed.collisions} collisions"
+    method = (f"{method}{repaired}; {scored} plans scored, work {budget.used}/{budget.limit}"
+              + (" (capped by the wall clock)" if budget.capped else ""))
     reasons = sched.serve_plan(routes, now, method)
-    return IterationPlan(tuple(routes), reasons, best, passes, method)
+    return IterationPlan(tuple(routes), reasons, exact, scored, method)
 
 
 def _previous_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int]) -> list[Route] | None:
@@ -368,102 +419,6 @@ def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, 
             if best is None or key < best[0]:
                 best = (key, _Chain(stages, peers[1:], middle, cost))
     return best[1] if best is not None else None
-
-
-def _swap_origins(sched: SkipScheduler, routes: list[Route], rng: random.Random,
-                  score: Callable[[Sequence[Route]], float], best: float) -> float | None:
-    """Swap the route shapes of two origins with equal counts; keep it (and return the score) unless worse."""
-    by_origin: dict[PeerId, list[int]] = collections.defaultdict(list)
-    for i, r in enumerate(routes):
-        by_origin[r.origin].append(i)
-    origins = list(by_origin)
-    if len(origins) < 2:
-        return None
-    a, b = rng.sample(origins, 2)
-    if len(by_origin[a]) != len(by_origin[b]):
-        return None
-    old = list(routes)
-    for i, j in zip(by_origin[a], by_origin[b]):
-        ra, rb = routes[i], routes[j]
-        routes[i] = sched.make_route(a, rb.path[1:len(rb.path) - (1 if sched.rules.first_stage_is_also_last else 0)],
-                                     rb.stages[1:len(rb.stages) - (1 if sched.rules.first_stage_is_also_last else 0)],
-                                     ra.microbatch)
-        routes[j] = sched.make_route(b, ra.path[1:len(ra.path) - (1 if sched.rules.first_stage_is_also_last else 0)],
-                                     ra.stages[1:len(ra.stages) - (1 if sched.rules.first_stage_is_also_last else 0)],
-                                     rb.microbatch)
-    value = score(routes)
-    if value <= best:
-        return value
-    routes[:] = old
-    return None
-
-
-def _local_search(sched: SkipScheduler, routes: list[Route], best: float, score: Callable[[Sequence[Route]], float],
-                  rng: random.Random, time_left: Callable[[], bool],
-                  evaluate: Evaluator | None = None) -> tuple[list[Route], float, int, int]:
-    """Re-route one microbatch at a time; keep changes that do not make the score worse.
-
-    Four moves in five touch a microbatch of the origin that finishes last
-    (when the evaluator says which); the others any microbatch.
-    """
-    finish = dict(getattr(evaluate, "finish_by_origin", None) or {})
-    by_origin: dict[PeerId, list[int]] = collections.defaultdict(list)
-    for i, r in enumerate(routes):
-        by_origin[r.origin].append(i)
-    counts = {s: 0 for s in sched.rules.middle_stages}
-    for r in routes:
-        for s in r.middle_stages(sched.rules):
-            counts[s] += 1
-    mean = sum(counts.values()) / max(1, len(counts))
-    lo, hi = balance_bounds(mean, sched.rules.balance_tolerance)
-    stage_ids = {s: sched.table.peers_of(s) for s in range(1, sched.rules.stages)}
-    sets = sched.stage_sets(rng)[0] if sched.skips else []
-    moves = improved = 0
-    while moves < sched.config.max_search_moves and time_left():
-        moves += 1
-        if finish and rng.random() < 0.8:
-            i = rng.choice(by_origin[max(finish, key=finish.get)])
-        else:
-            i = rng.randrange(len(routes))
-        old = routes[i]
-        stages = list(old.stages[1:-1] if sched.rules.first_stage_is_also_last else old.stages[1:])
-        peers = list(old.path[1:-1] if sched.rules.first_stage_is_also_last else old.path[1:])
-        if rng.random() < 0.2:
-            value = _swap_origins(sched, routes, rng, score, best)
-            if value is not None:
-                improved += value < best
-                best = value
-                finish = dict(getattr(evaluate, "finish_by_origin", None) or {})
-            continue
-        if len(sets) > 1 and rng.random() < 0.5:
-            middle = rng.choice(sets)
-            new_stages = list(middle + sched.tail())
-            peers = [peers[stages.index(s)] if s in stages else rng.choice(stage_ids[s]) for s in new_stages]
-            stages = new_stages
-        elif peers:
-            j = rng.randrange(len(peers))
-            peers[j] = rng.choice(stage_ids[stages[j]])
-        new = sched.make_route(old.origin, peers, stages, old.microbatch)
-        if new == old:
-            continue
-        delta = {s: 0 for s in counts}
-        for s in old.middle_stages(sched.rules):
-            delta[s] -= 1
-        for s in new.middle_stages(sched.rules):
-            delta[s] += 1
-        if any(not (lo <= counts[s] + delta[s] <= hi) for s in counts):
-            continue
-        routes[i] = new
-        value = score(routes)
-        if value <= best:
-            improved += value < best
-            best = value
-            finish = dict(getattr(evaluate, "finish_by_origin", None) or {})
-            for s in counts:
-                counts[s] += delta[s]
-        else:
-            routes[i] = old
-    return routes, best, moves, improved
 
 
 def replay_forecast(routes: Sequence[Route], table: PeerTable, rules: PathRules, timeline: Timeline,

@@ -13,6 +13,7 @@ Pure apart from reading the file in :func:`load_scenario`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -121,9 +122,10 @@ class Scenario:
         return PathRules.from_visited(self.stages, self.stages_visited_per_microbatch,
                                       self.first_stage_is_also_last)
 
-    @property
+    @functools.cached_property
     def origins(self) -> tuple[int, ...]:
-        """Ids of the stage-0 nodes: each starts ``microbatches_per_origin`` microbatches per iteration."""
+        """Ids of the stage-0 nodes: each starts ``microbatches_per_origin`` microbatches per iteration
+        (computed once: the simulator asks for every microbatch)."""
         return tuple(n.id for n in self.nodes if n.stage == 0)
 
     @property

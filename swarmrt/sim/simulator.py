@@ -52,8 +52,9 @@ Iterations are synchronous: the next starts when every microbatch of the
 previous one has completed or been lost (and the outer sync is done).
 
 :func:`plan_evaluator` turns the simulator into a scorer of whole plans (one
-iteration of fixed routes, :class:`ReplayPolicy`, no failures): swarmrt's
-the planner (:mod:`swarmrt.sim.planner`) uses it to choose and improve plans, and ``swarmrt plan``
+iteration of fixed routes, :class:`~swarmrt.sim.scoring.ReplayPolicy`, no failures,
+optionally averaged with seeded noisy runs; :mod:`swarmrt.sim.scoring`): swarmrt's
+planner (:mod:`swarmrt.sim.planner`) uses it to choose and repair plans, and ``swarmrt plan``
 to predict the iteration time it writes.
 """
 
@@ -72,6 +73,7 @@ from swarmrt.routing.peer_table import PeerTable
 from swarmrt.sim.scenario import HEAD_FACTOR, Scenario, peer_table
 from swarmrt.routing.policies import Policy, SchedulerConfig, SkipScheduler, make_policy
 from swarmrt.sim.planner import plan_iteration
+from swarmrt.sim.scoring import PlanEvaluator, ReplayPolicy
 
 _FWD, _HEAD, _BWD = 0, 1, 2
 _EV_DONE, _EV_SENT, _EV_ARRIVE, _EV_FAIL, _EV_RECOVER = range(5)
@@ -107,16 +109,26 @@ class SimConfig:
     """Simulated clock at the start (times are relative to it in the report)."""
     record: bool = False
     """Keep every activation hold and executed backward order (for tests of memory and backward rules)."""
+    trace_waits: bool = False
+    """Keep, per microbatch, every wait of a task that arrived at a busy node (the planner's repair reads them)."""
+    plan_work: int | None = None
+    """Work budget of each iteration's planning (:func:`swarmrt.sim.planner.plan_iteration`'s ``work``;
+    None: its default). The plan depends on it, not on the machine's speed."""
+    plan_jitter: float = 0.02
+    """Compute noise the planner scores its candidate plans under (:class:`PlanEvaluator`'s ``jitter``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"SimConfig.iterations must be an integer >= 1, got {self.iterations!r}")
-        for name in ("head_factor", "preempt_mtbf_s", "outer_sync_s", "plan_budget_s", "jitter", "start_s"):
+        for name in ("head_factor", "preempt_mtbf_s", "outer_sync_s", "plan_budget_s", "jitter", "start_s",
+                     "plan_jitter"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"SimConfig.{name} must be a number >= 0, got {v!r}")
         if not (isinstance(self.downtime_s, (int, float)) and self.downtime_s > 0):
             raise ValueError(f"SimConfig.downtime_s must be > 0, got {self.downtime_s!r}")
+        if self.plan_work is not None and (not isinstance(self.plan_work, int) or self.plan_work < 0):
+            raise ValueError(f"SimConfig.plan_work must be an integer >= 0 or None, got {self.plan_work!r}")
         for name in ("max_retries", "outer_sync_every", "samples_per_microbatch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "max_retries" else 1):
@@ -166,7 +178,7 @@ class SimReport:
 class _Node:
     __slots__ = ("id", "stage", "fwd", "bwd", "head", "memory", "alive", "inc", "busy", "task_start",
                  "bwd_q", "head_q", "fwd_q", "pending", "held", "up_busy", "up_q", "busy_s", "alive_s",
-                 "alive_since", "is_origin")
+                 "alive_since", "is_origin", "current")
 
     def __init__(self, spec, bwd: float, head: float, is_origin: bool) -> None:
         self.id = spec.id
@@ -190,11 +202,12 @@ class _Node:
         self.alive_s = 0.0
         self.alive_since = 0.0
         self.is_origin = is_origin
+        self.current: int | None = None  # the microbatch of the task running (or that ran last) here
 
 
 class _MB:
     __slots__ = ("id", "origin", "route", "fwd_hops", "gen", "phase", "at", "holding", "fwd_done_on",
-                 "sending_from", "restarts", "bwd_trace")
+                 "sending_from", "restarts", "bwd_trace", "arrivals", "waits")
 
     def __init__(self, mb_id: int, origin: int) -> None:
         self.id = mb_id
@@ -209,6 +222,8 @@ class _MB:
         self.sending_from = None
         self.restarts = 0
         self.bwd_trace: list = []
+        self.arrivals: dict = {}  # (node, kind, pos) -> (arrival time, microbatch running there then)
+        self.waits: list = []  # (seconds waited, node, arrival, start, blocking microbatch id)
 
 
 class Simulation:
@@ -250,6 +265,10 @@ class Simulation:
         self.forecast: float | None = None
         self.live_mbs: dict[int, _MB] = {}
         self.finish_by_origin: dict = {}
+        self.finished: dict[int, tuple[float, list]] = {}
+        """With ``trace_waits``: microbatch id -> (when it completed, its waits)."""
+        self.busy_log: dict[int, list] = collections.defaultdict(list)
+        """With ``trace_waits``: node -> its compute intervals (start, end)."""
 
     # --- event plumbing ------------------------------------------------------------------
 
@@ -284,6 +303,9 @@ class Simulation:
             if mb.gen != gen:
                 continue  # stale: the microbatch was restarted
             break
+        if self.cfg.trace_waits:
+            self._note_wait(node, mb, (node.id, kind, pos))
+        node.current = mb.id
         if kind == _FWD:
             dur = node.fwd
             node.held += 1
@@ -300,6 +322,13 @@ class Simulation:
         node.task_start = self.now
         self._set_load(node)
         self._at(self.now + dur, _EV_DONE, node.id, node.inc, task)
+
+    def _note_wait(self, node: _Node, mb: _MB, key: tuple) -> None:
+        """A task of ``mb`` starts on ``node`` now: if it had to wait there, note how long and behind whom."""
+        arrived = mb.arrivals.pop(key, None)
+        if arrived is not None and self.now > arrived[0]:
+            blocker = arrived[1] if arrived[1] is not None else node.current
+            mb.waits.append((self.now - arrived[0], node.id, arrived[0], self.now, blocker))
 
     def _admit(self, origin: _Node, mb: _MB) -> bool:
         """Ask the policy for a route for a new microbatch starting on ``origin`` now."""
@@ -323,6 +352,8 @@ class Simulation:
             return  # the node died meanwhile
         node.busy = False
         node.busy_s += self.now - node.task_start
+        if self.cfg.trace_waits:
+            self.busy_log[node_id].append((node.task_start, self.now))
         kind, mb, gen, pos = task
         if mb.gen == gen:
             if kind == _FWD:
@@ -421,6 +452,8 @@ class Simulation:
     def _deliver(self, mb: _MB, dst: int, task) -> None:
         node = self.nodes[dst]
         kind = task[0]
+        if self.cfg.trace_waits:
+            mb.arrivals[(dst, kind, task[3])] = (self.now, node.current if node.busy else None)
         (node.bwd_q if kind == _BWD else node.head_q if kind == _HEAD else node.fwd_q).append(task)
         self._set_load(node)
         self._dispatch(node)
@@ -545,6 +578,8 @@ class Simulation:
     def _complete(self, mb: _MB) -> None:
         self.policy.finished(mb.route)
         self.finish_by_origin[mb.origin] = self.now
+        if self.cfg.trace_waits:
+            self.finished[mb.id] = (self.now, mb.waits)
         self.stats["completed"] += 1
         for s in set(mb.route.stages):
             self.stage_visits[s] += 1
@@ -567,14 +602,16 @@ class Simulation:
             total = sum(counts.values())
             if self.cfg.plan_ahead and isinstance(self.policy, SkipScheduler):
                 plan = plan_iteration(self.policy, counts, self.now, self.rng, clock=self.clock,
-                                      budget_s=self.cfg.plan_budget_s,
-                                      evaluate=plan_evaluator(self.sc, self.cfg.head_factor, self.now))
+                                      budget_s=self.cfg.plan_budget_s or None, work=self.cfg.plan_work,
+                                      evaluate=plan_evaluator(self.sc, self.cfg.head_factor, self.now,
+                                                              self.cfg.plan_jitter))
                 if it == 0:
                     self.forecast = plan.predicted_iteration_s
             else:
                 self.policy.begin_iteration(counts, self.now, self.rng)
+        first_origin = self.sc.origins[0]
         for i in range(total):
-            mb = _MB(next(self.mb_ids), self.sc.origins[0])
+            mb = _MB(next(self.mb_ids), first_origin)
             self.live_mbs[mb.id] = mb
             self.stats["microbatches"] += 1
             self.outstanding += 1
@@ -660,57 +697,30 @@ class Simulation:
         self.now = until
 
 
-class ReplayPolicy(Policy):
-    """Serves given routes, origin by origin in their order (to score a plan by simulating it)."""
+def plan_evaluator(scenario: Scenario, head_factor: float = HEAD_FACTOR, start_s: float = 0.0,
+                   jitter: float = 0.0, draws: int = 2) -> PlanEvaluator:
+    """A :class:`~swarmrt.sim.scoring.PlanEvaluator` for ``scenario``: it simulates one iteration of a plan.
 
-    name = "replay"
-    skips = True
-
-    def __init__(self, rules, table: PeerTable, routes: Sequence[Route]) -> None:
-        super().__init__(rules, table)
-        self._queues: dict = collections.defaultdict(collections.deque)
-        for r in routes:
-            self._queues[r.origin].append(r)
-        self._counts = {o: len(q) for o, q in self._queues.items()}
-
-    def deal(self, microbatches):
-        return dict(self._counts)
-
-    def _route(self, origin, now, rng, mb):
-        queue = self._queues.get(origin)
-        if not queue:
-            return None, f"no more routes for origin {origin!r}"
-        r = dataclasses.replace(queue.popleft(), microbatch=mb)
-        return self._register(r, r.middle_stages(self.rules)), "replayed"
-
-
-class PlanEvaluator:
-    """Scores a plan by simulating one iteration of it (no failures): its seconds.
-
-    After each call, ``finish_by_origin`` says when each origin's last
-    microbatch finished (see :data:`swarmrt.sim.planner.Evaluator`).
     ``start_s`` is the simulated time the plan starts at: the simulator
     passes its own clock so that the replay does the very same float
     arithmetic as the execution (simultaneous events are ordered
-    identically; without it a plan can tie-break differently when it runs).
+    identically; without it a plan can tie-break differently when it
+    runs). ``jitter`` and ``draws``: the noisy runs the score averages in.
     """
 
-    def __init__(self, scenario: Scenario, head_factor: float = HEAD_FACTOR, start_s: float = 0.0) -> None:
-        self.scenario = scenario
-        self.config = SimConfig(iterations=1, head_factor=head_factor, plan_ahead=False, start_s=start_s)
-        self.finish_by_origin: dict = {}
+    def replay_once(routes: Sequence[Route], noise: float, seed: int, trace: bool):
+        config = SimConfig(iterations=1, head_factor=head_factor, plan_ahead=False, start_s=start_s,
+                           jitter=noise, trace_waits=trace)
+        policies = []
 
-    def __call__(self, routes: Sequence[Route]) -> float:
-        sim = Simulation(self.scenario, lambda table: ReplayPolicy(self.scenario.rules, table, routes), self.config,
-                         random.Random(0))
+        def factory(table: PeerTable) -> ReplayPolicy:
+            policies.append(ReplayPolicy(scenario.rules, table, routes))
+            return policies[0]
+        sim = Simulation(scenario, factory, config, random.Random(seed))
         seconds = sim.run().iteration_s[0]
-        self.finish_by_origin = dict(sim.finish_by_origin)
-        return seconds
+        return seconds, dict(sim.finish_by_origin), sim.finished, policies[0].plan_index, dict(sim.busy_log)
 
-
-def plan_evaluator(scenario: Scenario, head_factor: float = HEAD_FACTOR, start_s: float = 0.0) -> PlanEvaluator:
-    """A :class:`PlanEvaluator` for ``scenario``."""
-    return PlanEvaluator(scenario, head_factor, start_s)
+    return PlanEvaluator(replay_once, jitter, draws, start_s)
 
 
 def simulate(scenario: Scenario, policy: str | Callable[[PeerTable], Policy], config: SimConfig | None = None,
