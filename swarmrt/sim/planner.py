@@ -78,9 +78,11 @@ class IterationPlan:
     predicted_iteration_s: float
     """Forecast time from the plan's start until the last backward ends."""
     passes: int = 1
-    """How many whole plans were scored (constructions plus local-search moves)."""
+    """How many whole plans were scored (constructions plus repair candidates)."""
     method: str = ""
-    """Which construction won, and how many local-search moves improved it."""
+    """Which construction won, how many repairs improved it, and the work spent."""
+    work: int = 0
+    """Work units spent (swarmrt's planner: see :class:`_Work`)."""
 
 
 def plan_iteration(policy: Policy, microbatches: Mapping[PeerId, int], now: float, rng: random.Random,
@@ -141,7 +143,7 @@ class _Chain:
     """Links plus compute along the shape, seconds (with the penalties it was chosen by)."""
 
 
-PLAN_WORK = 12_000
+PLAN_WORK = 8_000
 """Default work budget of :func:`plan_iteration`, in microbatch-steps (see :class:`_Work`): about 0.5 s
 on geo-aws18 on one idle core of the machine docs/benchmarks-skip.md names."""
 EFT_COST = 20
@@ -208,7 +210,8 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
     sched.begin_iteration(microbatches, now, rng)
     n = sum(microbatches.values())
     budget = _Work(PLAN_WORK if work is None else work, clock, budget_s)
-    eval_cost = n * int(getattr(evaluate, "runs", 1))
+    runs_for = getattr(evaluate, "runs_for", None)
+    eval_cost = n * (runs_for(n) if runs_for is not None else 1)
     base = sched.save_bookings()
     best: list = []  # [score, exact seconds, trace, name, routes]
     scored = 0
@@ -268,7 +271,7 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
     method = (f"{method}{repaired}; {scored} plans scored, work {budget.used}/{budget.limit}"
               + (" (capped by the wall clock)" if budget.capped else ""))
     reasons = sched.serve_plan(routes, now, method)
-    return IterationPlan(tuple(routes), reasons, exact, scored, method)
+    return IterationPlan(tuple(routes), reasons, exact, scored, method, budget.used)
 
 
 def _previous_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int]) -> list[Route] | None:
@@ -339,8 +342,10 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
     state = {}
     for stage in range(1, sched.rules.stages):
         arr = sched.table.arrays(stage)
+        integer_ids = all(isinstance(p, (int, np.integer)) for p in arr.ids)
         state[stage] = (arr, {p: i for i, p in enumerate(arr.ids)}, np.zeros(len(arr.ids)),
-                        [np.zeros(len(arr.ids), dtype=bool) for _ in range(n_lanes)])
+                        [np.zeros(len(arr.ids), dtype=bool) for _ in range(n_lanes)],
+                        np.asarray(arr.ids, dtype=np.int64) if integer_ids else arr.ids)
     shapes: dict[tuple[PeerId, int], list[_Chain]] = {}
     for lane in range(n_lanes):
         for o in origins:
@@ -359,7 +364,7 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
                         return None
                 balance.commit(shape.middle)
                 for stage, p in zip(shape.stages, shape.peers):
-                    arr, index, visits, marks = state[stage]
+                    arr, index, visits, marks, _ = state[stage]
                     visits[index[p]] += 1
                     marks[lane][index[p]] = True
                 shapes[(o, lane)].append(shape)
@@ -377,7 +382,7 @@ def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, 
                 rng: random.Random, mine: Sequence[tuple[int, PeerId]] = (), lane: int = -1) -> _Chain | None:
     """The cheapest allowed shape for ``n`` microbatches of ``origin`` (see :func:`_chain_plan`).
 
-    ``state[stage]``: (arrays, peer -> index, visits so far, per-lane marks).
+    ``state[stage]``: (arrays, peer -> index, visits so far, per-lane marks, the ids for ``transfer_row``).
     """
     links = sched.table.links
     sets = sched.stage_sets(rng)[0]
@@ -386,26 +391,30 @@ def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, 
         return None
     best = None
     middle_quota = balance.window * sched.k / max(1, len(sched.rules.middle_stages))
+    works: dict[int, np.ndarray] = {}
     for middle in sets:
         stages = middle + sched.tail()
         beams = [(0.0, (origin,))]
         for stage in stages:
-            arr, index, visits, marks = state[stage]
-            quota = middle_quota if stage in balance.counts else float(balance.window)
-            work = arr.forward_s + arr.backward_s
-            penalty = sched.share_penalty(arr, visits, quota, extra=n)
-            if penalty is not None:
-                work = work + penalty
-            if mine or lane >= 0:
-                work = work.copy()
-                for s_, p in mine:
-                    if s_ == stage and p in index:
-                        work[index[p]] += arr.backward_s[index[p]]
-                if lane >= 0:
-                    work += np.where(marks[lane], arr.forward_s, 0.0)
+            arr, index, visits, marks, ids = state[stage]
+            if stage not in works:  # a stage's cost per peer is the same in every stage set
+                quota = middle_quota if stage in balance.counts else float(balance.window)
+                work = arr.forward_s + arr.backward_s
+                penalty = sched.share_penalty(arr, visits, quota, extra=n)
+                if penalty is not None:
+                    work = work + penalty
+                if mine or lane >= 0:
+                    work = work.copy()
+                    for s_, p in mine:
+                        if s_ == stage and p in index:
+                            work[index[p]] += arr.backward_s[index[p]]
+                    if lane >= 0:
+                        work += np.where(marks[lane], arr.forward_s, 0.0)
+                works[stage] = work
+            work = works[stage]
             grown = []
             for cost, peers in beams:
-                total = cost + links.transfer_row(peers[-1], arr.ids) + work
+                total = cost + links.transfer_row(peers[-1], ids) + work
                 k = min(sched.config.beam_width, len(arr.ids))
                 for i in np.argpartition(total, k - 1)[:k] if k < len(arr.ids) else range(len(arr.ids)):
                     if np.isfinite(total[i]):

@@ -243,6 +243,8 @@ class Simulation:
             self.policy = make_policy(policy, scenario.rules, self.table, scheduler_config)
         else:
             self.policy = policy(self.table)
+        self.track_load = getattr(self.policy, "reads_load", True)
+        """Keep the table's in-flight figures current (a policy that reads none says so: ``reads_load``)."""
         self.rules = scenario.rules
         self.ret = scenario.first_stage_is_also_last
         self.links = scenario.links
@@ -276,7 +278,8 @@ class Simulation:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
 
     def _set_load(self, node: _Node) -> None:
-        self.table.set_in_flight(node.id, node.held + len(node.fwd_q))
+        if self.track_load:
+            self.table.set_in_flight(node.id, node.held + len(node.fwd_q))
 
     # --- compute -------------------------------------------------------------------------
 
