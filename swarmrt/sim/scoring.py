@@ -90,16 +90,6 @@ class PlanTrace:
 
 NOISY_UP_TO = 400
 """Largest plan (microbatches) scored with noisy draws besides the exact run."""
-SPREAD_WEIGHT = 0.1
-"""Weight, in the score, of the mean time the origins' last microbatches finish (besides the latest one,
-which is the iteration time): among plans as fast, the one whose other origins finish sooner has more
-slack, and a repair that helps one origin shows in the score before the latest one moves."""
-
-
-def _mean_finish(by_origin: Mapping, start_s: float) -> float:
-    return sum(by_origin.values()) / len(by_origin) - start_s if by_origin else 0.0
-
-
 ReplayOnce = Callable[[Sequence[Route], float, int, bool], tuple[float, dict, dict, dict, dict]]
 """``(routes, jitter, seed, trace)`` -> (seconds, finish_by_origin, finished, plan_index, busy): one simulated
 iteration of ``routes`` (see :func:`swarmrt.sim.simulator.plan_evaluator`); ``finished``: the simulator's
@@ -130,7 +120,6 @@ class PlanEvaluator:
         self.jitter = jitter
         self.draws = draws if jitter > 0 else 0
         self.start_s = start_s
-        self.spread = SPREAD_WEIGHT
         self.exact_s = 0.0
         self.finish_by_origin: dict = {}
         self.trace = PlanTrace({}, {})
@@ -151,9 +140,8 @@ class PlanEvaluator:
                                      for w, node, a, s, b in mb_waits), key=lambda w: (-w.seconds, w.start)))
         shift = self.start_s
         self.trace = PlanTrace(finish, waits, {n: tuple((a - shift, b - shift) for a, b in iv) for n, iv in busy.items()})
-        total = seconds + self.spread * _mean_finish(by_origin, self.start_s)
+        total = seconds
         runs = self.runs_for(len(routes))
         for seed in range(1, runs):
-            noisy, noisy_by_origin = self._replay_once(routes, self.jitter, seed, False)[:2]
-            total += noisy + self.spread * _mean_finish(noisy_by_origin, self.start_s)
+            total += self._replay_once(routes, self.jitter, seed, False)[0]
         return total / runs
