@@ -209,15 +209,18 @@ class SkipScheduler(Policy):
         return r, why + (f"; {note}" if note else "")
 
     def choose_origin(self, now: float, rng: random.Random) -> tuple[PeerId | None, str]:
-        """The stage-0 peer whose forward of a new microbatch could start soonest (forecast)."""
+        """The stage-0 peer whose forward of a new microbatch could start soonest (forecast); while a plan
+        is being served, among the live origins it still has routes for."""
         ids = self.table.arrays(0)
         if not ids.ids:
             return None, "stage 0 has no live peer"
         self._note_foreign_load(now)
-        starts = [(self.timeline.forward_start(p, now, float(ids.forward_s[i]), int(ids.memory[i]), now,
+        planned = {o for o, queue in self._planned.items() if queue}
+        starts = [(p not in planned if planned else False,
+                   self.timeline.forward_start(p, now, float(ids.forward_s[i]), int(ids.memory[i]), now,
                                                float(ids.backward_s[i])), rng.random(), p)
                   for i, p in enumerate(ids.ids)]
-        t, _, best = min(starts)
+        _, t, _, best = min(starts)
         return best, f"origin {best} (its forward can start {t - now:.2f} s from now, soonest of {len(starts)})"
 
     def _note_foreign_load(self, now: float) -> None:
