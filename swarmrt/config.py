@@ -212,9 +212,13 @@ class RoutingSection:
     """Fraction of stages a microbatch skips (never the first or last); 0 = full pipeline. Each microbatch
     visits ``round((1 - skip_ratio) x stages)`` stages, routed by the path scheduler. Needs at least 3
     stages and a model whose middle stages take and return what stage 0 puts out (residual blocks do)."""
+    plan_ahead: bool = False
+    """With skipping: plan each balance window of microbatches ahead with the whole-iteration planner (the
+    one ``swarmrt plan`` runs, over the live peers) instead of routing each microbatch as it starts."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.skip_ratio < 1, "routing.skip_ratio", f"must be in [0, 1), got {self.skip_ratio!r}")
+        _check(isinstance(self.plan_ahead, bool), "routing.plan_ahead", f"must be true or false, got {self.plan_ahead!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,7 +207,7 @@ class Trainer:
             from swarmrt.models.build import check_skip
 
             check_skip(config)
-        self.routing = LiveRouting(config)
+        self.routing = LiveRouting(config, plan_ahead=config.routing.plan_ahead)
         """The training route source: SWARM's wiring, or the skip scheduler when ``skip_ratio > 0``."""
         self._route_ids = itertools.count()
         self.inflight: dict[str, int] = {}

@@ -72,3 +72,27 @@ def test_without_plan_ahead_routes_are_made_online():
     r.begin_step(0, 0.0, random.Random(0))
     route, why = r.route(0.0, random.Random(0), microbatch=0)
     assert r.last_plan == "" and "planned" not in why
+
+
+def test_plan_ahead_is_a_checked_config_field():
+    from swarmrt.config import ConfigError
+
+    assert config_from_dict({**CONFIG, "routing": {"skip_ratio": 0.33, "plan_ahead": True}}).routing.plan_ahead
+    assert not config_from_dict(CONFIG).routing.plan_ahead
+    with pytest.raises(ConfigError, match="routing.plan_ahead"):
+        config_from_dict({**CONFIG, "routing": {"skip_ratio": 0.33, "plan_ahead": "yes"}})
+
+
+def test_a_planning_trainer_applies_every_microbatch_exactly_once():
+    from tests.unit.test_skip_runtime import SWARMS, make_trainer, six_stage_config, train
+
+    trainer, workers = make_trainer(six_stage_config(plan_ahead=True), peers_per_stage=2)
+    try:
+        train(trainer, 4)
+        acc = trainer.accounting
+        assert acc.started == acc.applied == 16 and acc.duplicates == 0 and acc.incomplete() == []
+        assert acc.stages_visited() == {"4": 16}
+        assert "plans scored" in trainer.routing.last_plan
+    finally:
+        while SWARMS:
+            SWARMS.pop().close()
