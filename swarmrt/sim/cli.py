@@ -30,7 +30,9 @@ from typing import Sequence
 from swarmrt.routing.paths import PathRules, validate_route
 from swarmrt.sim.scenario import Scenario, ScenarioError, generate_scenario, load_scenario, peer_table
 from swarmrt.routing.policies import POLICIES, SkipScheduler, make_policy
-from swarmrt.sim.planner import plan_iteration
+from swarmrt.sim.moves import propose_moves, rebalance_moves
+from swarmrt.sim.planner import PLAN_WORK, plan_iteration
+from swarmrt.sim.replay import replay
 from swarmrt.sim.simulator import SimConfig, SimReport, plan_evaluator, simulate
 from swarmrt.sim.fleet_cli import add_fleet_flags, fleet_selected, run_fleet
 
@@ -88,25 +90,36 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     _add_common(p)
     p.add_argument("--out", required=True, help="where to write the routes JSON ('-': stdout)")
     p.add_argument("--policy", choices=sorted(POLICIES), default="swarmrt", help="path policy (default swarmrt)")
-    p.add_argument("--budget-s", type=_non_negative, default=0.8,
-                   help="wall-clock seconds swarmrt may spend improving its plan (default 0.8)")
+    p.add_argument("--work", type=_positive_int, default=PLAN_WORK,
+                   help=f"swarmrt's work budget (plans built and scored, in microbatch-steps; default {PLAN_WORK}): "
+                        "the plan depends on it, never on the machine's speed")
+    p.add_argument("--budget-s", type=_non_negative, default=10.0,
+                   help="wall-clock cap on swarmrt's planning, a safety net for an overloaded machine (default 10; "
+                        "the default --work takes about 0.5 s on an idle core)")
+    p.add_argument("--jitter", type=_non_negative, default=0.02, metavar="SIGMA",
+                   help="compute noise swarmrt scores candidate plans under (default 0.02)")
+    p.add_argument("--propose-moves", type=int, default=0, metavar="N",
+                   help="also propose up to N moves of a node to another stage that make an iteration faster, "
+                        "and what the live rebalancing policy would do (default 0: off)")
     p.set_defaults(func=run_plan)
     return p
 
 
-def plan_routes(scenario: Scenario, policy: str, seed: int, budget_s: float) -> dict:
+def plan_routes(scenario: Scenario, policy: str, seed: int, budget_s: float | None, work: int | None = None,
+                jitter: float = 0.02) -> dict:
     """The ``plan`` output for ``scenario`` (a JSON-ready dict)."""
     table = peer_table(scenario)
     sched = make_policy(policy, scenario.rules, table)
     counts = sched.deal({o: scenario.microbatches_per_origin for o in scenario.origins})
     rng = random.Random(seed)
     evaluate = plan_evaluator(scenario)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if isinstance(sched, SkipScheduler):
-        plan = plan_iteration(sched, counts, 0.0, rng, clock=time.perf_counter, budget_s=budget_s, evaluate=evaluate)
+        plan = plan_iteration(sched, counts, 0.0, rng, clock=time.perf_counter, budget_s=budget_s,
+                              evaluate=plan_evaluator(scenario, jitter=jitter), work=work)
     else:
         plan = plan_iteration(sched, counts, 0.0, rng)
-    planning_s = time.perf_counter() - start
+    planning_s, planning_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     rules = scenario.rules if sched.skips else PathRules(scenario.stages, 0.0, scenario.first_stage_is_also_last)
     stage_of = {n.id: n.stage for n in scenario.nodes}
     for r in plan.routes:
@@ -120,7 +133,10 @@ def plan_routes(scenario: Scenario, policy: str, seed: int, budget_s: float) -> 
         "seed": seed,
         "routes": [{"microbatch": i, "origin": r.origin, "path": list(r.path)} for i, r in enumerate(plan.routes)],
         "predicted_iteration_s": round(predicted, 6),
+        "replay_iteration_s": round(replay(scenario, plan.routes).makespan_s, 6),
         "planning_s": round(planning_s, 6),
+        "planning_cpu_s": round(planning_cpu_s, 6),
+        "work": plan.work,
         "method": plan.method,
     }
 
@@ -140,7 +156,9 @@ def run_plan(args: argparse.Namespace) -> int:
     except ScenarioError as e:
         return _fail("plan", str(e))
     try:
-        result = plan_routes(scenario, args.policy, args.seed, args.budget_s)
+        result = plan_routes(scenario, args.policy, args.seed, args.budget_s, args.work, args.jitter)
+        if args.propose_moves > 0:
+            result.update(_moves(scenario, args.seed, args.propose_moves))
     except RuntimeError as e:
         return _fail("plan", str(e))
     text = _plan_json(result)
@@ -153,8 +171,27 @@ def run_plan(args: argparse.Namespace) -> int:
         except OSError as e:
             return _fail("plan", f"cannot write {args.out}: {e.strerror or e}")
         print(f"{len(result['routes'])} routes ({args.policy}) -> {args.out}: predicted "
-              f"{result['predicted_iteration_s']:.2f} s per iteration, planned in {result['planning_s']:.3f} s")
+              f"{result['predicted_iteration_s']:.2f} s per iteration (independent replay "
+              f"{result['replay_iteration_s']:.2f} s), planned in {result['planning_s']:.3f} s")
+        for m in result.get("moves", []):
+            print(f"move node {m['node']} from stage {m['source']} to stage {m['target']}: predicted "
+                  f"{m['predicted_s']:.2f} s ({-m['gain']:+.1%})")
+        if "rebalance" in result:
+            print(f"the live rebalancing policy: {result['rebalance']['reason']}")
     return 0
+
+
+def _moves(scenario: Scenario, seed: int, top: int) -> dict:
+    """The ``moves`` and ``rebalance`` entries of ``swarmrt plan --propose-moves``."""
+    base, found = propose_moves(scenario, seed, top=top)
+    live, reason = rebalance_moves(scenario)
+    return {
+        "moves_baseline_s": round(base, 6),
+        "moves": [{"node": m.node, "source": m.source, "target": m.target, "predicted_s": round(m.predicted_s, 6),
+                   "gain": round(m.gain, 6)} for m in found],
+        "rebalance": {"moves": [{"node": int(m.peer_id), "source": m.source, "target": m.target} for m in live],
+                      "reason": reason},
+    }
 
 
 # --- simulate -------------------------------------------------------------------------------
@@ -179,8 +216,11 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help="iterations between outer syncs (default 1)")
     p.add_argument("--jitter", type=_non_negative, default=0.0, metavar="SIGMA",
                    help="noise on compute: each task takes its time x exp(N(0, SIGMA)) (default 0: exact)")
-    p.add_argument("--plan-budget-s", type=_non_negative, default=0.8, metavar="S",
-                   help="wall-clock seconds swarmrt may spend planning each iteration (default 0.8)")
+    p.add_argument("--plan-budget-s", type=_non_negative, default=0.0, metavar="S",
+                   help="wall-clock cap on swarmrt's planning of each iteration (default 0: none; the plan "
+                        "depends on its work budget, --plan-work, not on the clock)")
+    p.add_argument("--plan-work", type=_positive_int, default=PLAN_WORK, metavar="N",
+                   help=f"swarmrt's work budget per iteration (default {PLAN_WORK})")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the reports as JSON")
     add_fleet_flags(p)
     p.set_defaults(func=run_simulate)
@@ -220,7 +260,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         config = SimConfig(iterations=args.iterations, preempt_mtbf_s=args.preempt_mtbf,
                            downtime_s=args.downtime if args.downtime > 0 else 300.0,
                            outer_sync_s=args.outer_sync_s, outer_sync_every=args.outer_sync_every,
-                           plan_budget_s=args.plan_budget_s, jitter=args.jitter)
+                           plan_budget_s=args.plan_budget_s, plan_work=args.plan_work, jitter=args.jitter)
     except (ScenarioError, ValueError) as e:
         return _fail("simulate", str(e))
     policies = POLICY_ORDER if args.policy == "all" else (args.policy,)
