@@ -25,9 +25,16 @@ Prints markdown tables (paste them into the benchmarks doc):
    ``--scale-iterations`` iterations per policy, with the wall time of each
    simulation.
 
-Simulated times are deterministic for a seed except swarmrt's, whose plan
-improves for as long as its wall-clock budget allows (so they vary a
-little with the machine's speed and load).
+5. replay: swarmrt's plans (``swarmrt plan``, seeds 0..``--seeds``-1)
+   and the full pipeline's routes played in the independent replay
+   (swarmrt/sim/replay.py), with the cut;
+6. planning cost: wall and CPU seconds, work and plans scored, on the
+   scenario and on ``--plan-peers`` generated swarms (default 1000, 2000,
+   3000).
+
+``--sections`` picks some of them (default: all). Simulated times are
+deterministic for a seed: swarmrt's planner counts its work
+(``--work``), and the wall clock (``--budget-s``) only caps it.
 """
 
 from __future__ import annotations
@@ -44,22 +51,58 @@ sys.path.insert(0, ROOT)
 
 from swarmrt.sim import scenarios
 from swarmrt.sim.scenario import generate_scenario, load_scenario, peer_table  # noqa: E402
+from swarmrt.routing.paths import Hop, Route  # noqa: E402
 from swarmrt.routing.policies import SkipScheduler  # noqa: E402
+from swarmrt.sim.planner import PLAN_WORK  # noqa: E402
+from swarmrt.sim.replay import replay  # noqa: E402
 from swarmrt.sim.simulator import SimConfig, simulate  # noqa: E402
 from swarmrt.sim.cli import POLICY_ORDER, plan_routes  # noqa: E402
 
+SECTIONS = ("sim", "noise", "plan", "failures", "scale", "replay", "cost")
 
-def no_failures(scenario, seeds, iterations, budget_s):
+
+def as_routes(scenario, result):
+    """The routes of a ``plan_routes`` result."""
+    return [Route(r["origin"], tuple(Hop(scenario.nodes[p].stage, p) for p in r["path"]), r["microbatch"])
+            for r in result["routes"]]
+
+
+def replay_section(scenario, seeds, budget_s, work):
+    full = plan_routes(scenario, "full", 0, budget_s)
+    full_s = replay(scenario, as_routes(scenario, full)).makespan_s
+    print("\n### Independent replay (first come first served, no link contention; swarmrt/sim/replay.py)\n")
+    print(f"Full pipeline's routes in the replay: {full_s:.2f} s (the simulator: {full['predicted_iteration_s']:.2f} s)\n")
+    print("| seed | swarmrt simulator (exact) s | swarmrt replay s | replay vs full pipeline | method |")
+    print("|---|---|---|---|---|")
+    for seed in range(seeds):
+        p = plan_routes(scenario, "swarmrt", seed, budget_s, work)
+        print(f"| {seed} | {p['predicted_iteration_s']:.2f} | {p['replay_iteration_s']:.2f} | "
+              f"{p['replay_iteration_s'] / full_s - 1:+.1%} | {p['method']} |")
+
+
+def cost_section(scenario, peers, budget_s, work):
+    print(f"\n### Planning cost (swarmrt, work budget {work}, wall-clock cap {budget_s} s, seed 0)\n")
+    print("| swarm | microbatches | wall s | CPU s | work | plans scored |")
+    print("|---|---|---|---|---|---|")
+    for n in [0] + peers:
+        sc = scenario if n == 0 else generate_scenario(scenario, n, random.Random(0))
+        p = plan_routes(sc, "swarmrt", 0, budget_s, work)
+        name = f"{len(sc.nodes)} nodes" + (" (generated)" if n else "")
+        print(f"| {name} | {len(p['routes'])} | {p['planning_s']:.3f} | {p['planning_cpu_s']:.3f} | {p['work']} | "
+              f"{p['method'].split('; ')[1].split(' plans')[0]} |")
+
+
+def no_failures(scenario, seeds, iterations, budget_s, work):
     rows = {}
     for policy in POLICY_ORDER:
-        runs = [simulate(scenario, policy, SimConfig(iterations=iterations, plan_budget_s=budget_s),
+        runs = [simulate(scenario, policy, SimConfig(iterations=iterations, plan_budget_s=budget_s, plan_work=work),
                          random.Random(seed), clock=time.perf_counter) for seed in range(seeds)]
         rows[policy] = runs
     return rows
 
 
-def planning(scenario, seeds, budget_s):
-    plans = [plan_routes(scenario, "swarmrt", seed, budget_s) for seed in range(seeds)]
+def planning(scenario, seeds, budget_s, work):
+    plans = [plan_routes(scenario, "swarmrt", seed, budget_s, work) for seed in range(seeds)]
     table = peer_table(scenario)
     sched = SkipScheduler(scenario.rules, table)
     sched.begin_iteration({o: scenario.microbatches_per_origin for o in scenario.origins}, 0.0, random.Random(0))
@@ -79,7 +122,13 @@ def main(argv=None) -> int:
     parser.add_argument("scenario", nargs="?", default=scenarios.path("geo-aws18"))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per measurement (default 3)")
     parser.add_argument("--iterations", type=int, default=10, help="iterations per run without failures (default 10)")
-    parser.add_argument("--budget-s", type=float, default=0.8, help="swarmrt planning budget per iteration (default 0.8)")
+    parser.add_argument("--budget-s", type=float, default=10.0,
+                        help="wall-clock cap on swarmrt's planning of an iteration (default 10; a safety net)")
+    parser.add_argument("--work", type=int, default=PLAN_WORK, help=f"swarmrt's work budget (default {PLAN_WORK})")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"which tables to print, comma-separated (default all: {','.join(SECTIONS)})")
+    parser.add_argument("--plan-peers", default="1000,2000,3000",
+                        help="generated swarm sizes of the planning-cost table (default 1000,2000,3000)")
     parser.add_argument("--jitter", type=float, default=0.02, help="compute noise sigma of the noisy run (default 0.02)")
     parser.add_argument("--mtbf", type=float, default=600.0, help="mean time between failures per node, s (default 600)")
     parser.add_argument("--downtime", default="60,300",
@@ -94,7 +143,30 @@ def main(argv=None) -> int:
           f"{scenario.stages_visited_per_microbatch} visited (skip {scenario.rules.skip_ratio:.0%}), "
           f"{scenario.microbatches_per_iteration} microbatches per iteration\n")
 
-    rows = no_failures(scenario, args.seeds, args.iterations, args.budget_s)
+    sections = set(args.sections.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if "replay" in sections:
+        replay_section(scenario, args.seeds, args.budget_s, args.work)
+    if "cost" in sections:
+        cost_section(scenario, [int(x) for x in args.plan_peers.split(",") if x], args.budget_s, args.work)
+    if sections & {"sim", "failures"}:
+        rows = no_failures(scenario, args.seeds, args.iterations, args.budget_s, args.work)
+    if "sim" in sections:
+        sim_section(scenario, args, rows)
+    if "noise" in sections:
+        noise_section(scenario, args)
+    if "plan" in sections:
+        plan_section(scenario, args)
+    if "failures" in sections:
+        failures_section(scenario, args, rows)
+    if "scale" in sections and args.peers:
+        scale_section(scenario, args)
+    return 0
+
+
+def sim_section(scenario, args, rows):
     full = statistics.mean(r.mean_iteration_s for r in rows["full"])
     print(f"### No failures ({args.seeds} seeds x {args.iterations} iterations)\n")
     full_last = statistics.mean(r.iteration_s[-1] for r in rows["full"])
@@ -109,26 +181,34 @@ def main(argv=None) -> int:
               f"{statistics.mean(its) / full:.3f} ({statistics.mean(its) / full - 1:+.1%}) | {first:.2f} | "
               f"{last:.2f} ({last / full_last - 1:+.1%}) | {statistics.mean(r.samples_per_s for r in runs):.3f} |")
 
+
+def noise_section(scenario, args):
     noisy = {policy: [simulate(scenario, policy, SimConfig(iterations=args.iterations, plan_budget_s=args.budget_s,
-                                                           jitter=args.jitter), random.Random(seed), clock=time.perf_counter)
+                                                           plan_work=args.work, jitter=args.jitter),
+                               random.Random(seed), clock=time.perf_counter)
                       for seed in range(args.seeds)] for policy in POLICY_ORDER}
     noisy_full = statistics.mean(r.mean_iteration_s for r in noisy["full"])
     print(f"\n### Compute noise: every task takes its time x exp(N(0, {args.jitter})) "
-          f"({args.seeds} seeds x {args.iterations} iterations; plans are made on the exact figures)\n")
+          f"({args.seeds} seeds x {args.iterations} iterations; the planner scores plans under its own, "
+          "differently seeded noise)\n")
     print("| policy | s / iteration | vs full pipeline |")
     print("|---|---|---|")
     for policy, runs in noisy.items():
         m = statistics.mean(r.mean_iteration_s for r in runs)
         print(f"| {policy} | {m:.2f} | {m / noisy_full:.3f} ({m / noisy_full - 1:+.1%}) |")
 
-    plans, per_route = planning(scenario, args.seeds, args.budget_s)
-    print(f"\n### Planning (swarmrt, budget {args.budget_s} s)\n")
+
+def plan_section(scenario, args):
+    plans, per_route = planning(scenario, args.seeds, args.budget_s, args.work)
+    print(f"\n### Planning (swarmrt, work {args.work}, wall-clock cap {args.budget_s} s)\n")
     print("| seed | predicted s / iteration | planning s | method |")
     print("|---|---|---|---|")
     for seed, p in enumerate(plans):
         print(f"| {seed} | {p['predicted_iteration_s']:.2f} | {p['planning_s']:.3f} | {p['method']} |")
     print(f"\nOne online `route()` (per-microbatch EFT, no plan): {per_route * 1e3:.2f} ms")
 
+
+def failures_section(scenario, args, rows):
     for downtime in [float(x) for x in args.downtime.split(",")]:
         print(f"\n### Preemptions: MTBF {args.mtbf:.0f} s per node, mean downtime {downtime:.0f} s "
               f"({args.seeds} seeds x {args.failure_iterations} iterations)\n")
@@ -136,7 +216,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|---|")
         for policy in POLICY_ORDER:
             config = SimConfig(iterations=args.failure_iterations, preempt_mtbf_s=args.mtbf, downtime_s=downtime,
-                               plan_budget_s=args.budget_s)
+                               plan_budget_s=args.budget_s, plan_work=args.work)
             runs = [simulate(scenario, policy, config, random.Random(seed), clock=time.perf_counter)
                     for seed in range(args.seeds)]
             clean = statistics.mean(r.samples_per_s for r in rows[policy])
@@ -145,6 +225,8 @@ def main(argv=None) -> int:
                   f"{sps / clean:.0%} | {sum(r.preemptions for r in runs)} | {sum(r.retried for r in runs)} | "
                   f"{sum(r.rerouted for r in runs)} | {sum(r.lost for r in runs)} |")
 
+
+def scale_section(scenario, args):
     if args.peers:
         big = generate_scenario(scenario, args.peers, random.Random(0))
         print(f"\n### Scale: {args.peers} peers over the regions of {scenario.name or 'the scenario'} "
@@ -155,12 +237,12 @@ def main(argv=None) -> int:
         base = None
         for policy in POLICY_ORDER:
             start = time.perf_counter()
-            r = simulate(big, policy, SimConfig(iterations=args.scale_iterations, plan_budget_s=args.budget_s),
+            r = simulate(big, policy, SimConfig(iterations=args.scale_iterations, plan_budget_s=args.budget_s,
+                                                plan_work=args.work),
                          random.Random(0), clock=time.perf_counter)
             wall = time.perf_counter() - start
             base = base or r.mean_iteration_s
             print(f"| {policy} | {r.mean_iteration_s:.2f} | {r.mean_iteration_s / base:.3f} | {wall:.1f} s |")
-    return 0
 
 
 if __name__ == "__main__":

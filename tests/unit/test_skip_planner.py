@@ -143,3 +143,19 @@ def test_a_thousand_peers_plan_within_the_work_budget():
     assert plan.work <= PLAN_WORK
     assert len(calls) == plan.passes and sum(calls) * evaluate.runs_for(n) <= PLAN_WORK  # scorings counted
     assert_legal(plan.routes, big)
+
+
+def test_moving_a_node_to_a_thin_stage_is_proposed_with_its_gain():
+    from swarmrt.sim.moves import candidates as move_candidates, moved, plan_seconds, rebalance_moves
+
+    thin = moved(moved(GEO, 10, 1), 11, 1)  # stage 2 keeps 2 nodes, stage 1 has 6
+    assert [n for n in thin.nodes_of(2)] == [12, 13]
+    pairs = move_candidates(thin)
+    assert all(thin.nodes[n].stage != 0 and t != 0 for n, t in pairs)
+    assert (10, 2) in pairs and (12, 1) in pairs
+    before = plan_seconds(thin, 0, 500)
+    after = plan_seconds(moved(thin, 10, 2), 0, 500)  # back where it was
+    assert after < 0.9 * before
+    live, reason = rebalance_moves(thin)
+    assert [(m.source, m.target) for m in live] == [(1, 2)], reason
+    assert rebalance_moves(GEO)[0] == []  # a balanced swarm: the policy moves nobody
