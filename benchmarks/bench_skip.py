@@ -28,7 +28,10 @@ Prints markdown tables (paste them into the benchmarks doc):
 5. replay: swarmrt's plans (``swarmrt plan``, seeds 0..``--seeds``-1)
    and the full pipeline's routes played in the independent replay
    (swarmrt/sim/replay.py), with the cut;
-6. planning cost: wall and CPU seconds, work and plans scored, on the
+6. bound: for each origin alone (every other origin idle), the fastest
+   of ``--bound-tries`` random sets of its routes in the replay: how far
+   the replay lets one origin go at all;
+7. planning cost: wall and CPU seconds, work and plans scored, on the
    scenario and on ``--plan-peers`` generated swarms (default 1000, 2000,
    3000).
 
@@ -58,7 +61,7 @@ from swarmrt.sim.replay import replay  # noqa: E402
 from swarmrt.sim.simulator import SimConfig, simulate  # noqa: E402
 from swarmrt.sim.cli import POLICY_ORDER, plan_routes  # noqa: E402
 
-SECTIONS = ("sim", "noise", "plan", "failures", "scale", "replay", "cost")
+SECTIONS = ("sim", "noise", "plan", "failures", "scale", "replay", "cost", "bound")
 
 
 def as_routes(scenario, result):
@@ -78,6 +81,31 @@ def replay_section(scenario, seeds, budget_s, work):
         p = plan_routes(scenario, "swarmrt", seed, budget_s, work)
         print(f"| {seed} | {p['predicted_iteration_s']:.2f} | {p['replay_iteration_s']:.2f} | "
               f"{p['replay_iteration_s'] / full_s - 1:+.1%} | {p['method']} |")
+
+
+def bound_section(scenario, tries):
+    """How fast one origin's microbatches could be with every other origin idle (random search in the replay)."""
+    import itertools
+
+    rules = scenario.rules
+    full_s = replay(scenario, as_routes(scenario, plan_routes(scenario, "full", 0, None))).makespan_s
+    shapes = [tuple(zip(middle, peers)) for middle in itertools.combinations(rules.middle_stages, rules.middle_visits)
+              for peers in itertools.product(*(scenario.nodes_of(s) for s in middle))]
+    tail = () if rules.first_stage_is_also_last else ((scenario.stages - 1, scenario.nodes_of(scenario.stages - 1)[0]),)
+    print(f"\n### One origin alone in the replay (every other origin idle; best of {tries} random route sets)\n")
+    print("| origin | best replay s | vs full pipeline (all origins) |")
+    print("|---|---|---|")
+    rng = random.Random(0)
+    for o in scenario.origins:
+        best = None
+        for _ in range(tries):
+            routes = []
+            for i in range(scenario.microbatches_per_origin):
+                hops = ((0, o),) + rng.choice(shapes) + tail + (((0, o),) if rules.first_stage_is_also_last else ())
+                routes.append(Route(o, tuple(Hop(s_, p_) for s_, p_ in hops), i))
+            t = replay(scenario, routes).makespan_s
+            best = t if best is None else min(best, t)
+        print(f"| {o} | {best:.2f} | {best / full_s - 1:+.1%} |")
 
 
 def cost_section(scenario, peers, budget_s, work):
@@ -127,6 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=int, default=PLAN_WORK, help=f"swarmrt's work budget (default {PLAN_WORK})")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"which tables to print, comma-separated (default all: {','.join(SECTIONS)})")
+    parser.add_argument("--bound-tries", type=int, default=20000,
+                        help="random route sets per origin of the one-origin bound (default 20000)")
     parser.add_argument("--plan-peers", default="1000,2000,3000",
                         help="generated swarm sizes of the planning-cost table (default 1000,2000,3000)")
     parser.add_argument("--jitter", type=float, default=0.02, help="compute noise sigma of the noisy run (default 0.02)")
@@ -149,6 +179,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if "replay" in sections:
         replay_section(scenario, args.seeds, args.budget_s, args.work)
+    if "bound" in sections:
+        bound_section(scenario, args.bound_tries)
     if "cost" in sections:
         cost_section(scenario, [int(x) for x in args.plan_peers.split(",") if x], args.budget_s, args.work)
     if sections & {"sim", "failures"}:
