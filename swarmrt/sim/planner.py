@@ -1,9 +1,10 @@
 """Planning a whole iteration ahead: the routes of every microbatch before the first one starts.
 
-The simulator, ``swarmrt plan`` and the benchmarks plan iterations; the
-trainer does not (it routes each microbatch online with the same policy
-objects, :mod:`swarmrt.routing.policies`). :func:`plan_iteration` takes a
-policy made by :func:`~swarmrt.routing.policies.make_policy` and returns an
+The simulator, ``swarmrt plan``, the benchmarks and (with ``[routing]
+plan_ahead``) the trainer plan iterations; by default the trainer routes
+each microbatch online with the same policy objects
+(:mod:`swarmrt.routing.policies`). :func:`plan_iteration` takes a policy made
+by :func:`~swarmrt.routing.policies.make_policy` and returns an
 :class:`IterationPlan`; a :class:`~swarmrt.routing.skip_scheduler.SkipScheduler`
 is then handed the plan (:meth:`~swarmrt.routing.skip_scheduler.SkipScheduler.serve_plan`)
 and serves it from its ``route`` calls.
@@ -21,20 +22,28 @@ worked better is to give each origin *one route shape* for all its
 microbatches ("chains": origins then rarely collide, and an origin's own
 microbatches pipeline behind each other at a steady pace), chosen greedily
 by link and compute cost with balance and each peer's share as limits. So
-the planner builds several randomised chain plans and an EFT plan, scores
-them with a caller-given evaluator (the simulator replaying the plan;
-without one, the timeline forecast), and improves the best by local search
-(move one microbatch to another peer or stage set, or swap two origins'
-shapes; keep what is no worse) until a time budget, measured by a
-caller-given clock, is spent. The scheduler's later ``route`` calls serve
-the plan, origin by origin, while its peers live (a planned route whose peer
-died keeps its stages and gets other peers by EFT), and fall back to EFT
-otherwise. The last plan is a candidate of the next ``plan_iteration`` while
-it still fits, so a steady swarm's plan keeps improving.
+the planner builds the previous plan (while it fits), several randomised
+chain plans and an EFT plan, scores each as soon as it exists with a
+caller-given evaluator (the simulator replaying the plan, averaged with a
+few seeded noisy runs: :mod:`swarmrt.sim.scoring`; without one, the
+timeline forecast), and repairs the best one's collisions
+(:mod:`swarmrt.sim.repair`: where the latest microbatch waited longest,
+one of the two colliding microbatches is re-routed around that node).
 
-On geo-aws18 in the simulator (docs/benchmarks-skip.md): about -45% time per
-iteration against the DT-FM-style full pipeline (per-microbatch EFT alone:
-about -37%; random skipping: -18%), planned in 0.8 s.
+**Deterministic.** Every step is counted in a work budget (``work``, in
+microbatch-steps: :class:`_Work`); the first construction is always built
+and scored, every later step only if it fits. So the same scenario, seed
+and budget give the same plan on any machine under any load; the wall
+clock (``clock``, ``budget_s``) only caps the work, as a safety net.
+
+The scheduler's later ``route`` calls serve the plan, origin by origin,
+while its peers live (a planned route whose peer died keeps its stages and
+gets other peers by EFT), and fall back to EFT otherwise.
+
+Figures (docs/benchmarks-skip.md): on geo-aws18 about -42% time per
+iteration against the DT-FM-style full pipeline in the simulator and -43%
+in an independent replay (:mod:`swarmrt.sim.replay`), planned with the
+default budget in about 0.4 s of CPU.
 
 Pure: the clock (``now``, ``clock``) and the random generator (``rng``) are
 arguments.
@@ -62,9 +71,11 @@ PeerId = Hashable
 Evaluator = Callable[[Sequence[Route]], float]
 """Scores a whole plan: seconds from its start until its last backward ends (lower is better).
 
-An evaluator may also have an attribute ``finish_by_origin`` (origin -> when
-its last microbatch finished, in the plan it scored last); the local search
-of :func:`plan_iteration` then works mostly on the origin that finishes last."""
+An evaluator may also have ``runs_for(n)`` (simulations one call makes for
+``n`` microbatches: the planner counts that work), ``exact_s`` (the exact
+run's seconds of the plan it scored last: the prediction) and ``trace`` (a
+:class:`~swarmrt.sim.scoring.PlanTrace` of it: the repair needs one), as
+:class:`~swarmrt.sim.scoring.PlanEvaluator` has."""
 
 
 @dataclasses.dataclass(frozen=True)
