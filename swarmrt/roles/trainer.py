@@ -57,6 +57,7 @@ from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import from_proto, to_proto
 from swarmrt.checkpoint.store import save_data_position
 from swarmrt.routing.live import LiveRouting
+from swarmrt.sim.live_plan import plan_window
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
 
 logger = logging.getLogger("swarmrt.trainer")
@@ -207,7 +208,7 @@ class Trainer:
             from swarmrt.models.build import check_skip
 
             check_skip(config)
-        self.routing = LiveRouting(config, plan_ahead=config.routing.plan_ahead)
+        self.routing = LiveRouting(config, plan_window=plan_window if config.routing.plan_ahead else None)
         """The training route source: SWARM's wiring, or the skip scheduler when ``skip_ratio > 0``."""
         self._route_ids = itertools.count()
         self.inflight: dict[str, int] = {}

@@ -46,16 +46,16 @@ window of microbatches. The window is the smallest whole number of steps over
 which the middle stages can be visited exactly equally
 (:func:`balance_window`); a new window opens every that many steps.
 
-Planning (skip scheduler, ``plan_ahead=True``): at the start of each window the whole window
-is planned ahead by the same planner ``swarmrt plan`` and the simulator use
-(:func:`swarmrt.sim.planner.plan_iteration`, scored by the simulator,
-collisions repaired): :func:`live_scenario` turns the live table into a
-scenario (the adapter; no separate forecast), :func:`plan_window` plans it
-there and hands the routes, in live peer ids, to the scheduler
-(``serve_plan``), whose ``route`` calls then serve them; a planned peer that
-died is routed around as usual, and microbatches past the plan are routed
-online. The window's microbatches are dealt evenly over the stage-0 peers.
-Off by default: the planner's best plans give each origin one route shape
+Planning (skip scheduler, given a ``plan_window``): at the start of each
+window the whole window is planned ahead by the same planner ``swarmrt plan``
+and the simulator use. Routing never imports the simulator, so the planning
+function is handed in: the trainer passes
+:func:`swarmrt.sim.live_plan.plan_window`, which turns the live table into a
+scenario (the adapter; no separate forecast), plans it there and hands the
+routes, in live peer ids, to the scheduler (``serve_plan``), whose ``route``
+calls then serve them; a planned peer that died is routed around as usual,
+and microbatches past the plan are routed online.
+Off by default (``[routing] plan_ahead``): the planner's best plans give each origin one route shape
 for a run of microbatches (what makes them fast), and with a single stage-0
 peer that sends a window's first half through one set of middle stages and
 its second half through another; on the 12-step unit test of a tiny model
@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Collection, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from swarmrt.config import RunConfig
 from swarmrt.routing.links import FunctionLinks
@@ -76,9 +76,6 @@ from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policies import Policy, SchedulerConfig, make_policy
 
 from swarmrt.discovery.records import StageRecord
-from swarmrt.sim.planner import plan_iteration
-from swarmrt.sim.scenario import NodeSpec, Scenario, peer_table
-from swarmrt.sim.simulator import plan_evaluator
 from swarmrt.routing.policies import SkipScheduler
 
 FORWARD_SHARE = 1.0 / 3.0
@@ -103,55 +100,6 @@ def microbatch_seconds(throughput: float, microbatch_size: int) -> float | None:
     if not throughput or throughput <= 0 or not math.isfinite(throughput):
         return None
     return microbatch_size / throughput
-
-
-LIVE_PLAN_WORK = 1_000
-"""Work budget of planning one window live (see :func:`swarmrt.sim.planner.plan_iteration`): a few
-hundred scorings of a window of a few microbatches, tens of milliseconds."""
-
-
-def live_scenario(table: PeerTable, rules: PathRules, microbatches_per_origin: int = 1) -> tuple[Scenario, list]:
-    """The live peers of ``table`` as a :class:`~swarmrt.sim.scenario.Scenario`, and its node ids' live ids.
-
-    Node ``i`` is live peer ``ids[i]`` (stage, forward seconds, memory as
-    the table has them); links are the table's (``transfer_s`` between the
-    live ids; no latency part); ``backward_factor`` is the median
-    backward/forward ratio of the peers (the trainer's figures split each
-    peer's time 1:2, so it is exact there).
-    """
-    ids = [info.peer for stage in range(table.stages) for info in sorted(
-        (table.get(p) for p in table.peers_of(stage)), key=lambda i: str(i.peer))]
-    if not ids:
-        raise ValueError("live_scenario: the table has no peers")
-    ratios = sorted(table.get(p).backward_s / table.get(p).forward_s for p in ids)
-    nodes = tuple(NodeSpec(i, table.get(p).stage, table.get(p).forward_s, table.get(p).memory_microbatches)
-                  for i, p in enumerate(ids))
-    links = FunctionLinks(lambda a, b: table.links.transfer_s(ids[a], ids[b]))
-    scenario = Scenario(stages=table.stages, stages_visited_per_microbatch=rules.stages - round(
-        rules.skip_ratio * rules.stages), first_stage_is_also_last=rules.first_stage_is_also_last,
-        microbatches_per_origin=microbatches_per_origin, activation_bytes=0.0,
-        backward_factor=ratios[len(ratios) // 2], per_hop_overhead_s=0.0, nodes=nodes, links=links, name="live")
-    return scenario, ids
-
-
-def plan_window(scheduler: SkipScheduler, window: int, now: float, rng: random.Random,
-                work: int = LIVE_PLAN_WORK) -> tuple[tuple[Route, ...], str]:
-    """Plan ``window`` microbatches over ``scheduler``'s live table and hand them to it (``serve_plan``).
-
-    Returns the planned routes (live ids) and how they were planned.
-    """
-    scenario, ids = live_scenario(scheduler.table, scheduler.rules)
-    origins = [i for i, n in enumerate(scenario.nodes) if n.stage == 0]
-    if not origins:
-        raise ValueError("plan_window: stage 0 has no live peer")
-    counts = {o: window // len(origins) + (1 if k < window % len(origins) else 0) for k, o in enumerate(origins)}
-    counts = {o: c for o, c in counts.items() if c}
-    planner = SkipScheduler(scenario.rules, peer_table(scenario, head_factor=0.0), scheduler.config)
-    plan = plan_iteration(planner, counts, 0.0, rng, evaluate=plan_evaluator(scenario, head_factor=0.0), work=work)
-    routes = tuple(Route(origin=ids[r.origin], hops=tuple(type(h)(h.stage, ids[h.peer]) for h in r.hops),
-                         microbatch=r.microbatch) for r in plan.routes)
-    scheduler.serve_plan(routes, now, plan.method)
-    return routes, plan.method
 
 
 PICK_PER_HOP = frozenset({"swarm"})
@@ -199,15 +147,16 @@ class LiveRouting:
     """A routing policy and the peer table it reads, kept in step with the trainer's view of the swarm.
 
     ``policy``: a name for :func:`~swarmrt.routing.policies.make_policy`
-    (default :func:`default_policy`); ``plan_ahead``: plan each balance
-    window with the whole-iteration planner (module docstring). Pure:
-    ``now`` and ``rng`` are arguments.
+    (default :func:`default_policy`); ``plan_window``: plans each balance
+    window ahead (module docstring). Pure: ``now`` and ``rng`` are arguments.
     """
 
-    def __init__(self, config: RunConfig, policy: str | None = None, plan_ahead: bool = False):
+    def __init__(self, config: RunConfig, policy: str | None = None,
+                 plan_window: Callable[[SkipScheduler, int, float, random.Random], tuple] | None = None):
         self.config = config
-        self.plan_ahead = plan_ahead
-        """Plan each balance window ahead with the whole-iteration planner (skip scheduler only; module docstring)."""
+        self.plan_window = plan_window
+        """Plans a balance window ahead (skip scheduler only; module docstring): ``plan_window(scheduler,
+        window, now, rng) -> (routes, how)``, e.g. :func:`swarmrt.sim.live_plan.plan_window`."""
         self.policy = policy or default_policy(config)
         self.pick_per_hop = self.policy in PICK_PER_HOP
         """True: peers are re-drawn at every hop (:meth:`repick`); False: routes are kept as planned."""
@@ -291,13 +240,13 @@ class LiveRouting:
 
     # -- routing -----------------------------------------------------------------------------
     def begin_step(self, step: int, now: float, rng: random.Random) -> None:
-        """Open a new balance window on the first step of each window (with ``plan_ahead``, and plan it:
-        :func:`plan_window`; if planning fails the window is routed online)."""
+        """Open a new balance window on the first step of each window (given a ``plan_window``, and plan it
+        with it; if planning fails the window is routed online)."""
         if step % self.window_steps == 0:
             self.scheduler.begin_iteration({None: self.window}, now, rng)
-            if self.plan_ahead and isinstance(self.scheduler, SkipScheduler) and self.table.peers_of(0):
+            if self.plan_window is not None and isinstance(self.scheduler, SkipScheduler) and self.table.peers_of(0):
                 try:
-                    _, self.last_plan = plan_window(self.scheduler, self.window, now, rng)
+                    _, self.last_plan = self.plan_window(self.scheduler, self.window, now, rng)
                 except (RuntimeError, ValueError) as e:  # e.g. a stage has no live peer: route online
                     self.scheduler.begin_iteration({None: self.window}, now, rng)
                     self.last_plan = f"not planned ({e})"

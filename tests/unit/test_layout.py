@@ -40,6 +40,7 @@ PURE = {
     "swarmrt.sim.scenario",
     "swarmrt.sim.simulator",
     "swarmrt.sim.planner",
+    "swarmrt.sim.live_plan",
     "swarmrt.sim.repair",
     "swarmrt.sim.replay",
     "swarmrt.sim.scoring",

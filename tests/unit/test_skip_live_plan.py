@@ -1,5 +1,5 @@
-"""The runtime plans through the same planner: the live table as a scenario (routing/live.py's adapter),
-a window planned there and served by the trainer's scheduler."""
+"""The runtime plans through the same planner: the live table as a scenario (sim/live_plan.py's adapter,
+handed to routing/live.py), a window planned there and served by the trainer's scheduler."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from swarmrt.config import config_from_dict
 from swarmrt.discovery.records import StageRecord
-from swarmrt.routing.live import LiveRouting, live_scenario
+from swarmrt.routing.live import LiveRouting
+from swarmrt.sim.live_plan import live_scenario, plan_window
 from swarmrt.routing.paths import balance_violations, stage_counts, validate_route
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,7 +32,7 @@ def record(peer, stage, throughput):
 
 def routing(plan_ahead=True):
     config = config_from_dict(CONFIG)
-    r = LiveRouting(config, plan_ahead=plan_ahead)
+    r = LiveRouting(config, plan_window=plan_window if plan_ahead else None)
     # two peers per stage; the "slow" ones take four times as long
     r.sync([record(f"s{s}{k}", s, 100.0 if k == "f" else 25.0) for s in range(6) for k in "fs"], banned=set())
     return r
@@ -92,7 +93,7 @@ def test_a_planning_trainer_applies_every_microbatch_exactly_once():
         acc = trainer.accounting
         assert acc.started == acc.applied == 16 and acc.duplicates == 0 and acc.incomplete() == []
         assert acc.stages_visited() == {"4": 16}
-        assert "plans scored" in trainer.routing.last_plan
+        assert "plans scored" in trainer.routing.last_plan and trainer.routing.plan_window is plan_window
     finally:
         while SWARMS:
             SWARMS.pop().close()
