@@ -41,6 +41,7 @@ PURE = {
     "swarmrt.sim.simulator",
     "swarmrt.sim.planner",
     "swarmrt.sim.live_plan",
+    "swarmrt.sim.moves",
     "swarmrt.sim.repair",
     "swarmrt.sim.replay",
     "swarmrt.sim.scoring",
