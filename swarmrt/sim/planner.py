@@ -59,7 +59,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from swarmrt.routing.paths import Hop, PathRules, Route
+from swarmrt.routing.paths import PathRules, Route
 from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policy import Balance, Policy
 from swarmrt.routing.skip_scheduler import SkipScheduler
@@ -365,8 +365,8 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
             todo = len(range(lane, microbatches[o], lanes[o]))
             shape = None
             shapes[(o, lane)] = []
-            mine = [(h.stage, h.peer) for key, chains in shapes.items() if key[0] == o
-                    for c in chains[:1] for h in (Hop(s_, p_) for s_, p_ in zip(c.stages, c.peers))]
+            mine = [(s_, p_) for other in range(lane) if (o, other) in shapes
+                    for c in shapes[(o, other)][:1] for s_, p_ in zip(c.stages, c.peers)]  # its other lanes
             while todo:
                 if shape is None or not balance.allowed(shape.middle):
                     shape = _best_chain(sched, o, todo, balance, state, rng, mine if lanes_apart else (),
