@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import BannedException
+from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import (
     BlockwiseQuantization,
     CompressionBase,
@@ -71,6 +71,7 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
+from swarmrt.local_sgd.robust import SenderBans, aggregate, clip_by_norm
 from swarmrt.local_sgd.rounds import AveragingResult, StateProvider
 from swarmrt.discovery.dht import node_usable
 from swarmrt.procs import stop_child, stop_signals_blocked
@@ -103,15 +104,113 @@ def hivemind_compression(codec: str) -> CompressionBase:
     raise AssertionError(f"ALLREDUCE_CODECS lists {codec!r} but it has no hivemind codec here")  # pragma: no cover
 
 
-class _AverageReturningRunner(AllReduceRunner):
-    """hivemind's AllReduceRunner, except that each reducer returns the averaged part itself
-    (not ``average - sender's part``) and passes its own copy through the same codec, so that
-    every peer ends the round with identical bytes."""
+REPORT_KEY = "swarmrt:report"
+"""Key of this peer's own report (who its reducer left out) in what the averager process returns
+for a round, beside the groupmates' gathered data (keyed by PeerID, so it cannot collide)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+
+def _claimed_weight(data: dict) -> float:
+    """A groupmate's gathered weight: a finite number > 0, else 0 (the reducers bound it to 0 or 1)."""
+    weight = data.get("weight")
+    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < math.inf
+    return float(weight) if ok else 0.0
+
+
+class _RobustPartReducer(TensorPartReducer):
+    """hivemind's TensorPartReducer, except that it keeps each sender's copy of the current part
+    and, once every current sender has sent it, combines them with
+    :func:`swarmrt.local_sgd.robust.aggregate` (the ``[local_sgd]`` rule: weights 0 or 1, nan/inf
+    and outliers left out, mean / trimmed mean / CenteredClip). A part of the wrong shape or dtype
+    is left out too; senders in ``ignored`` (banned earlier) are received but never used. When no
+    part is usable, every sender of that part gets an error and the round fails everywhere."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, rule: LocalSGDSection,
+                 ignored: dict[int, str], on_excluded: Any):
+        self.rule, self.ignored, self.on_excluded = rule, ignored, on_excluded
+        self.contributions: dict[int, tuple[torch.Tensor | None, Any]] = {}
+        self.failures: list[str] = []  # why parts could not be aggregated
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        self.accumulator = None  # parts are kept in contributions, not summed
+        self.contributions = {}
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # hivemind 1.1.12's method, keeping the sender's part (checked) instead of adding it to a sum
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        shape = self.part_shapes[part_index]
+        if tuple(tensor_part.shape) != tuple(shape) or not tensor_part.is_floating_point():
+            self.contributions[sender_index] = (None, f"part of {tensor_part.dtype} {list(tensor_part.shape)}, "
+                                                      f"expected float {list(shape)}")
+        else:
+            self.contributions[sender_index] = (tensor_part.to(torch.float32), weight)
+        self.current_part_accumulated_from += 1
+        self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from != self.num_current_senders:
+            return
+        senders, parts, weights, excluded = [], [], [], {}
+        for sender in sorted(self.contributions):
+            part, weight = self.contributions[sender]
+            if sender in self.ignored:
+                continue
+            if part is None:
+                excluded[sender] = weight  # the reason, for a part of the wrong shape or dtype
+                continue
+            senders.append(sender)
+            parts.append(part)
+            weights.append(weight)
+        outcome = aggregate(parts, weights, self.rule)
+        excluded.update({senders[index]: why for index, why in outcome.excluded.items()})
+        if excluded:
+            self.on_excluded(excluded)
+        if outcome.value is None:
+            self.failures.append(outcome.reason)
+            self.current_part_future.set_exception(
+                AllreduceException(f"part {self.current_part_index}: {outcome.reason}"))
+        else:
+            self.current_part_future.set_result(outcome.value.reshape(self.part_shapes[self.current_part_index]))
+        self.reset_accumulators()
+
+
+class _AverageReturningRunner(AllReduceRunner):
+    """hivemind's AllReduceRunner, except that each reducer aggregates its part robustly
+    (:class:`_RobustPartReducer`) and returns the aggregated part itself (not ``average -
+    sender's part``), passing its own copy through the same codec, so that every peer ends the
+    round with identical bytes. ``banned`` peers' parts are received and ignored; the senders
+    this peer's reducer left out are in ``excluded`` (peer id base58 -> why)."""
+
+    def __init__(self, *args: Any, rule: LocalSGDSection, banned: dict[Any, str], **kwargs: Any):
         super().__init__(*args, **kwargs)
         # for a failed reducer, keep the local part (the round is then refused as a whole)
         self.tensor_part_container.return_deltas = False
+        self.tensor_part_reducer.finished.set()  # the stock reducer is replaced unused (and silent)
+        self.excluded: dict[str, str] = {}
+        ignored = {index: why for index, peer in enumerate(self.sender_peer_ids) if (why := banned.get(peer))}
+        self.tensor_part_reducer = _RobustPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), rule,
+            ignored, self._record_excluded,
+        )
+
+    def _record_excluded(self, excluded: dict[int, str]) -> None:
+        for index, why in excluded.items():
+            self.excluded.setdefault(self.sender_peer_ids[index].to_base58(), why)
 
     async def _communicate_with_peer(self, peer_id: Any) -> None:
         if peer_id != self.peer_id:
@@ -120,9 +219,13 @@ class _AverageReturningRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(peer_id)
         compression_type = self.tensor_part_container.compression.compression_type
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-            averaged_part = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, tensor_part, weight=self.weight
-            )
+            try:
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+            except AllreduceException:  # no usable part: the round fails (every sender hears so)
+                self.tensor_part_container.register_failed_reducer(peer_index)
+                raise
             as_sent = deserialize_torch_tensor(serialize_torch_tensor(averaged_part, compression_type))
             self.tensor_part_container.register_processed_part(peer_index, part_index, as_sent)
 
@@ -158,11 +261,27 @@ class _StageDecentralizedAverager(DecentralizedAverager):
     (hivemind names its RPC handlers after the class)."""
 
     state_provider: StateProvider | None = None
+    rule: LocalSGDSection = LocalSGDSection()
+    """The aggregation rule each of this peer's reducers applies (set before the process starts)."""
+    bans: SenderBans | None = None
+    """Senders this peer's reducers left out for cause, ignored for ``rule.sender_ban_s``."""
+    _reports: dict[bytes, dict[str, str]]
+    """Group id -> who this peer's reducers left out in that round (until the round returns)."""
+
+    async def _aggregate_with_group(self, group_info: Any, min_vector_size: int, **kwargs: Any) -> Any:
+        try:
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        finally:
+            report = self._reports.pop(group_info.group_id, {})
+        return {**gathered, REPORT_KEY: report}
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: Any, group_id: bytes | None = None, **kwargs: Any
     ) -> None:
         group_id = group_info.group_id if group_id is None else group_id
+        now = time.monotonic()
+        banned = {peer: f"banned: {why}" for peer in group_info.peer_ids
+                  if peer != self.peer_id and (why := self.bans.banned(peer.to_base58(), now))}
         runner = _AverageReturningRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -170,8 +289,21 @@ class _StageDecentralizedAverager(DecentralizedAverager):
             tensors=tensors,
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
+            rule=self.rule,
+            banned=banned,
             **kwargs,
         )
+        try:
+            await self._run_runner(runner, tensors, group_info, group_id)
+        finally:
+            me = self.peer_id.to_base58()
+            for peer, why in runner.excluded.items():
+                if peer != me:  # our own bad part is the host's problem, not a groupmate's
+                    self.bans.ban(peer, time.monotonic(), why)
+            self._reports[group_id] = {**{p.to_base58(): why for p, why in banned.items()}, **runner.excluded}
+
+    async def _run_runner(self, runner: _AverageReturningRunner, tensors: Sequence[torch.Tensor],
+                          group_info: Any, group_id: bytes) -> None:
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
 
@@ -182,8 +314,10 @@ class _StageDecentralizedAverager(DecentralizedAverager):
         averaged = [part async for _, part in azip(as_aiter(*tensors), runner)]
         container = runner.tensor_part_container
         if container.failed_size:
+            failures = runner.tensor_part_reducer.failures
             raise AllreduceException(
-                f"{container.failed_size} of {container.total_size} values were not averaged (a reducer failed)"
+                f"{container.failed_size} of {container.total_size} values were not averaged (a reducer failed"
+                + (f"; here: {failures[0]})" if failures else ")")
             )
         if len(averaged) != len(tensors):
             raise AllreduceException(f"all-reduce returned {len(averaged)} of {len(tensors)} tensors")
@@ -255,6 +389,9 @@ class StageAverager:
             shutdown_timeout=5,
         )
         self._averager.state_provider = state_provider
+        self._averager.rule = config
+        self._averager.bans = SenderBans(config.sender_ban_s)  # lives in the averager process
+        self._averager._reports = {}
         # forked with SIGTERM/SIGINT blocked: a signal to the whole process group must not reach it
         # (it would inherit this process's handlers and swallow SIGTERM); shutdown() stops it for sure.
         # Not hivemind's run_in_background: that also sets SIGINT to SIG_IGN in *this* process, which
@@ -315,6 +452,7 @@ class StageAverager:
         def failed(error: str, group_size: int = 0, contributors: int = 0, gathered: dict | None = None) -> AveragingResult:
             return AveragingResult(False, group_size, contributors, None, gathered or {}, error, time.monotonic() - started)
 
+        values, _ = clip_by_norm(values, config.clip_norm)
         with self._averager.get_tensors() as buffers:
             for buffer, value in zip(buffers, values):
                 buffer.copy_(value.detach())
@@ -335,17 +473,19 @@ class StageAverager:
             return failed(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
         if not outcome:
             return failed("no group formed")
-        gathered = {peer.to_base58(): data for peer, data in outcome.items()}
-        weights = [float((data or {}).get("weight", 0.0)) for data in gathered.values()]
-        contributors = sum(w > 0 for w in weights)
-        users = {peer: (data or {}).get("user") for peer, data in gathered.items()}
+        report = outcome.pop(REPORT_KEY, None) or {}
+        # what groupmates gathered is theirs to say: anything but {"weight": w, "user": x} reads as nothing
+        gathered = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in outcome.items()}
+        contributors = sum(_claimed_weight(data) > 0 for data in gathered.values())
+        users = {peer: data.get("user") for peer, data in gathered.items()}
         if contributors == 0:
             return failed("every peer of the group had weight 0", len(gathered), 0, users)
         with self._averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         if not all(bool(torch.isfinite(t).all()) for t in averaged):
             return failed("the average holds nan or inf", len(gathered), contributors, users)
-        return AveragingResult(True, len(gathered), contributors, averaged, users, None, time.monotonic() - started)
+        return AveragingResult(True, len(gathered), contributors, averaged, users, None, time.monotonic() - started,
+                               excluded=dict(report))
 
     def load_state(self, timeout: float | None = None) -> tuple[Any, list[torch.Tensor]] | None:
         """Download ``(metadata, tensors)`` from a peer that serves state (highest priority

@@ -167,7 +167,9 @@ def aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], rule: Any
         excluded.update({candidates[j]: why for j, why in flagged.items()})
         candidates = [i for j, i in enumerate(candidates) if j not in flagged]
     if not candidates:
-        return Aggregate(None, (), excluded, f"no usable part among {len(parts)} senders")
+        zero = len(parts) - len(excluded)
+        return Aggregate(None, (), excluded, f"no usable part among {len(parts)} senders "
+                                             f"({zero} with weight 0, {len(excluded)} left out)")
     chosen = [parts[i] for i in candidates]
     if rule.aggregation == "trimmed_mean":
         value = trimmed_mean(chosen, rule.trim_fraction)

@@ -38,6 +38,9 @@ class AveragingResult:
     """Why the round failed (None on success)."""
     seconds: float
     """Wall time of the round on this peer."""
+    excluded: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Peer id (base58) -> why this peer's reducers left that sender's parts out of the round
+    (nan/inf, a bad weight or shape, an outlier, or banned after an earlier such round)."""
 
 
 class Averager(Protocol):
