@@ -66,8 +66,11 @@ from hivemind.compression import (
     serialize_torch_tensor,
 )
 from hivemind.dht import DHT
+from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils import MPFuture, get_logger
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
@@ -77,6 +80,8 @@ from swarmrt.discovery.dht import node_usable
 from swarmrt.procs import stop_child, stop_signals_blocked
 
 __all__ = ["AveragingResult", "StageAverager", "hivemind_compression"]
+
+logger = get_logger(__name__)
 
 RESULT_MARGIN_S = 10.0
 """The caller waits at most matchmaking timeout + all-reduce timeout + this for a round's result."""
@@ -326,6 +331,57 @@ class _StageDecentralizedAverager(DecentralizedAverager):
         self.last_updated = get_dht_time()
         self._state_updated.set()
 
+    async def _load_state_from_donors(self, donors: Sequence[str], timeout: float, max_bytes: int,
+                                      max_tensors: int, future: MPFuture) -> None:
+        """Download state from the first of ``donors`` (peer ids, base58, tried in order) that
+        delivers within ``timeout`` seconds in all, at most ``max_bytes`` and ``max_tensors``;
+        sets the future to ``(donor, (metadata, tensors))``, or None. Unlike hivemind's
+        ``load_state_from_peers``, the donors are the caller's (who held the agreed state), not
+        whoever declared the highest priority in the DHT."""
+        deadline = time.monotonic() + timeout
+        try:
+            for donor in donors:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    peer = PeerID.from_base58(donor)
+                    if peer == self.peer_id:
+                        continue
+                    loaded = await asyncio.wait_for(self._download_state(peer, max_bytes, max_tensors), remaining)
+                except Exception as error:  # a bad id, a dead or lying donor: try the next one
+                    logger.info(f"state download from {donor} failed: {error!r}")
+                    continue
+                future.set_result((donor, loaded))
+                return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _download_state(self, peer: Any, max_bytes: int, max_tensors: int) -> tuple[Any, list[torch.Tensor]]:
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata, current, tensors, received = None, [], [], 0
+        async for message in aiter_with_timeout(stream, timeout=self.next_chunk_timeout):
+            received += message.ByteSize()
+            if received > max_bytes:
+                raise ValueError(f"the donor sent more than {max_bytes} bytes")
+            if message.metadata:
+                if metadata is not None:
+                    raise ValueError("the donor sent its metadata twice")
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and current:  # a dtype starts the next tensor
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+                current = []
+                if len(tensors) >= max_tensors:
+                    raise ValueError(f"the donor sent more than {max_tensors} tensors")
+            current.append(message.tensor_part)
+        if current:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+        if metadata is None:
+            raise ValueError("the donor sent no state")
+        return metadata, tensors
+
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         if self.state_provider is None:
             return None, (), None  # no metadata: a downloading peer moves on to the next one
@@ -487,11 +543,30 @@ class StageAverager:
         return AveragingResult(True, len(gathered), contributors, averaged, users, None, time.monotonic() - started,
                                excluded=dict(report))
 
-    def load_state(self, timeout: float | None = None) -> tuple[Any, list[torch.Tensor]] | None:
-        """Download ``(metadata, tensors)`` from a peer that serves state (highest priority
-        first); None if no peer could deliver within ``timeout`` (default
-        ``LocalSGDSection.state_timeout_s``)."""
+    def load_state(self, timeout: float | None = None,
+                   donors: Sequence[str] | None = None) -> tuple[Any, list[torch.Tensor]] | None:
+        """Download ``(metadata, tensors)`` from a peer that serves state; None if no peer could
+        deliver within ``timeout`` (default ``LocalSGDSection.state_timeout_s``).
+
+        ``donors`` (peer ids, base58): only these, in this order, and no more than twice the
+        averaged tensors' float32 bytes (e.g. DiLoCo's global params and momentum) plus 1 MiB.
+        Without: hivemind's choice, the peer that declared the highest priority first (a joiner
+        that knows no group yet)."""
         timeout = self.config.state_timeout_s if timeout is None else timeout
+        if donors is not None:
+            future = MPFuture()
+            values = sum(math.prod(shape) for shape in self.shapes)
+            self._averager._outer_pipe.send(("_load_state_from_donors", [], dict(
+                donors=[str(d) for d in donors], timeout=timeout, max_bytes=8 * values + 2**20,
+                max_tensors=2 * len(self.shapes), future=future)))
+            try:
+                found = future.result(timeout=timeout + RESULT_MARGIN_S)
+            except Exception:  # TimeoutError, or the averager process is gone
+                return None
+            if found is None:
+                return None
+            _, (metadata, tensors) = found
+            return metadata, list(tensors)
         try:
             loaded = self._averager.load_state_from_peers(wait=True, timeout=timeout)
         except Exception:  # TimeoutError, or the averager process is gone

@@ -146,6 +146,11 @@ def test_two_peers_average_weight_and_share_state(dhts):
         while loaded is None and time.monotonic() < deadline:  # its announcement reaches the DHT in the background
             loaded = averagers[0].load_state(timeout=5.0)
         assert loaded is not None and loaded[0]["round"] == 3
+        # from named donors only (those that held the agreed state), whatever the DHT's priorities say
+        averagers[1].state_sharing_priority = 0.0
+        loaded = averagers[1].load_state(timeout=5.0, donors=["not-a-peer-id", averagers[0].peer_id])
+        assert loaded is not None and loaded[0]["round"] == 1 and joiner.check_import(*loaded) is None
+        assert averagers[0].load_state(timeout=5.0, donors=[averagers[0].peer_id]) is None  # itself: nobody
 
         # alone (the other peer does not show up), a round fails within its bounds
         started = time.monotonic()
