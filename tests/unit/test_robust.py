@@ -235,3 +235,30 @@ def test_config_validates_the_robust_keys():
     ]:
         with pytest.raises(ValueError, match=f"local_sgd.{key}: .*{message}"):
             LocalSGDSection(**{key: value})
+
+
+# -- a joiner's stage state (GetState) ---------------------------------------------------------------
+
+
+def test_a_joiner_refuses_a_nan_donor_state_and_keeps_its_own_optimizer_hyperparameters():
+    import io
+
+    from swarmrt.config import RunConfig, with_overrides
+    from swarmrt.pipeline.worker import InputSpec, StageError, StageWorker
+
+    def worker(lr):
+        torch.manual_seed(0)
+        config = with_overrides(RunConfig(), optimizer={"name": "adamw", "lr": lr, "samples_per_step": 2})
+        return StageWorker(torch.nn.Sequential(torch.nn.Linear(3, 2)), config, 0, InputSpec(torch.float32, 1, (3,)))
+
+    donor, joiner = worker(lr=5.0), worker(lr=1e-3)
+    joiner.load_state_bytes(donor.state_bytes())
+    assert joiner.optimizer.param_groups[0]["lr"] == 1e-3  # the donor's 5.0 is not adopted
+    state = torch.load(io.BytesIO(donor.state_bytes()), weights_only=True)
+    state["module"]["0.weight"][0, 1] = math.nan
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    before = [p.detach().clone() for p in joiner.params]
+    with pytest.raises(StageError, match=r"nan or inf in state\.module\.0\.weight"):
+        joiner.load_state_bytes(buffer.getvalue())
+    assert all(torch.equal(a, b) for a, b in zip(before, joiner.params))  # nothing loaded
