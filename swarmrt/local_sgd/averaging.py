@@ -38,10 +38,25 @@ survivors may have received all their parts (success) and others not
 (failure). The runtime compares :meth:`~swarmrt.local_sgd.diloco.DiLoCo.params_hash`
 (e.g. through ``gather``) and lets a peer that disagrees load state.
 
+- **Robust aggregation.** Each reducer sees every sender's copy of its part; it
+  keeps them and combines them with :func:`swarmrt.local_sgd.robust.aggregate`
+  (``local_sgd.aggregation``: ``mean``, ``trimmed_mean`` or ``centered_clip``,
+  BTARD's butterfly clipping). A sender whose part holds NaN/inf, has the wrong
+  shape or dtype, carries a negative or non-finite weight or (robust rules) is an
+  outlier is left out of that part, named in :attr:`AveragingResult.excluded`, and
+  ignored by this peer's reducers for ``local_sgd.sender_ban_s``; the round goes
+  on for the others. A peer clips its own tensors to ``local_sgd.clip_norm``
+  before sending.
+- **Donors by agreement.** :meth:`StageAverager.load_state` with ``donors``
+  downloads only from the named peers (those that held the state the group agreed
+  on), bounded in bytes and tensors, instead of from whoever declared the highest
+  priority in the DHT.
+
 Weights: each peer passes its weight (1 for a peer that trained, 0 for one
-that just joined); the all-reduce divides by the sum of the group's weights,
-so a joiner does not dilute the average. A group whose weights are all 0
-is reported as a failed round.
+that just joined). The reducers bound every sender's weight to 0 or 1, so a
+joiner does not dilute the average and a claimed weight of 1e6 counts once. A
+part that no sender could contribute to fails the round on every peer (a
+group whose weights are all 0, for instance).
 """
 
 from __future__ import annotations
@@ -134,6 +149,7 @@ class _RobustPartReducer(TensorPartReducer):
         self.rule, self.ignored, self.on_excluded = rule, ignored, on_excluded
         self.contributions: dict[int, tuple[torch.Tensor | None, Any]] = {}
         self.failures: list[str] = []  # why parts could not be aggregated
+        self._combining: asyncio.Task | None = None  # the current part's aggregation, while it runs
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -168,11 +184,37 @@ class _RobustPartReducer(TensorPartReducer):
 
     def check_current_part_finished(self) -> None:
         assert self.current_part_accumulated_from <= self.num_current_senders
-        if self.current_part_accumulated_from != self.num_current_senders:
+        if self.current_part_accumulated_from != self.num_current_senders or self._combining is not None:
             return
+        # combining takes milliseconds to seconds (sorts, norms): off the event loop, so that no
+        # stream of this round misses its next_chunk_timeout meanwhile
+        self._combining = asyncio.get_running_loop().create_task(self._finish_part(self.contributions))
+
+    async def _finish_part(self, contributions: dict[int, tuple[torch.Tensor | None, Any]]) -> None:
+        future, shape = self.current_part_future, self.part_shapes[self.current_part_index]
+        try:
+            outcome, excluded = await asyncio.get_running_loop().run_in_executor(None, self._combine, contributions)
+        except Exception as error:  # a bug, not a sender's doing: fail the part, never hang it
+            outcome, excluded = None, {}
+            reason = f"aggregation failed: {error!r}"
+        else:
+            reason = outcome.reason
+        self._combining = None
+        if self.finished.is_set():
+            return
+        if excluded:
+            self.on_excluded(excluded)
+        if outcome is None or outcome.value is None:
+            self.failures.append(reason)
+            future.set_exception(AllreduceException(f"part {self.current_part_index}: {reason}"))
+        else:
+            future.set_result(outcome.value.reshape(shape))
+        self.reset_accumulators()
+
+    def _combine(self, contributions: dict[int, tuple[torch.Tensor | None, Any]]) -> tuple[Any, dict[int, str]]:
         senders, parts, weights, excluded = [], [], [], {}
-        for sender in sorted(self.contributions):
-            part, weight = self.contributions[sender]
+        for sender in sorted(contributions):
+            part, weight = contributions[sender]
             if sender in self.ignored:
                 continue
             if part is None:
@@ -183,15 +225,7 @@ class _RobustPartReducer(TensorPartReducer):
             weights.append(weight)
         outcome = aggregate(parts, weights, self.rule)
         excluded.update({senders[index]: why for index, why in outcome.excluded.items()})
-        if excluded:
-            self.on_excluded(excluded)
-        if outcome.value is None:
-            self.failures.append(outcome.reason)
-            self.current_part_future.set_exception(
-                AllreduceException(f"part {self.current_part_index}: {outcome.reason}"))
-        else:
-            self.current_part_future.set_result(outcome.value.reshape(self.part_shapes[self.current_part_index]))
-        self.reset_accumulators()
+        return outcome, excluded
 
 
 class _AverageReturningRunner(AllReduceRunner):
