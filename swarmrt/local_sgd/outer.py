@@ -181,7 +181,8 @@ class OuterSync:
         self.history.append(entry)
         # the format of this line is swarmrt.testing.asserts.OUTER_ROUND_OK's contract
         self.log(f"outer round {round_no} {outcome}: group {result.group_size}, contributors {result.contributors}, "
-                 f"{result.seconds:.2f} s, hash {entry['hash']}, members {members}" + (f" ({result.error})" if result.error else ""))
+                 f"{result.seconds:.2f} s, hash {entry['hash']}, members {members}" + (f" ({result.error})" if result.error else "")
+                 + "".join(f"; left out {peer[-6:]}: {why}" for peer, why in sorted(result.excluded.items())))
 
     # -- state for joiners and checkpoints (the worker saves it under the name it was attached with)
     def state_dict(self) -> dict:

@@ -311,12 +311,15 @@ def test_canonical_state_majority_then_round_then_hash_whatever_the_order():
 def test_a_mate_claiming_round_1e9_does_not_put_this_peer_out_of_step():
     worker = Params(1.0)
     liar = lambda tensors, weight, gather: AveragingResult(  # noqa: E731
-        True, 2, 2, [torch.tensor([0.5])], {ME: gather, MATE: {"hash": "f" * 16, "round": 10**9}}, None, 1.0)
+        True, 2, 2, [torch.tensor([0.5])], {ME: gather, MATE: {"hash": "f" * 16, "round": 10**9}}, None, 1.0,
+        excluded={MATE: "part holds nan or inf"})
     averager = ScriptedAverager(liar)
     outer, compute, lines = make(worker, averager)
     finish_first_round(worker, outer, averager, compute, 0.5)
     assert averager.load_calls == [] and outer.diloco.round == 1  # applied; downloaded nothing
     assert outer.diloco.global_params[0].tolist() == [0.5] and lines[0].startswith("stage 0: outer round 1 ok")
+    assert lines[0].endswith("members AAAAAA,BBBBBB; left out BBBBBB: part holds nan or inf"), lines[0]
+    assert OUTER_ROUND_OK.match(lines[0]).group(7) == "AAAAAA,BBBBBB"
 
 
 def test_out_of_step_peer_downloads_only_from_the_agreeing_mates_and_checks_their_state():
