@@ -109,8 +109,9 @@ class LocalSGDSection:
     clip_iterations: int = 5
     """``centered_clip``: clipping iterations, from the coordinate-wise median."""
     outlier_factor: float = 10.0
-    """``trimmed_mean``/``centered_clip``: a sender whose part lies more than this many times the
-    median distance from the coordinate-wise median is left out and banned; 0 turns this off."""
+    """``trimmed_mean``/``centered_clip``: a sender whose part lies farther from the coordinate-wise
+    median than this many times both the median distance and the median's own norm is left out and
+    banned; 0 turns this off."""
     clip_norm: float = 0.0
     """Before sending, a peer scales its pseudo-gradient down to at most this L2 norm; 0: no clipping."""
     sender_ban_s: float = 600.0

@@ -109,19 +109,21 @@ def centered_clip(parts: Sequence[torch.Tensor], radius: float, iterations: int,
 
 
 def outliers(parts: Sequence[torch.Tensor], factor: float) -> dict[int, str]:
-    """Senders whose part lies more than ``factor`` times the median distance from the
-    coordinate-wise median (index -> why). Nothing with fewer than 3 parts (no majority to
-    compare with), with ``factor`` 0, or for parts under :data:`OUTLIER_MIN_NUMEL` values."""
+    """Senders whose part lies more than ``factor`` times ``max(median distance, norm of the
+    median)`` from the coordinate-wise median (index -> why): far beyond both the senders'
+    spread and the size of what they agree on, as a part scaled 1e6x is. The norm term keeps
+    honest parts that are merely larger (a peer that trained twice as long, after a rolled-back
+    round) from being called outliers when the others happen to be very alike. Nothing with
+    fewer than 3 parts (no majority), with ``factor`` 0, or for parts under
+    :data:`OUTLIER_MIN_NUMEL` values."""
     if factor <= 0 or len(parts) < 3 or parts[0].numel() < OUTLIER_MIN_NUMEL:
         return {}
     stacked = _stack(parts)
     center = _median(stacked)
     distances = (stacked - center).norm(dim=1)
-    scale = float(_median(distances))
-    floor = 1e-6 * float(center.norm()) + _TINY  # every honest part identical: any other is an outlier
-    limit = max(factor * scale, floor)
-    return {i: f"outlier: {float(d):.3g} from the median, over {factor:g} x the median distance {scale:.3g}"
-            for i, d in enumerate(distances) if float(d) > limit}
+    scale = max(float(_median(distances)), float(center.norm()), _TINY)
+    return {i: f"outlier: {float(d):.3g} from the median, over {factor:g} x {scale:.3g}"
+            for i, d in enumerate(distances) if float(d) > factor * scale}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,6 +87,10 @@ def test_outliers_need_a_majority_and_enough_values():
     assert outliers([honest[0], liar], 10.0) == {}  # two senders: no majority to tell who lies
     assert outliers([h[:10] for h in honest] + [liar[:10]], 10.0) == {}  # too few values to judge
     assert outliers(honest + [liar], 0.0) == {}  # off
+    # near-identical honest parts and one merely 3x larger (it trained longer): not an outlier
+    alike = [torch.ones(OUTLIER_MIN_NUMEL) + 1e-4 * h for h in honest[:2]]
+    assert outliers(alike + [3 * alike[0]], 10.0) == {}
+    assert set(outliers(alike + [20 * alike[0]], 10.0)) == {2}  # 19 x the agreed norm: beyond 10 x
 
 
 # -- aggregate: weights, nan, outliers -----------------------------------------------------------
