@@ -38,10 +38,25 @@ survivors may have received all their parts (success) and others not
 (failure). The runtime compares :meth:`~swarmrt.local_sgd.diloco.DiLoCo.params_hash`
 (e.g. through ``gather``) and lets a peer that disagrees load state.
 
+- **Robust aggregation.** Each reducer sees every sender's copy of its part; it
+  keeps them and combines them with :func:`swarmrt.local_sgd.robust.aggregate`
+  (``local_sgd.aggregation``: ``mean``, ``trimmed_mean`` or ``centered_clip``,
+  BTARD's butterfly clipping). A sender whose part holds NaN/inf, has the wrong
+  shape or dtype, carries a negative or non-finite weight or (robust rules) is an
+  outlier is left out of that part, named in :attr:`AveragingResult.excluded`, and
+  ignored by this peer's reducers for ``local_sgd.sender_ban_s``; the round goes
+  on for the others. A peer clips its own tensors to ``local_sgd.clip_norm``
+  before sending.
+- **Donors by agreement.** :meth:`StageAverager.load_state` with ``donors``
+  downloads only from the named peers (those that held the state the group agreed
+  on), bounded in bytes and tensors, instead of from whoever declared the highest
+  priority in the DHT.
+
 Weights: each peer passes its weight (1 for a peer that trained, 0 for one
-that just joined); the all-reduce divides by the sum of the group's weights,
-so a joiner does not dilute the average. A group whose weights are all 0
-is reported as a failed round.
+that just joined). The reducers bound every sender's weight to 0 or 1, so a
+joiner does not dilute the average and a claimed weight of 1e6 counts once. A
+part that no sender could contribute to fails the round on every peer (a
+group whose weights are all 0, for instance).
 """
 
 from __future__ import annotations
@@ -55,7 +70,7 @@ from typing import Any
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import BannedException
+from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import (
     BlockwiseQuantization,
     CompressionBase,
@@ -66,16 +81,22 @@ from hivemind.compression import (
     serialize_torch_tensor,
 )
 from hivemind.dht import DHT
+from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils import MPFuture, get_logger
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
+from swarmrt.local_sgd.robust import SenderBans, aggregate, clip_by_norm
 from swarmrt.local_sgd.rounds import AveragingResult, StateProvider
 from swarmrt.discovery.dht import node_usable
 from swarmrt.procs import stop_child, stop_signals_blocked
 
 __all__ = ["AveragingResult", "StageAverager", "hivemind_compression"]
+
+logger = get_logger(__name__)
 
 RESULT_MARGIN_S = 10.0
 """The caller waits at most matchmaking timeout + all-reduce timeout + this for a round's result."""
@@ -103,15 +124,132 @@ def hivemind_compression(codec: str) -> CompressionBase:
     raise AssertionError(f"ALLREDUCE_CODECS lists {codec!r} but it has no hivemind codec here")  # pragma: no cover
 
 
-class _AverageReturningRunner(AllReduceRunner):
-    """hivemind's AllReduceRunner, except that each reducer returns the averaged part itself
-    (not ``average - sender's part``) and passes its own copy through the same codec, so that
-    every peer ends the round with identical bytes."""
+REPORT_KEY = "swarmrt:report"
+"""Key of this peer's own report (who its reducer left out) in what the averager process returns
+for a round, beside the groupmates' gathered data (keyed by PeerID, so it cannot collide)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+
+def _claimed_weight(data: dict) -> float:
+    """A groupmate's gathered weight: a finite number > 0, else 0 (the reducers bound it to 0 or 1)."""
+    weight = data.get("weight")
+    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < math.inf
+    return float(weight) if ok else 0.0
+
+
+class _RobustPartReducer(TensorPartReducer):
+    """hivemind's TensorPartReducer, except that it keeps each sender's copy of the current part
+    and, once every current sender has sent it, combines them with
+    :func:`swarmrt.local_sgd.robust.aggregate` (the ``[local_sgd]`` rule: weights 0 or 1, nan/inf
+    and outliers left out, mean / trimmed mean / CenteredClip). A part of the wrong shape or dtype
+    is left out too; senders in ``ignored`` (banned earlier) are received but never used. When no
+    part is usable, every sender of that part gets an error and the round fails everywhere."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, rule: LocalSGDSection,
+                 ignored: dict[int, str], on_excluded: Any):
+        self.rule, self.ignored, self.on_excluded = rule, ignored, on_excluded
+        self.contributions: dict[int, tuple[torch.Tensor | None, Any]] = {}
+        self.failures: list[str] = []  # why parts could not be aggregated
+        self._combining: asyncio.Task | None = None  # the current part's aggregation, while it runs
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        self.accumulator = None  # parts are kept in contributions, not summed
+        self.contributions = {}
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # hivemind 1.1.12's method, keeping the sender's part (checked) instead of adding it to a sum
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        shape = self.part_shapes[part_index]
+        if tuple(tensor_part.shape) != tuple(shape) or not tensor_part.is_floating_point():
+            self.contributions[sender_index] = (None, f"part of {tensor_part.dtype} {list(tensor_part.shape)}, "
+                                                      f"expected float {list(shape)}")
+        else:
+            self.contributions[sender_index] = (tensor_part.to(torch.float32), weight)
+        self.current_part_accumulated_from += 1
+        self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from != self.num_current_senders or self._combining is not None:
+            return
+        # combining takes milliseconds to seconds (sorts, norms): off the event loop, so that no
+        # stream of this round misses its next_chunk_timeout meanwhile
+        self._combining = asyncio.get_running_loop().create_task(self._finish_part(self.contributions))
+
+    async def _finish_part(self, contributions: dict[int, tuple[torch.Tensor | None, Any]]) -> None:
+        future, shape = self.current_part_future, self.part_shapes[self.current_part_index]
+        try:
+            outcome, excluded = await asyncio.get_running_loop().run_in_executor(None, self._combine, contributions)
+        except Exception as error:  # a bug, not a sender's doing: fail the part, never hang it
+            outcome, excluded = None, {}
+            reason = f"aggregation failed: {error!r}"
+        else:
+            reason = outcome.reason
+        self._combining = None
+        if self.finished.is_set():
+            return
+        if excluded:
+            self.on_excluded(excluded)
+        if outcome is None or outcome.value is None:
+            self.failures.append(reason)
+            future.set_exception(AllreduceException(f"part {self.current_part_index}: {reason}"))
+        else:
+            future.set_result(outcome.value.reshape(shape))
+        self.reset_accumulators()
+
+    def _combine(self, contributions: dict[int, tuple[torch.Tensor | None, Any]]) -> tuple[Any, dict[int, str]]:
+        senders, parts, weights, excluded = [], [], [], {}
+        for sender in sorted(contributions):
+            part, weight = contributions[sender]
+            if sender in self.ignored:
+                continue
+            if part is None:
+                excluded[sender] = weight  # the reason, for a part of the wrong shape or dtype
+                continue
+            senders.append(sender)
+            parts.append(part)
+            weights.append(weight)
+        outcome = aggregate(parts, weights, self.rule)
+        excluded.update({senders[index]: why for index, why in outcome.excluded.items()})
+        return outcome, excluded
+
+
+class _AverageReturningRunner(AllReduceRunner):
+    """hivemind's AllReduceRunner, except that each reducer aggregates its part robustly
+    (:class:`_RobustPartReducer`) and returns the aggregated part itself (not ``average -
+    sender's part``), passing its own copy through the same codec, so that every peer ends the
+    round with identical bytes. ``banned`` peers' parts are received and ignored; the senders
+    this peer's reducer left out are in ``excluded`` (peer id base58 -> why)."""
+
+    def __init__(self, *args: Any, rule: LocalSGDSection, banned: dict[Any, str], **kwargs: Any):
         super().__init__(*args, **kwargs)
         # for a failed reducer, keep the local part (the round is then refused as a whole)
         self.tensor_part_container.return_deltas = False
+        self.tensor_part_reducer.finished.set()  # the stock reducer is replaced unused (and silent)
+        self.excluded: dict[str, str] = {}
+        ignored = {index: why for index, peer in enumerate(self.sender_peer_ids) if (why := banned.get(peer))}
+        self.tensor_part_reducer = _RobustPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), rule,
+            ignored, self._record_excluded,
+        )
+
+    def _record_excluded(self, excluded: dict[int, str]) -> None:
+        for index, why in excluded.items():
+            self.excluded.setdefault(self.sender_peer_ids[index].to_base58(), why)
 
     async def _communicate_with_peer(self, peer_id: Any) -> None:
         if peer_id != self.peer_id:
@@ -120,9 +258,13 @@ class _AverageReturningRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(peer_id)
         compression_type = self.tensor_part_container.compression.compression_type
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-            averaged_part = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, tensor_part, weight=self.weight
-            )
+            try:
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+            except AllreduceException:  # no usable part: the round fails (every sender hears so)
+                self.tensor_part_container.register_failed_reducer(peer_index)
+                raise
             as_sent = deserialize_torch_tensor(serialize_torch_tensor(averaged_part, compression_type))
             self.tensor_part_container.register_processed_part(peer_index, part_index, as_sent)
 
@@ -158,11 +300,27 @@ class _StageDecentralizedAverager(DecentralizedAverager):
     (hivemind names its RPC handlers after the class)."""
 
     state_provider: StateProvider | None = None
+    rule: LocalSGDSection = LocalSGDSection()
+    """The aggregation rule each of this peer's reducers applies (set before the process starts)."""
+    bans: SenderBans | None = None
+    """Senders this peer's reducers left out for cause, ignored for ``rule.sender_ban_s``."""
+    _reports: dict[bytes, dict[str, str]]
+    """Group id -> who this peer's reducers left out in that round (until the round returns)."""
+
+    async def _aggregate_with_group(self, group_info: Any, min_vector_size: int, **kwargs: Any) -> Any:
+        try:
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        finally:
+            report = self._reports.pop(group_info.group_id, {})
+        return {**gathered, REPORT_KEY: report}
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: Any, group_id: bytes | None = None, **kwargs: Any
     ) -> None:
         group_id = group_info.group_id if group_id is None else group_id
+        now = time.monotonic()
+        banned = {peer: f"banned: {why}" for peer in group_info.peer_ids
+                  if peer != self.peer_id and (why := self.bans.banned(peer.to_base58(), now))}
         runner = _AverageReturningRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -170,8 +328,21 @@ class _StageDecentralizedAverager(DecentralizedAverager):
             tensors=tensors,
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
+            rule=self.rule,
+            banned=banned,
             **kwargs,
         )
+        try:
+            await self._run_runner(runner, tensors, group_info, group_id)
+        finally:
+            me = self.peer_id.to_base58()
+            for peer, why in runner.excluded.items():
+                if peer != me:  # our own bad part is the host's problem, not a groupmate's
+                    self.bans.ban(peer, time.monotonic(), why)
+            self._reports[group_id] = {**{p.to_base58(): why for p, why in banned.items()}, **runner.excluded}
+
+    async def _run_runner(self, runner: _AverageReturningRunner, tensors: Sequence[torch.Tensor],
+                          group_info: Any, group_id: bytes) -> None:
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
 
@@ -182,8 +353,10 @@ class _StageDecentralizedAverager(DecentralizedAverager):
         averaged = [part async for _, part in azip(as_aiter(*tensors), runner)]
         container = runner.tensor_part_container
         if container.failed_size:
+            failures = runner.tensor_part_reducer.failures
             raise AllreduceException(
-                f"{container.failed_size} of {container.total_size} values were not averaged (a reducer failed)"
+                f"{container.failed_size} of {container.total_size} values were not averaged (a reducer failed"
+                + (f"; here: {failures[0]})" if failures else ")")
             )
         if len(averaged) != len(tensors):
             raise AllreduceException(f"all-reduce returned {len(averaged)} of {len(tensors)} tensors")
@@ -191,6 +364,57 @@ class _StageDecentralizedAverager(DecentralizedAverager):
             tensor.copy_(value)  # all or nothing: only a complete round touches the tensors
         self.last_updated = get_dht_time()
         self._state_updated.set()
+
+    async def _load_state_from_donors(self, donors: Sequence[str], timeout: float, max_bytes: int,
+                                      max_tensors: int, future: MPFuture) -> None:
+        """Download state from the first of ``donors`` (peer ids, base58, tried in order) that
+        delivers within ``timeout`` seconds in all, at most ``max_bytes`` and ``max_tensors``;
+        sets the future to ``(donor, (metadata, tensors))``, or None. Unlike hivemind's
+        ``load_state_from_peers``, the donors are the caller's (who held the agreed state), not
+        whoever declared the highest priority in the DHT."""
+        deadline = time.monotonic() + timeout
+        try:
+            for donor in donors:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    peer = PeerID.from_base58(donor)
+                    if peer == self.peer_id:
+                        continue
+                    loaded = await asyncio.wait_for(self._download_state(peer, max_bytes, max_tensors), remaining)
+                except Exception as error:  # a bad id, a dead or lying donor: try the next one
+                    logger.info(f"state download from {donor} failed: {error!r}")
+                    continue
+                future.set_result((donor, loaded))
+                return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _download_state(self, peer: Any, max_bytes: int, max_tensors: int) -> tuple[Any, list[torch.Tensor]]:
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata, current, tensors, received = None, [], [], 0
+        async for message in aiter_with_timeout(stream, timeout=self.next_chunk_timeout):
+            received += message.ByteSize()
+            if received > max_bytes:
+                raise ValueError(f"the donor sent more than {max_bytes} bytes")
+            if message.metadata:
+                if metadata is not None:
+                    raise ValueError("the donor sent its metadata twice")
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and current:  # a dtype starts the next tensor
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+                current = []
+                if len(tensors) >= max_tensors:
+                    raise ValueError(f"the donor sent more than {max_tensors} tensors")
+            current.append(message.tensor_part)
+        if current:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+        if metadata is None:
+            raise ValueError("the donor sent no state")
+        return metadata, tensors
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         if self.state_provider is None:
@@ -255,6 +479,9 @@ class StageAverager:
             shutdown_timeout=5,
         )
         self._averager.state_provider = state_provider
+        self._averager.rule = config
+        self._averager.bans = SenderBans(config.sender_ban_s)  # lives in the averager process
+        self._averager._reports = {}
         # forked with SIGTERM/SIGINT blocked: a signal to the whole process group must not reach it
         # (it would inherit this process's handlers and swallow SIGTERM); shutdown() stops it for sure.
         # Not hivemind's run_in_background: that also sets SIGINT to SIG_IGN in *this* process, which
@@ -315,6 +542,7 @@ class StageAverager:
         def failed(error: str, group_size: int = 0, contributors: int = 0, gathered: dict | None = None) -> AveragingResult:
             return AveragingResult(False, group_size, contributors, None, gathered or {}, error, time.monotonic() - started)
 
+        values, _ = clip_by_norm(values, config.clip_norm)
         with self._averager.get_tensors() as buffers:
             for buffer, value in zip(buffers, values):
                 buffer.copy_(value.detach())
@@ -335,23 +563,44 @@ class StageAverager:
             return failed(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
         if not outcome:
             return failed("no group formed")
-        gathered = {peer.to_base58(): data for peer, data in outcome.items()}
-        weights = [float((data or {}).get("weight", 0.0)) for data in gathered.values()]
-        contributors = sum(w > 0 for w in weights)
-        users = {peer: (data or {}).get("user") for peer, data in gathered.items()}
+        report = outcome.pop(REPORT_KEY, None) or {}
+        # what groupmates gathered is theirs to say: anything but {"weight": w, "user": x} reads as nothing
+        gathered = {peer.to_base58(): data if isinstance(data, dict) else {} for peer, data in outcome.items()}
+        contributors = sum(_claimed_weight(data) > 0 for data in gathered.values())
+        users = {peer: data.get("user") for peer, data in gathered.items()}
         if contributors == 0:
             return failed("every peer of the group had weight 0", len(gathered), 0, users)
         with self._averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         if not all(bool(torch.isfinite(t).all()) for t in averaged):
             return failed("the average holds nan or inf", len(gathered), contributors, users)
-        return AveragingResult(True, len(gathered), contributors, averaged, users, None, time.monotonic() - started)
+        return AveragingResult(True, len(gathered), contributors, averaged, users, None, time.monotonic() - started,
+                               excluded=dict(report))
 
-    def load_state(self, timeout: float | None = None) -> tuple[Any, list[torch.Tensor]] | None:
-        """Download ``(metadata, tensors)`` from a peer that serves state (highest priority
-        first); None if no peer could deliver within ``timeout`` (default
-        ``LocalSGDSection.state_timeout_s``)."""
+    def load_state(self, timeout: float | None = None,
+                   donors: Sequence[str] | None = None) -> tuple[Any, list[torch.Tensor]] | None:
+        """Download ``(metadata, tensors)`` from a peer that serves state; None if no peer could
+        deliver within ``timeout`` (default ``LocalSGDSection.state_timeout_s``).
+
+        ``donors`` (peer ids, base58): only these, in this order, and no more than twice the
+        averaged tensors' float32 bytes (e.g. DiLoCo's global params and momentum) plus 1 MiB.
+        Without: hivemind's choice, the peer that declared the highest priority first (a joiner
+        that knows no group yet)."""
         timeout = self.config.state_timeout_s if timeout is None else timeout
+        if donors is not None:
+            future = MPFuture()
+            values = sum(math.prod(shape) for shape in self.shapes)
+            self._averager._outer_pipe.send(("_load_state_from_donors", [], dict(
+                donors=[str(d) for d in donors], timeout=timeout, max_bytes=8 * values + 2**20,
+                max_tensors=2 * len(self.shapes), future=future)))
+            try:
+                found = future.result(timeout=timeout + RESULT_MARGIN_S)
+            except Exception:  # TimeoutError, or the averager process is gone
+                return None
+            if found is None:
+                return None
+            _, (metadata, tensors) = found
+            return metadata, list(tensors)
         try:
             loaded = self._averager.load_state_from_peers(wait=True, timeout=timeout)
         except Exception:  # TimeoutError, or the averager process is gone

@@ -27,6 +27,9 @@ from typing import Any, ClassVar
 
 from swarmrt.wire.codecs import CODEC_NAMES
 
+AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed_mean", "centered_clip")
+"""What ``local_sgd.aggregation`` may name (the rules are in :mod:`swarmrt.local_sgd.robust`)."""
+
 __all__ = ["ALLREDUCE_CODECS", "LocalSGDSection", "check_allreduce_codec"]
 
 ALLREDUCE_CODECS: tuple[str, ...] = ("none", "fp16", "int8", "int8_blockwise")
@@ -91,6 +94,30 @@ class LocalSGDSection:
     """Fixed, not a key: downloads an out-of-step peer tries before it gives up on a round
     (groupmates may still be applying the round it wants)."""
 
+    # -- robust averaging (swarmrt.local_sgd.robust): what a groupmate sends is not trusted
+    aggregation: str = "mean"
+    """How each reducer of the all-reduce combines the senders' copies of its part: ``mean``,
+    ``trimmed_mean`` (coordinate-wise, ``trim_fraction``) or ``centered_clip`` (Karimireddy et al.
+    2021; ``clip_radius``, ``clip_iterations``). Whatever the rule, weights count 0 or 1 and a part
+    holding nan/inf is left out (its sender banned for ``sender_ban_s``) instead of failing the round."""
+    trim_fraction: float = 0.25
+    """``trimmed_mean``: the share of values dropped at each end of every coordinate (at least one
+    value from 3 senders on, never all): the share of liars a group tolerates."""
+    clip_radius: float = 0.0
+    """``centered_clip``: how far (L2, per part) one sender may pull the estimate; 0 chooses it per
+    part as the median distance of the senders from their coordinate-wise median."""
+    clip_iterations: int = 5
+    """``centered_clip``: clipping iterations, from the coordinate-wise median."""
+    outlier_factor: float = 10.0
+    """``trimmed_mean``/``centered_clip``: a sender whose part lies farther from the coordinate-wise
+    median than this many times both the median distance and the median's own norm is left out and
+    banned; 0 turns this off."""
+    clip_norm: float = 0.0
+    """Before sending, a peer scales its pseudo-gradient down to at most this L2 norm; 0: no clipping."""
+    sender_ban_s: float = 600.0
+    """A sender left out of a part for cause (nan/inf, bad weight, outlier) is ignored in later
+    rounds on this peer for this long."""
+
     def __post_init__(self) -> None:
         _require(_is_int(self.inner_steps) and self.inner_steps >= 0, "inner_steps",
                  f"must be an integer >= 0, got {self.inner_steps!r}")
@@ -109,6 +136,20 @@ class LocalSGDSection:
         _require(self.allreduce_timeout_s > 2 * self.next_chunk_timeout_s, "allreduce_timeout_s",
                  f"must exceed 2 x local_sgd.next_chunk_timeout_s ({self.next_chunk_timeout_s}) so a dead "
                  f"groupmate is dropped before the round times out, got {self.allreduce_timeout_s}")
+        _require(self.aggregation in AGGREGATIONS, "aggregation",
+                 f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        _require(_is_real(self.trim_fraction) and 0 < self.trim_fraction < 0.5, "trim_fraction",
+                 f"must be in (0, 0.5), got {self.trim_fraction!r}")
+        _require(_is_real(self.clip_radius) and self.clip_radius >= 0, "clip_radius",
+                 f"must be a finite number >= 0 (0: automatic), got {self.clip_radius!r}")
+        _require(_is_int(self.clip_iterations) and 1 <= self.clip_iterations <= 100, "clip_iterations",
+                 f"must be an integer in [1, 100], got {self.clip_iterations!r}")
+        _require(_is_real(self.outlier_factor) and (self.outlier_factor == 0 or self.outlier_factor > 1),
+                 "outlier_factor", f"must be 0 (off) or a finite number > 1, got {self.outlier_factor!r}")
+        _require(_is_real(self.clip_norm) and self.clip_norm >= 0, "clip_norm",
+                 f"must be a finite number >= 0 (0: no clipping), got {self.clip_norm!r}")
+        _require(_is_real(self.sender_ban_s) and self.sender_ban_s > 0, "sender_ban_s",
+                 f"must be a finite number of seconds > 0, got {self.sender_ban_s!r}")
 
     @property
     def enabled(self) -> bool:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from swarmrt.local_sgd.config import LocalSGDSection
+from swarmrt.local_sgd.robust import check_state
 
 __all__ = ["DiLoCo"]
 
@@ -214,9 +215,12 @@ class DiLoCo:
         }
         return metadata, tensors
 
-    def import_state(self, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
-        """Adopt the state made by :meth:`export_state` on another replica (see
-        :meth:`load_state_dict`, which it calls; same errors)."""
+    def check_import(self, metadata: Any, tensors: Sequence[torch.Tensor], *, min_round: int = 0,
+                     max_round: int | None = None) -> None:
+        """Raise ``ValueError`` naming what is wrong unless ``(metadata, tensors)`` from another
+        replica (:meth:`export_state`) fits this one: every metadata key, this replica's param
+        count, shapes and outer hyperparameters, finite floating-point tensors, a round in
+        ``[min_round, max_round]`` (:func:`swarmrt.local_sgd.robust.check_state`). Changes nothing."""
         if not isinstance(metadata, dict):
             raise ValueError(f"DiLoCo state metadata must be a dict, got {type(metadata).__name__}")
         missing = [k for k in ("round", "num_params", "has_momentum", "outer_lr", "outer_momentum", "nesterov") if k not in metadata]
@@ -230,11 +234,21 @@ class DiLoCo:
                 f"DiLoCo state has {metadata['num_params']} params and {len(tensors)} tensors, "
                 f"this replica expects {count} params and {expected} tensors"
             )
-        groups = self.outer_optimizer.state_dict()["param_groups"]
-        groups = [
-            {**group, "lr": metadata["outer_lr"], "momentum": metadata["outer_momentum"], "nesterov": metadata["nesterov"]}
-            for group in groups
-        ]
+        for field, key, ours in (("lr", "outer_lr", self.config.outer_lr), ("momentum", "outer_momentum", self.config.outer_momentum),
+                                 ("nesterov", "nesterov", self.config.uses_nesterov)):
+            if metadata[key] != ours:
+                raise ValueError(f"DiLoCo state: outer optimizer {field} is [{metadata[key]!r}], this replica uses [{ours!r}]")
+        check_state(metadata, tensors, [tuple(p.shape) for p in self.global_params], min_round=min_round, max_round=max_round)
+
+    def import_state(self, metadata: dict[str, Any], tensors: Sequence[torch.Tensor], *, min_round: int = 0,
+                     max_round: int | None = None) -> None:
+        """Adopt the state made by :meth:`export_state` on another replica, once
+        :meth:`check_import` found nothing wrong (same errors); the outer optimizer keeps this
+        replica's own hyperparameters (only momentum buffers are taken)."""
+        self.check_import(metadata, tensors, min_round=min_round, max_round=max_round)
+        tensors = list(tensors)
+        count = len(self.global_params)
+        groups = self.outer_optimizer.state_dict()["param_groups"]  # ours: lr, momentum, nesterov
         momentum = {i: {"momentum_buffer": t} for i, t in enumerate(tensors[count:])}
         self.load_state_dict(
             {

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -38,7 +39,10 @@ import torch
 
 from swarmrt.local_sgd.config import LocalSGDSection
 from swarmrt.local_sgd.diloco import DiLoCo
+from swarmrt.local_sgd.robust import agree_on_state
 from swarmrt.local_sgd.rounds import Averager, AveragingResult
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["OuterSync", "canonical_state"]
 
@@ -54,12 +58,13 @@ class TrainedParams(Protocol):
 
 
 def canonical_state(gathered: dict[str, Any]) -> tuple[str | None, int]:
-    """The pre-round ``(hash, round)`` the group agrees to continue from: the one most peers
-    hold; ties go to the higher round, then the larger hash. Every groupmate sees the same
-    gathered values, so every groupmate picks the same one."""
-    counts = collections.Counter(((g or {}).get("hash"), int((g or {}).get("round", -1))) for g in gathered.values())
-    (digest, round_no), _ = max(counts.items(), key=lambda item: (item[1], item[0][1], str(item[0][0])))
-    return digest, round_no
+    """The pre-round ``(hash, round)`` the group agrees to continue from, by
+    :func:`swarmrt.local_sgd.robust.agree_on_state`: the one most peers hold, a majority first;
+    without one, claims far above the median round are ignored (a peer claiming round 10**9 is
+    not followed), then ties go to the higher round and the larger hash. Every groupmate sees
+    the same gathered values, so every groupmate picks the same one."""
+    agreed = agree_on_state(gathered)
+    return agreed.hash, agreed.round
 
 
 class OuterSync:
@@ -115,11 +120,11 @@ class OuterSync:
                 self.diloco.rollback()
                 self._record(round_no, "rolled back", result, pre_hash)
                 return
-            canonical, canonical_round = canonical_state(result.gathered)
-            if pre_hash != canonical:
+            agreed = agree_on_state(result.gathered)
+            if pre_hash != agreed.hash:
                 # out of step with the group: adopt the group's global state (after its groupmates
                 # applied this round) instead of applying an average to stale global params
-                loaded = self._load_group_state(min_round=canonical_round + 1)
+                loaded = self._load_group_state(min_round=agreed.round + 1, donors=agreed.donors)
                 if loaded is None:
                     self.diloco.rollback()
                     self._record(round_no, "out of step; state download failed", result, pre_hash)
@@ -139,13 +144,22 @@ class OuterSync:
             self.averager.state_sharing_priority = float(self.diloco.round)
             self._busy.clear()
 
-    def _load_group_state(self, min_round: int):
-        """Group state of round >= ``min_round`` (groupmates may still be applying theirs):
-        up to ``state_attempts`` downloads of up to ``state_timeout_s`` each; None if none had it."""
+    def _load_group_state(self, min_round: int, donors: tuple[str, ...] = ()):
+        """Group state of round ``min_round`` or the next (groupmates may still be applying theirs)
+        from ``donors`` (the peers that held the agreed state, not whoever claims the highest
+        priority), checked before it is loaded (:meth:`DiLoCo.check_import`: finite, our shapes and
+        hyperparameters): up to ``state_attempts`` downloads of up to ``state_timeout_s`` each;
+        None if none had it."""
         for _ in range(self.config.state_attempts):
-            loaded = self.averager.load_state(timeout=self.config.state_timeout_s)
-            if loaded is not None and int(loaded[0].get("round", -1)) >= min_round:
-                return loaded
+            loaded = self.averager.load_state(timeout=self.config.state_timeout_s, donors=donors)
+            if loaded is None:
+                continue
+            try:
+                self.diloco.check_import(*loaded, min_round=min_round, max_round=min_round + 1)
+            except ValueError as error:
+                logger.info("refused a groupmate's DiLoCo state: %s", error)
+                continue
+            return loaded
         return None
 
     # -- the averaging thread --------------------------------------------------------------------
@@ -167,7 +181,8 @@ class OuterSync:
         self.history.append(entry)
         # the format of this line is swarmrt.testing.asserts.OUTER_ROUND_OK's contract
         self.log(f"outer round {round_no} {outcome}: group {result.group_size}, contributors {result.contributors}, "
-                 f"{result.seconds:.2f} s, hash {entry['hash']}, members {members}" + (f" ({result.error})" if result.error else ""))
+                 f"{result.seconds:.2f} s, hash {entry['hash']}, members {members}" + (f" ({result.error})" if result.error else "")
+                 + "".join(f"; left out {peer[-6:]}: {why}" for peer, why in sorted(result.excluded.items())))
 
     # -- state for joiners and checkpoints (the worker saves it under the name it was attached with)
     def state_dict(self) -> dict:

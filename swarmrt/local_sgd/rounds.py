@@ -38,6 +38,9 @@ class AveragingResult:
     """Why the round failed (None on success)."""
     seconds: float
     """Wall time of the round on this peer."""
+    excluded: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Peer id (base58) -> why this peer's reducers left that sender's parts out of the round
+    (nan/inf, a bad weight or shape, an outlier, or banned after an earlier such round)."""
 
 
 class Averager(Protocol):
@@ -51,8 +54,10 @@ class Averager(Protocol):
         groupmate. Blocks for the round, bounded by the ``[local_sgd]`` timeouts; never raises for
         network trouble (a failed round is a result)."""
 
-    def load_state(self, timeout: float | None = None) -> tuple[Any, list[torch.Tensor]] | None:
-        """Download ``(metadata, tensors)`` from a groupmate that serves state; None if none could."""
+    def load_state(self, timeout: float | None = None,
+                   donors: Sequence[str] | None = None) -> tuple[Any, list[torch.Tensor]] | None:
+        """Download ``(metadata, tensors)`` from a groupmate that serves state (only from ``donors``,
+        peer ids in order, when given); None if none could."""
 
     def serve_state(self, provider: StateProvider | None) -> None:
         """Serve ``provider()`` to peers that download state from now on."""

@@ -113,6 +113,17 @@ def make_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
+def _tensors_in(value: Any, name: str = "state") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in nested dicts and lists, with its path (``state.module.0.weight``)."""
+    if isinstance(value, torch.Tensor):
+        return [(name, value)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _tensors_in(item, f"{name}.{key}")]
+    if isinstance(value, (list, tuple)):
+        return [found for index, item in enumerate(value) for found in _tensors_in(item, f"{name}.{index}")]
+    return []
+
+
 class StageWorker:
     def __init__(self, module: nn.Module, config: RunConfig, stage: int, spec: InputSpec,
                  clock: Callable[[], float] = time.monotonic, compute_delay_s: float = 0.0,
@@ -295,9 +306,15 @@ class StageWorker:
         for name, extension in self.extensions.items():
             if state.get(name) is not None:  # e.g. DiLoCo's global params + outer momentum (local := global)
                 extension.load_state_dict(state[name])
+        bad = [name for name, t in _tensors_in(state) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise StageError(f"donor state holds nan or inf in {', '.join(bad[:3])}")
         self.module.load_state_dict(state["module"])  # the donor's own parameters, on top
         if self.optimizer is not None:
+            own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, hyperparameters in zip(self.optimizer.param_groups, own):
+                group.update(hyperparameters)  # the donor's moments, this peer's own lr, betas, decay
         self.params_changed()
         with self._lock:
             self.version = int(state["version"])

@@ -1,6 +1,8 @@
 """DiLoCo across real peer processes: stage groups average pseudo-gradients through
 hivemind and end every successful round with identical global params (hash equality),
-survive a peer killed mid-run, and let a joiner catch up to the group's hash."""
+survive a peer killed mid-run, and let a joiner catch up to the group's hash. The groups
+aggregate with CenteredClip (the robust path, end to end from the config key); among honest
+peers it leaves nobody out."""
 
 import re
 
@@ -24,7 +26,7 @@ CONFIG = {
     "model": {**FAST["model"], "stages": 2},
     "optimizer": {"lr": 3e-3, "samples_per_step": 4},
     "local_sgd": {"inner_steps": 4, "matchmaking_time_s": 3.0, "matchmaking_timeout_s": 8.0,
-                  "next_chunk_timeout_s": 2.0, "allreduce_timeout_s": 10.0},
+                  "next_chunk_timeout_s": 2.0, "allreduce_timeout_s": 10.0, "aggregation": "centered_clip"},
     "compression": {"pseudo_gradients": "fp16"},
 }
 
@@ -50,6 +52,8 @@ def test_groups_of_two_and_three_reach_identical_global_params(swarm):
               for stage in (0, 1)}
     assert groups[0] == 3 and groups[1] == 2, groups  # a 3-peer and a 2-peer group both averaged
     assert shared >= 2
+    for peer in swarm.peers(alive=False):  # honest peers are never left out (nor banned)
+        assert "left out" not in peer.log.read_text(errors="replace"), peer.name
 
 
 @pytest.mark.timeout(300)

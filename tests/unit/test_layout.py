@@ -48,6 +48,7 @@ PURE = {
     "swarmrt.sim.fleet",
     "swarmrt.local_sgd.config",
     "swarmrt.local_sgd.diloco",
+    "swarmrt.local_sgd.robust",
     "swarmrt.checkpoint.policy",
     "swarmrt.models.partition",
 }

@@ -8,6 +8,7 @@ with lr 1 and no momentum keeps the numbers checkable by hand: global -= average
 
 import ast
 import io
+import math
 import pathlib
 import queue
 import re
@@ -74,6 +75,7 @@ class ScriptedAverager:
         self.started = threading.Semaphore(0)  # released once per round that began
         self.gates = {}
         self.load_calls = []  # the timeout of each state download
+        self.donors = []  # the donors each state download was limited to
         self.provider = None
         self.state_sharing_priority = 0.0
         self.shut_down = False
@@ -90,8 +92,9 @@ class ScriptedAverager:
             assert self.gates[index].wait(WAIT_S), "the test never released this round"
         return self.replies[index](tensors, weight, gather)
 
-    def load_state(self, timeout=None):
+    def load_state(self, timeout=None, donors=None):
         self.load_calls.append(timeout)
+        self.donors.append(donors)
         return self.states.pop(0) if self.states else None
 
     def serve_state(self, provider):
@@ -303,6 +306,39 @@ def test_canonical_state_majority_then_round_then_hash_whatever_the_order():
         gathered = {peer: (None if v is None else {"hash": v[0], "round": v[1]}) for peer, v in held.items()}
         assert canonical_state(gathered) == expected
         assert canonical_state(dict(reversed(list(gathered.items())))) == expected
+
+
+def test_a_mate_claiming_round_1e9_does_not_put_this_peer_out_of_step():
+    worker = Params(1.0)
+    liar = lambda tensors, weight, gather: AveragingResult(  # noqa: E731
+        True, 2, 2, [torch.tensor([0.5])], {ME: gather, MATE: {"hash": "f" * 16, "round": 10**9}}, None, 1.0,
+        excluded={MATE: "part holds nan or inf"})
+    averager = ScriptedAverager(liar)
+    outer, compute, lines = make(worker, averager)
+    finish_first_round(worker, outer, averager, compute, 0.5)
+    assert averager.load_calls == [] and outer.diloco.round == 1  # applied; downloaded nothing
+    assert outer.diloco.global_params[0].tolist() == [0.5] and lines[0].startswith("stage 0: outer round 1 ok")
+    assert lines[0].endswith("members AAAAAA,BBBBBB; left out BBBBBB: part holds nan or inf"), lines[0]
+    assert OUTER_ROUND_OK.match(lines[0]).group(7) == "AAAAAA,BBBBBB"
+
+
+def test_out_of_step_peer_downloads_only_from_the_agreeing_mates_and_checks_their_state():
+    *_, before, after = group_state(5)
+    nan_metadata, nan_tensors = after[2]
+    poisoned = (nan_metadata, [torch.full_like(nan_tensors[0], math.nan), *nan_tensors[1:]])
+    lying_round = ({**after[2][0], "round": 10**9}, after[2][1])
+    other_lr = ({**after[2][0], "outer_lr": 70.0}, after[2][1])
+    worker = Params(1.0, 1.0)
+    averager = ScriptedAverager(group_at(before[0], before[1], [9.0, 9.0]),
+                                states=[poisoned, lying_round, other_lr, after[2]])
+    outer, compute, lines = make(worker, averager)
+    finish_first_round(worker, outer, averager, compute, 0.5, 0.5)
+    # the two mates that held the agreed state are the only donors asked
+    assert averager.donors == [(MATE, THIRD)] * 4
+    # nan, a round far ahead and another outer lr were refused; the fourth download was loaded
+    assert outer.diloco.round == 5 and outer.diloco.params_hash() == after[0]
+    assert outer.diloco.outer_optimizer.param_groups[0]["lr"] == PLAIN.outer_lr
+    assert "out of step; loaded group state" in lines[0]
 
 
 def test_close_abandons_a_running_round():
