@@ -289,6 +289,21 @@ def test_failed_round_rolls_back_and_the_next_round_carries_its_steps():
     assert outer.diloco.round == 1
 
 
+def test_an_unusable_average_is_rolled_back_and_the_schedule_goes_on():
+    worker = Params(1.0)
+    averager = ScriptedAverager(ok([float("nan")]), ok())
+    outer, compute, lines = make(worker, averager)
+    pre_hash = outer.diloco.params_hash()
+    finish_first_round(worker, outer, averager, compute, 0.5)
+    assert outer.diloco.params_hash() == pre_hash and worker.values() == [0.0] and outer.diloco.round == 0
+    assert outer.history[-1]["outcome"] == "rolled back" and "nan or inf" in outer.history[-1]["error"]
+    assert not OUTER_ROUND_OK.search(lines[0]) and lines[0].endswith("roll the round back)")
+    inner_step(worker, outer, 0.5)
+    inner_step(worker, outer, 0.5)
+    (delta,), _, _ = averager.wait_for_round(1)
+    assert delta.tolist() == [2.0]  # the next round covers both windows
+
+
 def group_state(rounds):
     """A groupmate's DiLoCo state before and after its latest round: (hash, round, exported)."""
     donor = DiLoCo([nn.Parameter(torch.tensor([3.0, 3.0]))], PLAIN)
