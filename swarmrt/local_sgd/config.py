@@ -4,7 +4,8 @@ One frozen dataclass, one docstring under each field, one validation in
 ``__post_init__`` (torchtitan's habit). Its consumers read it directly:
 
 - :class:`swarmrt.local_sgd.diloco.DiLoCo` takes ``inner_steps``, ``outer_lr``,
-  ``outer_momentum`` and :attr:`LocalSGDSection.uses_nesterov`;
+  ``outer_momentum``, :attr:`LocalSGDSection.uses_nesterov` and the Streaming DiLoCo knobs
+  ``fragments``, ``sync_delay`` and ``alpha``;
 - :class:`swarmrt.local_sgd.averaging.StageAverager` takes the group size and
   the timeouts, plus :attr:`LocalSGDSection.request_timeout_s`, derived here;
 - :class:`swarmrt.local_sgd.outer.OuterSync` takes ``inner_steps`` (through
@@ -86,6 +87,19 @@ class LocalSGDSection:
     """A groupmate that sends no next chunk within this long is dropped (a dead peer cannot stall the round)."""
     allreduce_timeout_s: float = 20.0
     """An all-reduce takes at most this long once the group has formed."""
+    fragments: int = 1
+    """F (Streaming DiLoCo): the stage's parameter tensors are cut into F fragments of about equal
+    size (consecutive tensors), synced one at a time in turn, one every ``inner_steps / F`` inner
+    steps, so each fragment is synced every ``inner_steps`` and one sync carries about 1/F of the
+    bytes. ``inner_steps`` must be a multiple of F; 1 is plain DiLoCo."""
+    sync_delay: int = 0
+    """tau: inner steps between starting a fragment's sync (its pseudo-gradient is taken and the
+    all-reduce starts) and applying it (the outer step and the merge); the all-reduce overlaps
+    them. Must be below ``inner_steps / fragments``. torchft's ``fragment_sync_delay``."""
+    alpha: float = 0.0
+    """How a synced fragment's local params merge with its new global params:
+    ``local := (1 - alpha) * global + alpha * local`` (0: take the new global, 1: keep local).
+    torchft's ``fragment_update_alpha``."""
 
     state_timeout_s: ClassVar[float] = 10.0
     """Fixed, not a key: the longest one download of a groupmate's DiLoCo state may take (a peer
@@ -133,6 +147,17 @@ class LocalSGDSection:
             _require(_is_real(value) and value > 0, key, f"must be a finite number of seconds > 0, got {value!r}")
         _require(self.matchmaking_timeout_s > self.matchmaking_time_s, "matchmaking_timeout_s",
                  f"must exceed local_sgd.matchmaking_time_s ({self.matchmaking_time_s}), got {self.matchmaking_timeout_s}")
+        _require(_is_int(self.fragments) and self.fragments >= 1, "fragments",
+                 f"must be an integer >= 1, got {self.fragments!r}")
+        _require(_is_int(self.sync_delay) and self.sync_delay >= 0, "sync_delay",
+                 f"must be an integer >= 0, got {self.sync_delay!r}")
+        _require(_is_real(self.alpha) and 0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha!r}")
+        if self.inner_steps > 0:
+            _require(self.inner_steps % self.fragments == 0, "fragments",
+                     f"must divide local_sgd.inner_steps ({self.inner_steps}), got {self.fragments}")
+            _require(self.sync_delay < self.sync_period, "sync_delay",
+                     f"must be below local_sgd.inner_steps / local_sgd.fragments ({self.sync_period}): a fragment's "
+                     f"sync must end before the next one starts, got {self.sync_delay}")
         _require(self.allreduce_timeout_s > 2 * self.next_chunk_timeout_s, "allreduce_timeout_s",
                  f"must exceed 2 x local_sgd.next_chunk_timeout_s ({self.next_chunk_timeout_s}) so a dead "
                  f"groupmate is dropped before the round times out, got {self.allreduce_timeout_s}")
@@ -155,6 +180,11 @@ class LocalSGDSection:
     def enabled(self) -> bool:
         """True when stage groups average (``inner_steps > 0``)."""
         return self.inner_steps > 0
+
+    @property
+    def sync_period(self) -> int:
+        """Inner steps between two fragment syncs: ``inner_steps // fragments``."""
+        return self.inner_steps // self.fragments
 
     @property
     def uses_nesterov(self) -> bool:

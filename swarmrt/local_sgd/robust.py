@@ -303,7 +303,12 @@ def check_state(metadata: Any, tensors: Sequence[Any], shapes: Sequence[tuple[in
     has_momentum = metadata.get("has_momentum")
     if not isinstance(has_momentum, bool):
         raise ValueError(f"state has_momentum must be true or false, got {has_momentum!r}")
-    expected = list(shapes) * (2 if has_momentum else 1)
+    with_momentum = metadata.get("momentum_params")  # which params carry a momentum buffer
+    if with_momentum is None:
+        with_momentum = list(range(len(shapes))) if has_momentum else []
+    if (not isinstance(with_momentum, list) or any(not isinstance(i, int) or not 0 <= i < len(shapes) for i in with_momentum)):
+        raise ValueError(f"state momentum_params must list param indices below {len(shapes)}")
+    expected = list(shapes) + [shapes[i] for i in with_momentum]
     if len(tensors) != len(expected):
         raise ValueError(f"state has {len(tensors)} tensors, expected {len(expected)}")
     for index, (tensor, shape) in enumerate(zip(tensors, expected)):

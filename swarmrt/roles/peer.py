@@ -331,9 +331,10 @@ class Peer:
         worker, servicer, stage, config = self.worker, self.servicer, self.stage, self.config
         if config.local_sgd.enabled and worker.params:
             from swarmrt.local_sgd.averaging import StageAverager
-            from swarmrt.local_sgd.outer import OuterSync
+            from swarmrt.local_sgd.outer import OuterSync, averaged_templates
 
-            averager = StageAverager(self.dht, f"{config.run.id}_stage{stage}", worker.params, config.local_sgd,
+            averager = StageAverager(self.dht, f"{config.run.id}_stage{stage}",
+                                     averaged_templates(worker.params, config.local_sgd), config.local_sgd,
                                      codec=config.compression.pseudo_gradients, state_codec=config.compression.state)
             worker.attach("outer", OuterSync(worker, averager, config.local_sgd,
                                              submit_to_compute=servicer.executor.submit,

@@ -59,7 +59,7 @@ def test_local_sgd_section_is_composed_from_its_package():
     # the section's keys are exactly the user-facing ones (derived values and fixed limits are
     # not keys, so the training-config hash that peers and checkpoints compare is unchanged)
     assert sorted(config.to_dict()["local_sgd"]) == [
-        "aggregation", "allreduce_timeout_s", "clip_iterations", "clip_norm", "clip_radius", "inner_steps",
-        "matchmaking_time_s", "matchmaking_timeout_s", "min_group_size", "nesterov", "next_chunk_timeout_s",
-        "outer_lr", "outer_momentum", "outlier_factor", "sender_ban_s", "trim_fraction"]
+        "aggregation", "allreduce_timeout_s", "alpha", "clip_iterations", "clip_norm", "clip_radius", "fragments",
+        "inner_steps", "matchmaking_time_s", "matchmaking_timeout_s", "min_group_size", "nesterov", "next_chunk_timeout_s",
+        "outer_lr", "outer_momentum", "outlier_factor", "sender_ban_s", "sync_delay", "trim_fraction"]
     assert with_overrides(config, local_sgd={"outer_lr": 0.5}).local_sgd == LocalSGDSection(inner_steps=5, outer_lr=0.5)

@@ -21,7 +21,7 @@ from torch import nn
 from swarmrt.config import OptimizerSection, RunConfig
 from swarmrt.local_sgd.config import LocalSGDSection
 from swarmrt.local_sgd.diloco import DiLoCo
-from swarmrt.local_sgd.outer import OuterSync, canonical_state
+from swarmrt.local_sgd.outer import OuterSync, averaged_templates, canonical_state
 from swarmrt.local_sgd.rounds import AveragingResult
 from swarmrt.pipeline.worker import InputSpec, StageWorker
 from swarmrt.testing.asserts import OUTER_ROUND_OK
@@ -157,7 +157,7 @@ def make(worker, averager, config=PLAIN):
 # ------------------------------------------------------------------------------------ rounds
 
 
-def test_round_overlaps_inner_steps_and_keeps_their_drift():
+def test_round_overlaps_inner_steps_and_a_late_one_is_applied_when_it_returns():
     worker = Params(1.0, 1.0)
     averager = ScriptedAverager(ok([0.75, 0.5]), ok())
     gate = averager.gate(0)
@@ -171,17 +171,18 @@ def test_round_overlaps_inner_steps_and_keeps_their_drift():
     assert [t.tolist() for t in delta] == [[1.0, 1.0]]  # global - local
     assert weight == 1.0 and gather == {"hash": pre_hash, "round": 0}
 
-    # the round is slow: the peer keeps training (drift -0.5 since the snapshot), the
-    # parameters are untouched by the outer loop, and the rounds that fall due meanwhile are skipped
+    # the round is slow: the peer keeps training, the parameters are untouched by the outer
+    # loop, and no other round starts while this one is open (the schedule waits for it)
     for _ in range(4):
         inner_step(worker, outer, 0.125, 0.125)
     assert worker.values() == [-0.5, -0.5] and compute.jobs.empty() and worker.changes == 0
+    assert len(averager.calls) == 1
 
     gate.set()
-    compute.run_next()  # the round's result is applied on the compute thread
-    # global = 1 - average = [0.25, 0.5]; local = global + drift = [-0.25, 0.0]
+    compute.run_next()  # the round's result is applied on the compute thread as soon as it is in
+    # global = 1 - average = [0.25, 0.5]; alpha 0 (torchft's merge): local := the new global
     assert outer.diloco.global_params[0].tolist() == [0.25, 0.5]
-    assert worker.values() == [-0.25, 0.0]
+    assert worker.values() == [0.25, 0.5]
     assert outer.diloco.round == 1 and worker.changes == 1  # kept autograd contexts are now stale
 
     # the log line, in the format assert_outer_rounds_agree reads across peers
@@ -190,7 +191,7 @@ def test_round_overlaps_inner_steps_and_keeps_their_drift():
     match = OUTER_ROUND_OK.fullmatch(line)
     assert match, line
     assert match.groups() == ("0", "1", "2", "2", "1.25", post_hash, "AAAAAA,BBBBBB")
-    assert outer.history[-1] == {"round": 1, "outcome": "ok", "group": 2, "members": "AAAAAA,BBBBBB",
+    assert outer.history[-1] == {"round": 1, "fragment": 0, "outcome": "ok", "group": 2, "members": "AAAAAA,BBBBBB",
                                  "contributors": 2, "seconds": 1.25, "hash": post_hash, "pre_hash": pre_hash,
                                  "error": None}
 
@@ -200,12 +201,69 @@ def test_round_overlaps_inner_steps_and_keeps_their_drift():
     assert joiner.round == 1 and joiner.params_hash() == post_hash
     assert averager.state_sharing_priority == 1.0
 
-    # the skipped rounds never ran: the next round starts H steps after the apply, from round 1
+    # the next round starts H steps after the apply, from round 1
     inner_step(worker, outer, 0.5, 0.5)
     inner_step(worker, outer, 0.25, 0.5)
     delta, _, gather = averager.wait_for_round(1)
     assert gather == {"hash": post_hash, "round": 1}
-    assert [t.tolist() for t in delta] == [[1.25, 1.5]]  # [0.25, 0.5] - [-1.0, -1.0]
+    assert [t.tolist() for t in delta] == [[0.75, 1.0]]  # [0.25, 0.5] - [-0.5, -0.5]
+
+
+def test_sync_delay_applies_an_early_result_exactly_delay_steps_later_merged_with_alpha():
+    # H = 4, tau = 1, alpha = 0.5, outer SGD lr 1: torchft's schedule, step for step
+    config = LocalSGDSection(inner_steps=4, outer_lr=1.0, outer_momentum=0.0, sync_delay=1, alpha=0.5)
+    worker = Params(8.0)
+    averager = ScriptedAverager(ok([1.0]), ok())
+    outer, compute, _ = make(worker, averager, config)
+    for _ in range(3):
+        inner_step(worker, outer, 1.0)  # step 3 = 4 - tau: the round starts from local 5
+    (delta,), _, _ = averager.wait_for_round(0)
+    assert delta.tolist() == [3.0]
+    compute.run_next()  # the result is in before the apply is due: it waits
+    assert outer.diloco.round == 0 and worker.values() == [5.0] and worker.changes == 0
+    inner_step(worker, outer, 1.0)  # step 4: applied now: global 8 - 1 = 7, local lerp(7, 4, 0.5)
+    assert outer.diloco.global_params[0].tolist() == [7.0] and worker.values() == [5.5]
+    assert outer.diloco.round == 1 and worker.changes == 1
+    for _ in range(3):
+        inner_step(worker, outer, 1.0)  # the next window: its round starts at its step 3, from 2.5
+    (delta,), _, _ = averager.wait_for_round(1)
+    assert delta.tolist() == [4.5]
+
+
+class TwoTensors(Params):
+    def __init__(self):
+        self.params = [nn.Parameter(torch.tensor([1.0, 1.0])), nn.Parameter(torch.tensor([1.0, 1.0, 1.0]))]
+        self.changes = 0
+
+    def values(self):
+        return [p.detach().tolist() for p in self.params]
+
+
+def test_fragments_take_turns_through_one_flat_buffer_the_size_of_the_largest():
+    config = LocalSGDSection(inner_steps=4, outer_lr=1.0, outer_momentum=0.0, fragments=2)
+    worker = TwoTensors()
+    assert [t.shape for t in averaged_templates(worker.params, config)] == [(3,)]
+    assert averaged_templates(worker.params, PLAIN) == worker.params  # one fragment: the params themselves
+    averager = ScriptedAverager(ok([0.5, 0.25, 0.0]), ok([1.0, 2.0, 3.0]))
+    outer, compute, lines = make(worker, averager, config)
+
+    def step():
+        with torch.no_grad():
+            for p in worker.params:
+                p.sub_(0.5)
+        outer.after_step()
+
+    step(), step()  # every H / F = 2 steps a fragment: fragment 0 (the first tensor), zero-padded
+    (flat,), _, _ = averager.wait_for_round(0)
+    assert flat.tolist() == [1.0, 1.0, 0.0]
+    compute.run_next()
+    assert worker.values() == [[0.5, 0.75], [0.0, 0.0, 0.0]]  # only fragment 0 moved: 1 - [0.5, 0.25]
+    step(), step()  # fragment 1, which trained 4 steps since the start
+    (flat,), _, _ = averager.wait_for_round(1)
+    assert flat.tolist() == [2.0, 2.0, 2.0]
+    compute.run_next()
+    assert worker.values() == [[-0.5, -0.25], [0.0, -1.0, -2.0]]
+    assert [entry["fragment"] for entry in outer.history] == [0, 1] and outer.diloco.round == 2
 
 
 def test_failed_round_rolls_back_and_the_next_round_carries_its_steps():
@@ -232,6 +290,21 @@ def test_failed_round_rolls_back_and_the_next_round_carries_its_steps():
     compute.run_next()
     assert outer.diloco.global_params[0].tolist() == [-1.0] and worker.values() == [-1.0]
     assert outer.diloco.round == 1
+
+
+def test_an_unusable_average_is_rolled_back_and_the_schedule_goes_on():
+    worker = Params(1.0)
+    averager = ScriptedAverager(ok([float("nan")]), ok())
+    outer, compute, lines = make(worker, averager)
+    pre_hash = outer.diloco.params_hash()
+    finish_first_round(worker, outer, averager, compute, 0.5)
+    assert outer.diloco.params_hash() == pre_hash and worker.values() == [0.0] and outer.diloco.round == 0
+    assert outer.history[-1]["outcome"] == "rolled back" and "nan or inf" in outer.history[-1]["error"]
+    assert not OUTER_ROUND_OK.search(lines[0]) and lines[0].endswith("roll the round back)")
+    inner_step(worker, outer, 0.5)
+    inner_step(worker, outer, 0.5)
+    (delta,), _, _ = averager.wait_for_round(1)
+    assert delta.tolist() == [2.0]  # the next round covers both windows
 
 
 def group_state(rounds):
