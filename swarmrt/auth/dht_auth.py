@@ -8,7 +8,9 @@
 - :class:`RunRecordValidator`: the run's stage records and join intents must sit under an owner
   subkey whose peer id is the record's own, hold a well-formed value
   (:mod:`swarmrt.discovery.records`) and expire within ``max_ttl_s``; a plain value at a stage key
-  is refused. Applied on store (by the storing node) and on read (by the reader).
+  is refused. Applied on store (by the storing node) and on read (by the reader). A node guards
+  the runs it is told of and every run announced in the ``swarmrt:runs`` index it validates, so a
+  bootstrap, which knows no run, guards them too.
 
 :func:`dht_security` builds all three for :func:`swarmrt.discovery.dht.start_dht`.
 """
@@ -30,13 +32,15 @@ from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarmrt.auth.token import JoinToken, access_token_problem
-from swarmrt.discovery.records import (MAX_STAGES, RUNS_KEY, JoinIntent, StageRecord, check_run_value, joining_key,
+from swarmrt.discovery.records import (MAX_ID_CHARS, MAX_STAGES, RUNS_KEY, JoinIntent, StageRecord, check_run_value, joining_key,
                                        stage_key, subkey_owner)
 
 logger = logging.getLogger(__name__)
 
 MAX_VALUE_BYTES = 4096
 """Largest record value (a stage record is about 250 bytes)."""
+MAX_RUNS = 64
+"""Most runs one node guards (each costs ``MAX_STAGES`` key hashes, about 1 ms and 100 KiB)."""
 
 
 class MemberAuthorizer(TokenAuthorizerBase):
@@ -69,10 +73,19 @@ class RunRecordValidator(RecordValidatorBase):
         self.refused: dict[str, int] = {}
         """How many records were refused, by reason."""
         self._kinds: dict[bytes, tuple[str, int | None]] = {DHTID.generate(source=RUNS_KEY).to_bytes(): ("runs", None)}
+        self.runs: set[str] = set()
+        """The runs whose keys this validator guards: those it was given, and those it saw announced."""
         for run in run_ids:
-            self._kinds[DHTID.generate(source=joining_key(run)).to_bytes()] = ("joining", None)
-            for s in range(MAX_STAGES):
-                self._kinds[DHTID.generate(source=stage_key(run, s)).to_bytes()] = ("stage", s)
+            self.guard(run)
+
+    def guard(self, run_id: str) -> None:
+        """Check the records of ``run_id`` from now on (at most :data:`MAX_RUNS` runs)."""
+        if run_id in self.runs or len(self.runs) >= MAX_RUNS:
+            return
+        self.runs.add(run_id)
+        self._kinds[DHTID.generate(source=joining_key(run_id)).to_bytes()] = ("joining", None)
+        for s in range(MAX_STAGES):
+            self._kinds[DHTID.generate(source=stage_key(run_id, s)).to_bytes()] = ("stage", s)
 
     def validate(self, record: DHTRecord) -> bool:
         kind = self._kinds.get(record.key)
@@ -101,7 +114,13 @@ class RunRecordValidator(RecordValidatorBase):
         except Exception:
             return "undecodable: not msgpack"
         if kind == "runs":
-            return None if check_run_value(value) is None else f"bad run entry: {check_run_value(value)}"
+            problem = check_run_value(value)
+            if problem is None and not (isinstance(subkey, str) and 0 < len(subkey) <= MAX_ID_CHARS):
+                problem = f"run id {subkey!r:.40} is not a short string"
+            if problem is not None:
+                return f"bad run entry: {problem}"
+            self.guard(subkey)  # a bootstrap or a status learns the runs it serves from this index
+            return None
         return record_problem(kind, stage, subkey, value)
 
 
