@@ -43,6 +43,6 @@ def client_interceptors(token: "JoinToken | None") -> tuple:
     """What puts the run credential on every call of a :class:`~swarmrt.wire.client.StageClient`."""
     if token is None:
         return ()
-    from swarmrt.auth.grpc_auth import CredentialClientInterceptor
+    from swarmrt.auth.grpc_auth import credential_interceptors
 
-    return (CredentialClientInterceptor(token.call_secret),)
+    return credential_interceptors(token.call_secret)

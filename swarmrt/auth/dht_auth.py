@@ -3,8 +3,9 @@
 - :class:`MemberAuthorizer` (hivemind's ``TokenAuthorizerBase``): every DHT request and
   response is signed with the member key and carries an access token signed by the run key; a
   node drops requests without one. An outsider can neither read nor write the DHT.
-- hivemind's ``RSASignatureValidator``: a record under an owner subkey (``[owner:<key>]``) must
-  be signed with that key: only its owner can store or overwrite it.
+- hivemind's ``RSASignatureValidator`` (:class:`OwnerSignatureValidator`): a record under an
+  owner subkey (``[owner:<key>]``) must be signed with that key: only its owner can store or
+  overwrite it.
 - :class:`RunRecordValidator`: the run's stage records and join intents must sit under an owner
   subkey whose peer id is the record's own, hold a well-formed value
   (:mod:`swarmrt.discovery.records`) and expire within ``max_ttl_s``; a plain value at a stage key
@@ -124,6 +125,17 @@ class RunRecordValidator(RecordValidatorBase):
         return record_problem(kind, stage, subkey, value)
 
 
+class OwnerSignatureValidator(RSASignatureValidator):
+    """hivemind's owner-signature check, which refuses (instead of raising on) an owner subkey whose
+    key does not parse: a member's garbage must not make a node's answer an error."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            return super().validate(record)
+        except Exception:  # a malformed public key or signature
+            return False
+
+
 def record_problem(kind: str, stage: int | None, subkey: Any, value: Any) -> str | None:
     """What is wrong with a stage record (``kind`` 'stage', of ``stage``) or a join intent ('joining')
     stored under ``subkey``: the subkey must be an owner subkey naming the record's peer."""
@@ -146,6 +158,6 @@ def dht_security(token: JoinToken, run_ids: Iterable[str] = (), max_ttl_s: float
     """Keyword arguments of :func:`swarmrt.discovery.dht.start_dht` for a member of the run of
     ``token``: its authorizer, an owner key of its own (records it stores are signed with it) and
     the record validators (:class:`RunRecordValidator` for ``run_ids``)."""
-    signer = RSASignatureValidator(owner_key or RSAPrivateKey())
+    signer = OwnerSignatureValidator(owner_key or RSAPrivateKey())
     return dict(authorizer=MemberAuthorizer(token),
                 record_validators=[signer, RunRecordValidator(run_ids, max_ttl_s)])

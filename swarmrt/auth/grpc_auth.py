@@ -23,9 +23,7 @@ def _method(details) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
-class CredentialClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds the run credential (:data:`~swarmrt.auth.credential.METADATA_KEY`) to every call."""
-
+class _Credential:
     def __init__(self, secret: bytes, clock: Callable[[], float] = time.time):
         self.secret, self.clock = secret, clock
 
@@ -35,11 +33,26 @@ class CredentialClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
+
+class UnaryCredential(_Credential, grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds the run credential (:data:`~swarmrt.auth.credential.METADATA_KEY`) to every unary call."""
+
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class StreamCredential(_Credential, grpc.aio.UnaryStreamClientInterceptor):
+    """The same for server-streaming calls (GetState). A separate class: a ``grpc.aio`` channel files
+    an interceptor under the first kind it is an instance of, so one class of both kinds would
+    leave streaming calls without the credential."""
+
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
+
+
+def credential_interceptors(secret: bytes, clock: Callable[[], float] = time.time) -> tuple:
+    """The client interceptors that put the run credential on every call."""
+    return UnaryCredential(secret, clock), StreamCredential(secret, clock)
 
 
 class CredentialServerInterceptor(grpc.aio.ServerInterceptor):

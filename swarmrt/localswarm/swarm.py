@@ -191,6 +191,13 @@ class LocalSwarm:
         _write_rules(path, self._rules[name])
         return path
 
+    def member_token(self):
+        """The run's join token as the bootstrap wrote it (:class:`swarmrt.auth.token.JoinToken`), for
+        calls a test makes into the swarm itself."""
+        from swarmrt.auth.token import JoinToken  # hivemind: only when asked
+
+        return JoinToken.load(self.join_token, time.time())
+
     def start(self) -> "LocalSwarm":
         addr_file = self.workdir / "bootstrap.addr"
         boot = self._spawn("bootstrap", ["bootstrap", "--addr-file", str(addr_file),
