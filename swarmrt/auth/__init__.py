@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # importing the token module imports hivemind: the CLI's other commands need not wait for it
     from swarmrt.auth.token import JoinToken
 
-__all__ = ["dht_kwargs", "record_ttl_cap", "server_interceptors", "client_interceptors"]
+__all__ = ["dht_kwargs", "record_ttl_cap", "server_interceptors", "client_interceptors", "DEFAULT_RECORD_TTL_S"]
+
+DEFAULT_RECORD_TTL_S = 4.0
+"""``network.record_ttl_s``'s default: what a run entry that declares no ``ttl`` is taken to use."""
 
 
 def record_ttl_cap(record_ttl_s: float) -> float:
@@ -21,7 +24,8 @@ def record_ttl_cap(record_ttl_s: float) -> float:
     return max(60.0, 4 * record_ttl_s)
 
 
-def dht_kwargs(token: "JoinToken | None", run_id: str | None = None, record_ttl_s: float = 4.0) -> dict[str, Any]:
+def dht_kwargs(token: "JoinToken | None", run_id: str | None = None,
+               record_ttl_s: float = DEFAULT_RECORD_TTL_S) -> dict[str, Any]:
     """Keyword arguments of :func:`swarmrt.discovery.dht.start_dht` for a member (none for an open run)."""
     if token is None:
         return {}

@@ -32,6 +32,7 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarmrt.auth import DEFAULT_RECORD_TTL_S, record_ttl_cap
 from swarmrt.auth.token import JoinToken, access_token_problem
 from swarmrt.discovery.records import (MAX_ID_CHARS, MAX_STAGES, RUNS_KEY, JoinIntent, StageRecord, check_run_value, joining_key,
                                        stage_key, subkey_owner)
@@ -65,7 +66,11 @@ class MemberAuthorizer(TokenAuthorizerBase):
 class RunRecordValidator(RecordValidatorBase):
     """Checks the records of the runs ``run_ids`` (and the ``swarmrt:runs`` index): see the module's
     docstring. Keys of other kinds (e.g. hivemind's averaging) pass untouched. A refusal is logged
-    once per reason."""
+    once per reason.
+
+    ``max_ttl_s`` caps the expiry of the given runs' records. A run learned from the index gets the
+    cap of the record lifetime its entry declares (``ttl``, :func:`swarmrt.auth.record_ttl_cap`),
+    and an index entry may expire at most that far ahead itself."""
 
     def __init__(self, run_ids: Iterable[str], max_ttl_s: float, clock: Callable[[], float] = time.time):
         if not (math.isfinite(max_ttl_s) and max_ttl_s > 0):
@@ -73,26 +78,28 @@ class RunRecordValidator(RecordValidatorBase):
         self.max_ttl_s, self.clock = max_ttl_s, clock
         self.refused: dict[str, int] = {}
         """How many records were refused, by reason."""
-        self._kinds: dict[bytes, tuple[str, int | None]] = {DHTID.generate(source=RUNS_KEY).to_bytes(): ("runs", None)}
-        self.runs: set[str] = set()
-        """The runs whose keys this validator guards: those it was given, and those it saw announced."""
+        self._kinds: dict[bytes, tuple[str, int | None, str | None]] = {
+            DHTID.generate(source=RUNS_KEY).to_bytes(): ("runs", None, None)}
+        self.caps: dict[str, float] = {}
+        """The runs whose keys this validator guards (those it was given, and those it saw announced),
+        with the expiry cap of their records."""
         for run in run_ids:
-            self.guard(run)
+            self.guard(run, max_ttl_s)
 
-    def guard(self, run_id: str) -> None:
+    def guard(self, run_id: str, max_ttl_s: float) -> None:
         """Check the records of ``run_id`` from now on (at most :data:`MAX_RUNS` runs)."""
-        if run_id in self.runs or len(self.runs) >= MAX_RUNS:
+        if run_id in self.caps or len(self.caps) >= MAX_RUNS:
             return
-        self.runs.add(run_id)
-        self._kinds[DHTID.generate(source=joining_key(run_id)).to_bytes()] = ("joining", None)
+        self.caps[run_id] = max_ttl_s
+        self._kinds[DHTID.generate(source=joining_key(run_id)).to_bytes()] = ("joining", None, run_id)
         for s in range(MAX_STAGES):
-            self._kinds[DHTID.generate(source=stage_key(run_id, s)).to_bytes()] = ("stage", s)
+            self._kinds[DHTID.generate(source=stage_key(run_id, s)).to_bytes()] = ("stage", s, run_id)
 
     def validate(self, record: DHTRecord) -> bool:
         kind = self._kinds.get(record.key)
         if kind is None:
             return True
-        problem = self.problem(kind[0], kind[1], record)
+        problem = self.problem(*kind, record)
         if problem is None:
             return True
         reason = problem.split(":")[0]
@@ -101,11 +108,9 @@ class RunRecordValidator(RecordValidatorBase):
         self.refused[reason] = self.refused.get(reason, 0) + 1
         return False
 
-    def problem(self, kind: str, stage: int | None, record: DHTRecord) -> str | None:
-        """What is wrong with a record of ``kind`` ('stage' of ``stage``, 'joining', 'runs'), or None."""
-        left = record.expiration_time - self.clock()
-        if not (math.isfinite(left) and left <= self.max_ttl_s):
-            return f"expiry too far: {left:.0f} s ahead, at most {self.max_ttl_s:.0f} s"
+    def problem(self, kind: str, stage: int | None, run: str | None, record: DHTRecord) -> str | None:
+        """What is wrong with a record of ``kind`` ('stage' of ``stage``, 'joining', of ``run``; or
+        'runs'), or None."""
         if record.subkey == DHTProtocol.IS_REGULAR_VALUE:
             return "a plain value: this key holds one record per peer (subkeys)"
         if len(record.value) > MAX_VALUE_BYTES:
@@ -120,7 +125,14 @@ class RunRecordValidator(RecordValidatorBase):
                 problem = f"run id {subkey!r:.40} is not a short string"
             if problem is not None:
                 return f"bad run entry: {problem}"
-            self.guard(subkey)  # a bootstrap or a status learns the runs it serves from this index
+            cap = record_ttl_cap(value.get("ttl", DEFAULT_RECORD_TTL_S))
+        else:
+            cap = self.caps[run]
+        left = record.expiration_time - self.clock()
+        if not (math.isfinite(left) and left <= cap):
+            return f"expiry too far: {left:.0f} s ahead, at most {cap:.0f} s"
+        if kind == "runs":
+            self.guard(subkey, cap)  # a bootstrap or a status learns the runs it serves from this index
             return None
         return record_problem(kind, stage, subkey, value)
 

@@ -118,7 +118,8 @@ def cmd_train(args) -> int:
             start_step = load_data_position(config.checkpoint.location, config.run.id, args.stream) or 0
             print(f"trainer: resuming stream {args.stream} at step {start_step}", file=sys.stderr)
         dht = await asyncio.to_thread(lambda: start_dht(args.initial_peers, client_mode=True,
-                                                        **auth.dht_kwargs(token, config.run.id)))
+                                                        **auth.dht_kwargs(token, config.run.id,
+                                                                         config.network.record_ttl_s)))
         try:
             # interceptors name this trainer to the peers' emulated links and partitions (if any)
             client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
@@ -194,7 +195,8 @@ def cmd_eval(args) -> int:
 
     async def main() -> int:
         dht = await asyncio.to_thread(lambda: start_dht(args.initial_peers, client_mode=True,
-                                                        **auth.dht_kwargs(token, config.run.id)))
+                                                        **auth.dht_kwargs(token, config.run.id,
+                                                                         config.network.record_ttl_s)))
         try:
             client = StageClient(config.network.max_tensor_mb, interceptors=auth.client_interceptors(token))
             trainer = Trainer(config, dht, client=client,

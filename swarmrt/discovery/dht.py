@@ -45,7 +45,7 @@ def announce(dht: DHT, run_id: str, record: StageRecord, ttl: float, timeout: fl
 
 
 def announce_run(dht: DHT, run_id: str, stages: int, digest: str, ttl: float, timeout: float = 5.0) -> bool:
-    ok = dht.store(RUNS_KEY, subkey=run_id, value={"stages": stages, "config": digest},
+    ok = dht.store(RUNS_KEY, subkey=run_id, value={"stages": stages, "config": digest, "ttl": ttl},
                    expiration_time=get_dht_time() + ttl, return_future=True)
     return bool(ok.result(timeout=timeout))
 

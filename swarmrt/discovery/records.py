@@ -2,7 +2,7 @@
 
 Records (values are msgpack-serialised dicts, via hivemind's own serializer):
 
-- ``swarmrt:runs`` / subkey ``<run_id>``: ``{"stages": S, "config": digest}``
+- ``swarmrt:runs`` / subkey ``<run_id>``: ``{"stages": S, "config": digest, "ttl": record_ttl_s}``
 - ``<run_id>:stage:<n>`` / subkey ``<peer_id>``: :class:`StageRecord` fields
 - ``<run_id>:joining`` / subkey ``<peer_id>``: :class:`JoinIntent` fields: the stage a peer is
   about to serve (while it chooses, loads the stage's state, or moves there)
@@ -35,6 +35,8 @@ MAX_STAGES = 1024
 MAX_ID_CHARS = 128
 """Longest peer id (and run id) a record may carry."""
 MAX_ADDRESS_CHARS = 256
+MAX_RECORD_TTL_S = 3600.0
+"""Longest record lifetime a run may declare in ``swarmrt:runs``."""
 MAX_COUNT = 2**53
 """Largest ``load``/``version`` a record may carry (an exactly representable integer)."""
 _OWNER = re.compile(rb"(.+?)\[owner:(.+)\]", re.DOTALL)
@@ -83,7 +85,9 @@ def check_run_value(value: Any) -> str | None:
         return f"not a dict: {type(value).__name__}"
     return _first_problem([("stages", _is_int(value.get("stages"), 1, MAX_STAGES), value.get("stages")),
                            ("config", isinstance(value.get("config"), str) and len(value["config"]) <= MAX_ID_CHARS,
-                            value.get("config"))])
+                            value.get("config")),
+                           ("ttl", "ttl" not in value or _is_finite(value["ttl"], 1e-3, MAX_RECORD_TTL_S),
+                            value.get("ttl"))])
 
 
 def stage_key(run_id: str, stage: int) -> str:

@@ -158,6 +158,13 @@ def test_other_keys_pass_and_a_node_guards_the_runs_it_sees_announced():
     assert node.validator.validate(other.record(RUNS_KEY, RUN, {"stages": 2, "config": "abc"}))
     assert not node.validator.validate(bad)  # ... until the run is announced
     assert not node.validator.validate(other.record(RUNS_KEY, "r2", {"stages": 10**9, "config": "abc"}))
+    # a run that declares longer-lived records gets a cap to match (4x, at least 60 s) ...
+    assert node.validator.validate(other.record(RUNS_KEY, "slow", {"stages": 1, "config": "abc", "ttl": 100.0},
+                                                expires=NOW + 100))
+    slow = other.record(stage_key("slow", 0), other.subkey("peerA"), stage_value(), expires=NOW + 300)
+    assert node.validator.validate(slow) and not Node(run_ids=("slow",)).validator.validate(slow)
+    # ... within bounds
+    assert not node.validator.validate(other.record(RUNS_KEY, "r3", {"stages": 1, "config": "abc", "ttl": 1e9}))
 
 
 # -- readers drop what is malformed ------------------------------------------------------------
