@@ -132,7 +132,7 @@ def test_a_members_forged_records_are_refused_by_the_other_nodes(swarm, member):
         honest_subkey = next(k for k in found.value if isinstance(k, bytes) and k.startswith(peer.peer_id.encode()))
         mine = owner_subkey("forger", forger.owner_marker)  # signed with the forger's own key
         now = get_dht_time()
-        fake = StageRecord(peer.peer_id, 0, "6.6.6.6:1", 1e13, 0, 10**6, "serving", time.time()).to_value()
+        fake = StageRecord(peer.peer_id, 0, "6.6.6.6:1", 1e6, 0, 10**6, "serving", time.time()).to_value()
         forgeries = {
             "another's subkey": (honest_subkey, fake, now + 4),
             "bare subkey": (peer.peer_id, fake, now + 4),
@@ -147,5 +147,9 @@ def test_a_members_forged_records_are_refused_by_the_other_nodes(swarm, member):
         assert not any(stored.values()), stored
         records = dht_io.read_stage(member, RUN, 0)
         assert [(r.peer_id, r.address) for r in records] == [(peer.peer_id, peer.address)]
+        # each refused for its own reason by the swarm's nodes (logged once per reason by each node)
+        reasons = ["no owner", "wrong owner", "bad schema", "expiry too far", "a plain value"]
+        logs = lambda: "".join(r.log.read_text() for r in swarm.roles if r.name.startswith(("bootstrap", "peer")))
+        _wait(lambda: all(f"refused a DHT record (stage): {x}" in logs() for x in reasons), 30, "the refusals' logs")
     finally:
         dht_io.stop_dht(forger)
