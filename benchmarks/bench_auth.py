@@ -10,9 +10,14 @@ trainer's client node) and the real Trainer. The two runs differ only in members
   owner-signed and checked on read, every gRPC call carrying an HMAC credential checked by the
   peer's server interceptor.
 
-The runs alternate (open, member, open, member, ...) so both share whatever else loads the
-machine; each times ``--steps`` steps after ``--warmup`` steps. Prints the median seconds per step
-of each, the ratio, and the per-call cost of the credential alone.
+The runs come in pairs (open then member, then member then open, ...) so both share whatever
+else loads the machine; each times ``--steps`` steps after ``--warmup`` steps. Two figures per run:
+wall seconds per step, and CPU seconds per step (this process, where the stages and the trainer
+compute, plus the mode's three DHT processes, where DHT requests are signed and checked), which
+other load on a shared machine disturbs much less. Prints the median of each and the median of
+the per-pair ratios member/open. Then the per-call cost, which end-to-end noise hides: the
+credential alone (made and checked), and an ``Info`` round trip over real gRPC with and without
+it (alternating blocks), times the calls of a step, over an open step.
 
     python benchmarks/bench_auth.py [--steps 30] [--warmup 3] [--repeats 3]
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import statistics
 import time
 from pathlib import Path
@@ -55,8 +61,18 @@ class Mode:
             dht_io.stop_dht(dht)
 
 
-async def timed_run(config, mode: Mode, steps: int, warmup: int) -> float:
-    """Seconds per step of one trainer run over a fresh in-process swarm served over gRPC."""
+def cpu_seconds(pids) -> float:
+    """CPU seconds (user + system) used so far by this process and the processes ``pids`` (Linux /proc)."""
+    used = sum(os.times()[:2])
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+async def timed_run(config, mode: Mode, steps: int, warmup: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per step of one trainer run over a fresh in-process swarm served over gRPC."""
     swarm = InProcessSwarm.build(config, peers_per_stage=1)
     servers, records = [], []
     try:
@@ -68,19 +84,49 @@ async def timed_run(config, mode: Mode, steps: int, warmup: int) -> float:
             records.append(dataclasses.replace(record, address=f"127.0.0.1:{port}", heartbeat=time.time()))
         for record in records:
             assert dht_io.announce(mode.announcer, config.run.id, record, ttl=3 * config.network.record_ttl_s)
-        client = StageClient(config.network.max_tensor_mb, interceptors=auth.client_interceptors(mode.token))
+        client = StageClient(config.network.max_tensor_mb, credentials=auth.call_credentials(mode.token))
         try:
             trainer = Trainer(config, mode.trainer_dht, client=client, trainer_id=f"bench-{mode.name}")
             await trainer.run(warmup)
-            start = time.perf_counter()
+            pids = [d.pid for d in (mode.boot, mode.announcer, mode.trainer_dht)]
+            start, cpu = time.perf_counter(), cpu_seconds(pids)
             await trainer.run(warmup + steps, start_step=warmup)
-            return (time.perf_counter() - start) / steps
+            return (time.perf_counter() - start) / steps, (cpu_seconds(pids) - cpu) / steps
         finally:
             await client.close()
     finally:
         for server in servers:
             await server.stop(0)
         swarm.close()
+
+
+async def per_call_delta(token, blocks: int = 40, block: int = 50) -> tuple[float, float]:
+    """Median microseconds of an ``Info`` round trip over real gRPC (one in-process stage server that
+    checks credentials, one that does not), without and with the credential, in alternating blocks."""
+    from swarmrt.testing.intruder import _Report, _fake_servicer  # a stage service that answers at once
+
+    servers, clients = [], []
+    for interceptors_of in (lambda: (), lambda: auth.server_interceptors(token)):
+        server, port = await start_server(_fake_servicer(_Report(os.devnull)), "127.0.0.1", 0, 8,
+                                          interceptors=interceptors_of())
+        servers.append((server, f"127.0.0.1:{port}"))
+    clients = [StageClient(8), StageClient(8, credentials=auth.call_credentials(token))]
+    times: list[list[float]] = [[], []]
+    try:
+        for b in range(blocks):
+            for i in (0, 1) if b % 2 == 0 else (1, 0):
+                address = servers[i][1]
+                await clients[i].info(address)  # connected
+                start = time.perf_counter()
+                for _ in range(block):
+                    await clients[i].info(address)
+                times[i].append((time.perf_counter() - start) / block * 1e6)
+    finally:
+        for client in clients:
+            await client.close()
+        for server, _ in servers:
+            await server.stop(0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def credential_cost(n: int = 20000) -> float:
@@ -104,26 +150,35 @@ def main() -> None:
     token = issue_token(load_or_create_run_key(None), time.time())
     modes = [Mode("open", None, config.run.id, config.network.record_ttl_s),
              Mode("member", token, config.run.id, config.network.record_ttl_s)]
-    times: dict[str, list[float]] = {m.name: [] for m in modes}
+    wall: dict[str, list[float]] = {m.name: [] for m in modes}
+    cpu: dict[str, list[float]] = {m.name: [] for m in modes}
     try:
         for r in range(args.repeats):
-            for mode in modes:
-                times[mode.name].append(asyncio.run(timed_run(config, mode, args.steps, args.warmup)))
-                print(f"repeat {r + 1} {mode.name:6s} {times[mode.name][-1] * 1000:8.1f} ms/step", flush=True)
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                w, c = asyncio.run(timed_run(config, mode, args.steps, args.warmup))
+                wall[mode.name].append(w)
+                cpu[mode.name].append(c)
+                print(f"repeat {r + 1} {mode.name:6s} {w * 1000:8.1f} ms/step wall {c * 1000:8.1f} ms/step CPU",
+                      flush=True)
     finally:
         for mode in modes:
             mode.close()
-    open_s, member_s = statistics.median(times["open"]), statistics.median(times["member"])
     calls = 2 * config.num_stages * (config.data.batch_size // config.data.microbatch_size)
-    print(f"\n| run | median ms/step ({args.repeats} runs of {args.steps} steps) |")
-    print("| --- | ---: |")
-    print(f"| open (no join token) | {open_s * 1000:.1f} |")
-    print(f"| member (join token) | {member_s * 1000:.1f} |")
-    print(f"| **cost of membership** | **{(member_s / open_s - 1) * 100:+.1f}%** of step time |")
+    print(f"\n| {args.repeats} pairs of runs, {args.steps} steps each | open (no join token) | member (join token) "
+          "| member/open (median of the pairs) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, figures in (("wall ms/step", wall), ("CPU ms/step", cpu)):
+        ratios = [m / o for o, m in zip(figures["open"], figures["member"])]
+        print(f"| {name} | {statistics.median(figures['open']) * 1000:.1f} "
+              f"| {statistics.median(figures['member']) * 1000:.1f} | **{statistics.median(ratios):.3f}** |")
+    open_wall, open_cpu = statistics.median(wall["open"]), statistics.median(cpu["open"])
     per_call = credential_cost()
-    print(f"\ncredential, made and checked: {per_call:.1f} us per call; {calls} calls a step: "
-          f"{per_call * calls / 1000:.2f} ms ({per_call * calls / 1e6 / member_s * 100:.2f}% of a member step)")
-
+    plain_us, checked_us = asyncio.run(per_call_delta(token))
+    added = (checked_us - plain_us) * calls / 1e6
+    print(f"\ncredential alone, made and checked: {per_call:.1f} us per call")
+    print(f"Info round trip over gRPC: {plain_us:.0f} us open, {checked_us:.0f} us with the credential "
+          f"(+{checked_us - plain_us:.0f} us); x {calls} calls a step = {added * 1000:.2f} ms: "
+          f"{added / open_wall * 100:.2f}% of an open step's wall time, {added / open_cpu * 100:.2f}% of its CPU")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # importing the token module imports hivemind: the CLI's other commands need not wait for it
     from swarmrt.auth.token import JoinToken
 
-__all__ = ["dht_kwargs", "record_ttl_cap", "server_interceptors", "client_interceptors", "DEFAULT_RECORD_TTL_S"]
+__all__ = ["dht_kwargs", "record_ttl_cap", "server_interceptors", "client_interceptors", "call_credentials",
+           "DEFAULT_RECORD_TTL_S"]
 
 DEFAULT_RECORD_TTL_S = 4.0
 """``network.record_ttl_s``'s default: what a run entry that declares no ``ttl`` is taken to use."""
@@ -50,3 +51,16 @@ def client_interceptors(token: "JoinToken | None") -> tuple:
     from swarmrt.auth.grpc_auth import credential_interceptors
 
     return credential_interceptors(token.call_secret)
+
+
+def call_credentials(token: "JoinToken | None"):
+    """``StageClient(credentials=...)``: the metadata that carries the run credential on a call of a
+    method (None for an open run). Cheaper than :func:`client_interceptors`, which suit raw channels."""
+    if token is None:
+        return None
+    import time
+
+    from swarmrt.auth.credential import METADATA_KEY, make_credential
+
+    secret = token.call_secret
+    return lambda method: ((METADATA_KEY, make_credential(secret, method, time.time())),)

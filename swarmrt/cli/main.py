@@ -105,7 +105,7 @@ def cmd_train(args) -> int:
     if args.trainer_id is not None and (not args.trainer_id or ":" in args.trainer_id):
         raise ConfigError(f"--trainer-id {args.trainer_id!r}: must be non-empty and contain no ':'")
     token = _token(args)
-    interceptors = (*auth.client_interceptors(token), *client_interceptors(rules_path(args.net_rules)))
+    interceptors = client_interceptors(rules_path(args.net_rules))
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -122,7 +122,8 @@ def cmd_train(args) -> int:
                                                                          config.network.record_ttl_s)))
         try:
             # interceptors name this trainer to the peers' emulated links and partitions (if any)
-            client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
+            client = StageClient(config.network.max_tensor_mb, interceptors=interceptors,
+                                 credentials=auth.call_credentials(token))
             trainer = Trainer(config, dht, client=client, stream=args.stream, metrics_path=args.metrics_file,
                               progress=args.progress if args.progress is not None else sys.stderr.isatty(),
                               trainer_id=args.trainer_id, say=_say)
@@ -198,7 +199,7 @@ def cmd_eval(args) -> int:
                                                         **auth.dht_kwargs(token, config.run.id,
                                                                          config.network.record_ttl_s)))
         try:
-            client = StageClient(config.network.max_tensor_mb, interceptors=auth.client_interceptors(token))
+            client = StageClient(config.network.max_tensor_mb, credentials=auth.call_credentials(token))
             trainer = Trainer(config, dht, client=client,
                               trainer_id=f"eval-{int(time.time())}", say=_say)
             _print_result(await trainer.evaluate(stages, args.batches), args.summary_file)

@@ -361,7 +361,7 @@ class Peer:
                                       f"under {self.config.checkpoint.location}")
         if note is None and donors:
             client = StageClient(self.config.network.max_tensor_mb,
-                                 interceptors=auth.client_interceptors(self.options.join_token))
+                                 credentials=auth.call_credentials(self.options.join_token))
             try:
                 note = await download_state(self.worker, client, self.config.run.id, donors)
             finally:

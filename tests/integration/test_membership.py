@@ -69,10 +69,12 @@ def test_a_call_without_the_credential_gets_unauthenticated_naming_what_is_missi
     other_run = issue_token(load_or_create_run_key(None), time.time())
 
     async def probe():
+        token = swarm.member_token()
+        clients = {"none": StageClient(8), "member": StageClient(8, credentials=auth.call_credentials(token)),
+                   "member (interceptors)": StageClient(8, interceptors=auth.client_interceptors(token)),
+                   "other run": StageClient(8, credentials=auth.call_credentials(other_run))}
         results = {}
-        for name, interceptors in [("none", ()), ("member", auth.client_interceptors(swarm.member_token())),
-                                   ("other run", auth.client_interceptors(other_run))]:
-            client = StageClient(8, interceptors=interceptors)
+        for name, client in clients.items():
             try:
                 results[name] = [await _call(client, address, m) for m in ("Info", "GetState")]
             finally:
@@ -83,7 +85,7 @@ def test_a_call_without_the_credential_gets_unauthenticated_naming_what_is_missi
     for code, details in results["none"]:
         assert code == "UNAUTHENTICATED" and "x-swarmrt-credential metadata is missing" in details
         assert "--join-token" in details
-    assert results["member"] == [("OK", ""), ("OK", "")]  # streaming calls carry it too
+    assert results["member"] == results["member (interceptors)"] == [("OK", ""), ("OK", "")]  # streaming too
     assert all(code == "UNAUTHENTICATED" and "another run" in details for code, details in results["other run"])
 
 
@@ -96,7 +98,7 @@ def test_an_intruder_gets_no_traffic_and_its_records_are_rejected(swarm, member)
     _wait(lambda: (read_intruder_report(report_path) or {}).get("rounds", 0) >= 1, 60, "the intruder's first round")
 
     async def train():  # a trainer in this process (a member), while the intruder keeps trying
-        client = StageClient(8, interceptors=auth.client_interceptors(swarm.member_token()))
+        client = StageClient(8, credentials=auth.call_credentials(swarm.member_token()))
         try:
             return await Trainer(swarm.config, member, client=client, trainer_id="t").run(3)
         finally:
