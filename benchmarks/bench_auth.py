@@ -16,8 +16,8 @@ wall seconds per step, and CPU seconds per step (this process, where the stages 
 compute, plus the mode's three DHT processes, where DHT requests are signed and checked), which
 other load on a shared machine disturbs much less. Prints the median of each and the median of
 the per-pair ratios member/open. Then the per-call cost, which end-to-end noise hides: the
-credential alone (made and checked), and an ``Info`` round trip over real gRPC with and without
-it (alternating blocks), times the calls of a step, over an open step.
+credential alone (made and checked), and the CPU of an ``Info`` round trip over real gRPC with and
+without it (alternating blocks), times the calls of a step, over an open step.
 
     python benchmarks/bench_auth.py [--steps 30] [--warmup 3] [--repeats 3]
 """
@@ -61,9 +61,10 @@ class Mode:
             dht_io.stop_dht(dht)
 
 
-def cpu_seconds(pids) -> float:
-    """CPU seconds (user + system) used so far by this process and the processes ``pids`` (Linux /proc)."""
-    used = sum(os.times()[:2])
+def cpu_seconds(pids, own: bool = True) -> float:
+    """CPU seconds (user + system) used so far by this process (``own``) and the processes ``pids``
+    (Linux /proc)."""
+    used = sum(os.times()[:2]) if own else 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -71,8 +72,9 @@ def cpu_seconds(pids) -> float:
     return used
 
 
-async def timed_run(config, mode: Mode, steps: int, warmup: int) -> tuple[float, float]:
-    """(wall, CPU) seconds per step of one trainer run over a fresh in-process swarm served over gRPC."""
+async def timed_run(config, mode: Mode, steps: int, warmup: int) -> tuple[float, float, float]:
+    """(wall, CPU) seconds per step of one trainer run over a fresh in-process swarm served over gRPC,
+    and the CPU seconds per second of the DHT processes alone."""
     swarm = InProcessSwarm.build(config, peers_per_stage=1)
     servers, records = [], []
     try:
@@ -89,9 +91,10 @@ async def timed_run(config, mode: Mode, steps: int, warmup: int) -> tuple[float,
             trainer = Trainer(config, mode.trainer_dht, client=client, trainer_id=f"bench-{mode.name}")
             await trainer.run(warmup)
             pids = [d.pid for d in (mode.boot, mode.announcer, mode.trainer_dht)]
-            start, cpu = time.perf_counter(), cpu_seconds(pids)
+            start, cpu, dht_cpu = time.perf_counter(), cpu_seconds(pids), cpu_seconds(pids, own=False)
             await trainer.run(warmup + steps, start_step=warmup)
-            return (time.perf_counter() - start) / steps, (cpu_seconds(pids) - cpu) / steps
+            took = time.perf_counter() - start
+            return took / steps, (cpu_seconds(pids) - cpu) / steps, (cpu_seconds(pids, own=False) - dht_cpu) / took
         finally:
             await client.close()
     finally:
@@ -100,9 +103,10 @@ async def timed_run(config, mode: Mode, steps: int, warmup: int) -> tuple[float,
         swarm.close()
 
 
-async def per_call_delta(token, blocks: int = 40, block: int = 50) -> tuple[float, float]:
-    """Median microseconds of an ``Info`` round trip over real gRPC (one in-process stage server that
-    checks credentials, one that does not), without and with the credential, in alternating blocks."""
+async def per_call_delta(token, blocks: int = 20, block: int = 300) -> tuple[float, float]:
+    """Median CPU microseconds (client and server together: both in this process) of an ``Info`` round
+    trip over real gRPC (one in-process stage server that checks credentials, one that does not),
+    without and with the credential, in alternating blocks."""
     from swarmrt.testing.intruder import _Report, _fake_servicer  # a stage service that answers at once
 
     servers, clients = [], []
@@ -117,10 +121,10 @@ async def per_call_delta(token, blocks: int = 40, block: int = 50) -> tuple[floa
             for i in (0, 1) if b % 2 == 0 else (1, 0):
                 address = servers[i][1]
                 await clients[i].info(address)  # connected
-                start = time.perf_counter()
+                start = time.process_time()
                 for _ in range(block):
                     await clients[i].info(address)
-                times[i].append((time.perf_counter() - start) / block * 1e6)
+                times[i].append((time.process_time() - start) / block * 1e6)
     finally:
         for client in clients:
             await client.close()
@@ -152,12 +156,14 @@ def main() -> None:
              Mode("member", token, config.run.id, config.network.record_ttl_s)]
     wall: dict[str, list[float]] = {m.name: [] for m in modes}
     cpu: dict[str, list[float]] = {m.name: [] for m in modes}
+    dht: dict[str, list[float]] = {m.name: [] for m in modes}
     try:
         for r in range(args.repeats):
             for mode in modes if r % 2 == 0 else modes[::-1]:
-                w, c = asyncio.run(timed_run(config, mode, args.steps, args.warmup))
+                w, c, d = asyncio.run(timed_run(config, mode, args.steps, args.warmup))
                 wall[mode.name].append(w)
                 cpu[mode.name].append(c)
+                dht[mode.name].append(d)
                 print(f"repeat {r + 1} {mode.name:6s} {w * 1000:8.1f} ms/step wall {c * 1000:8.1f} ms/step CPU",
                       flush=True)
     finally:
@@ -176,9 +182,14 @@ def main() -> None:
     plain_us, checked_us = asyncio.run(per_call_delta(token))
     added = (checked_us - plain_us) * calls / 1e6
     print(f"\ncredential alone, made and checked: {per_call:.1f} us per call")
-    print(f"Info round trip over gRPC: {plain_us:.0f} us open, {checked_us:.0f} us with the credential "
-          f"(+{checked_us - plain_us:.0f} us); x {calls} calls a step = {added * 1000:.2f} ms: "
-          f"{added / open_wall * 100:.2f}% of an open step's wall time, {added / open_cpu * 100:.2f}% of its CPU")
+    print(f"Info round trip over gRPC, CPU of client and server: {plain_us:.0f} us open, {checked_us:.0f} us with "
+          f"the credential (+{checked_us - plain_us:.0f} us); x {calls} calls a step = {added * 1000:.2f} ms: "
+          f"{added / open_cpu * 100:.2f}% of an open step's CPU ({added / open_wall * 100:.2f}% of its wall time)")
+    extra = statistics.median(dht["member"]) - statistics.median(dht["open"])
+    print(f"DHT processes (signing and checking requests, records): {statistics.median(dht['open']) * 1000:.0f} "
+          f"ms CPU per second open, {statistics.median(dht['member']) * 1000:.0f} member (+{extra * 1000:.0f} ms/s, "
+          f"a trainer reading the swarm every {config.network.heartbeat_s / 2:g} s): "
+          f"{extra * open_wall / open_cpu * 100:.2f}% of an open step's CPU at this step time")
 
 if __name__ == "__main__":
     main()
