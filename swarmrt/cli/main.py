@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import pathlib
 import sys
 import time
 
+from swarmrt.auth.credential import ENV_VAR as TOKEN_VAR
 from swarmrt.config import ConfigError, load_config
 from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
@@ -39,12 +41,21 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("hivemind").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
+def _token(args):
+    """The join token a member role was given (``--join-token`` or the environment); a usage error without one."""
+    from swarmrt.auth.token import require_token
+
+    return require_token(args.join_token, time.time())
+
+
 def _common(p: argparse.ArgumentParser, config: bool = True, peers: bool = True) -> None:
     if config:
         p.add_argument("--config", required=True, help="run config file (TOML or YAML)")
     if peers:
         p.add_argument("--initial-peers", required=True, nargs="+", metavar="MADDR",
                        help="multiaddr(s) of a DHT peer to join through (printed by `swarmrt bootstrap`)")
+        p.add_argument("--join-token", metavar="FILE", help="the run's join token, written by `swarmrt bootstrap` "
+                       f"(default: ${TOKEN_VAR})")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress of every component")
 
 
@@ -53,7 +64,11 @@ def cmd_bootstrap(args) -> int:
     from swarmrt.roles.bootstrap import serve_bootstrap
     from swarmrt.roles.proc import run
 
-    return run(serve_bootstrap(args.initial_peers, args.host, args.port, args.addr_file))
+    from swarmrt.auth.token import token_path
+
+    return run(serve_bootstrap(args.initial_peers, args.host, args.port, args.addr_file,
+                               join_token=token_path(args.join_token) or "join-token", run_key=args.run_key,
+                               token_valid_s=args.token_days * 86400))
 
 
 # -- peer --------------------------------------------------------------------------------------
@@ -71,11 +86,13 @@ def cmd_peer(args) -> int:
                           grace_s=args.grace, ready_file=args.ready_file, ledger=args.ledger,
                           compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume,
                           net_rules=net_rules)
-    return run(serve_peer(config, options))
+    options.check(config)  # a bad flag is named before a missing join token
+    return run(serve_peer(config, dataclasses.replace(options, join_token=_token(args))))
 
 
 # -- train -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from swarmrt import auth
     from swarmrt.wire.client import StageClient
     from swarmrt.discovery.dht import start_dht, stop_dht
     from swarmrt.wire.emulation import client_interceptors, rules_path
@@ -87,6 +104,7 @@ def cmd_train(args) -> int:
     _check_skip(config)
     if args.trainer_id is not None and (not args.trainer_id or ":" in args.trainer_id):
         raise ConfigError(f"--trainer-id {args.trainer_id!r}: must be non-empty and contain no ':'")
+    token = _token(args)
     interceptors = client_interceptors(rules_path(args.net_rules))
 
     async def main() -> int:
@@ -99,10 +117,13 @@ def cmd_train(args) -> int:
                 raise ConfigError("--resume needs [checkpoint] location in the run config")
             start_step = load_data_position(config.checkpoint.location, config.run.id, args.stream) or 0
             print(f"trainer: resuming stream {args.stream} at step {start_step}", file=sys.stderr)
-        dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
+        dht = await asyncio.to_thread(lambda: start_dht(args.initial_peers, client_mode=True,
+                                                        **auth.dht_kwargs(token, config.run.id,
+                                                                         config.network.record_ttl_s)))
         try:
             # interceptors name this trainer to the peers' emulated links and partitions (if any)
-            client = StageClient(config.network.max_tensor_mb, interceptors=interceptors)
+            client = StageClient(config.network.max_tensor_mb, interceptors=interceptors,
+                                 credentials=auth.call_credentials(token))
             trainer = Trainer(config, dht, client=client, stream=args.stream, metrics_path=args.metrics_file,
                               progress=args.progress if args.progress is not None else sys.stderr.isatty(),
                               trainer_id=args.trainer_id, say=_say)
@@ -156,6 +177,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_eval(args) -> int:
+    from swarmrt import auth
     from swarmrt.models.build import skip_compatibility
     from swarmrt.discovery.dht import start_dht, stop_dht
     from swarmrt.roles.proc import run
@@ -170,11 +192,15 @@ def cmd_eval(args) -> int:
         ok, reason = skip_compatibility(config)
         if not ok:
             raise ConfigError(f"--stages {args.eval_stages} {why}, but {reason}")
+    token = _token(args)
 
     async def main() -> int:
-        dht = await asyncio.to_thread(start_dht, args.initial_peers, client_mode=True)
+        dht = await asyncio.to_thread(lambda: start_dht(args.initial_peers, client_mode=True,
+                                                        **auth.dht_kwargs(token, config.run.id,
+                                                                         config.network.record_ttl_s)))
         try:
-            trainer = Trainer(config, dht, client=StageClient(config.network.max_tensor_mb),
+            client = StageClient(config.network.max_tensor_mb, credentials=auth.call_credentials(token))
+            trainer = Trainer(config, dht, client=client,
                               trainer_id=f"eval-{int(time.time())}", say=_say)
             _print_result(await trainer.evaluate(stages, args.batches), args.summary_file)
             return 0
@@ -199,7 +225,7 @@ def add_eval_parser(sub) -> None:
 def cmd_status(args) -> int:
     from swarmrt.roles.status import format_status, swarm_status
 
-    report = swarm_status(args.initial_peers)
+    report = swarm_status(args.initial_peers, _token(args))
     print(json.dumps(report, indent=1) if args.json else "\n".join(format_status(report)))
     return 0
 
@@ -220,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
     p.add_argument("--addr-file", help="also write the multiaddr(s) to this file")
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join an existing DHT too")
+    p.add_argument("--join-token", metavar="FILE", help="write the run's join token here, for peers, trainers and "
+                   f"status (default: ${TOKEN_VAR}, else ./join-token); it is a secret: whoever holds it is a member")
+    p.add_argument("--run-key", metavar="FILE", help="the run's key: taken from FILE, or created there if missing "
+                   "(default: a new key each start, so earlier join tokens stop working)")
+    p.add_argument("--token-days", type=float, default=30.0, help="how long the join token lets its holder in")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_bootstrap)
 

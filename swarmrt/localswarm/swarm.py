@@ -36,6 +36,7 @@ import time
 import uuid
 from typing import Any, Callable, Mapping, Sequence
 
+from swarmrt.auth.credential import ENV_VAR as TOKEN_VAR
 from swarmrt.config import RunConfig, load_config
 from swarmrt.roles.proc import TAG_VAR, tagged_processes
 
@@ -151,6 +152,9 @@ class LocalSwarm:
         self._counter = 0
         self.swarm_id = uuid.uuid4().hex[:12]
         self.env[TAG_VAR] = self.swarm_id
+        self.join_token = self.workdir / "join-token"
+        """Written by the bootstrap (a run key of its own); every role finds it through the environment."""
+        self.env[TOKEN_VAR] = str(self.join_token)
         self._rules: dict[str, dict] = {}
         self._reaper: subprocess.Popen | None = None
         atexit.register(self.stop)
@@ -187,9 +191,17 @@ class LocalSwarm:
         _write_rules(path, self._rules[name])
         return path
 
+    def member_token(self):
+        """The run's join token as the bootstrap wrote it (:class:`swarmrt.auth.token.JoinToken`), for
+        calls a test makes into the swarm itself."""
+        from swarmrt.auth.token import JoinToken  # hivemind: only when asked
+
+        return JoinToken.load(self.join_token, time.time())
+
     def start(self) -> "LocalSwarm":
         addr_file = self.workdir / "bootstrap.addr"
-        boot = self._spawn("bootstrap", ["bootstrap", "--addr-file", str(addr_file)])
+        boot = self._spawn("bootstrap", ["bootstrap", "--addr-file", str(addr_file),
+                                         "--join-token", str(self.join_token)])
         self.maddr = _wait_for(lambda: addr_file.exists() and addr_file.read_text().split()[0],
                                self.start_timeout, "the bootstrap address", [boot])
         pending = [self.add_peer(stage, wait=False) for stage, n in enumerate(self.counts) for _ in range(n)]

@@ -31,6 +31,8 @@ import time
 
 from torch import nn
 
+from swarmrt import auth
+from swarmrt.auth.token import JoinToken
 from swarmrt.checkpoint.checkpointer import Checkpointer
 from swarmrt.checkpoint.policy import training_config_hash
 from swarmrt.checkpoint.store import CheckpointError
@@ -72,6 +74,8 @@ class PeerOptions:
     """Load the stage's newest checkpoint even if other peers serve the stage (fail if none)."""
     net_rules: str | None = None
     """Emulated links and RPC faults (``swarmrt.wire.emulation``), re-read when the file changes."""
+    join_token: JoinToken | None = None
+    """The run's join token (``swarmrt.auth``); None: an open run (in-process tests)."""
 
     def check(self, config: RunConfig) -> None:
         """Raise :class:`ConfigError` naming the flag when these options cannot serve ``config``."""
@@ -312,7 +316,8 @@ class Peer:
         if config.checkpoint.enabled:
             self.checkpoints = Checkpointer(config, self.worker, self.peer_id, partition, self.on_compute_thread)
         self.server, port = await start_server(self.servicer, net.host, options.port, net.max_tensor_mb,
-                                               interceptors=server_interceptors(options.net_rules, self.worker))
+                                               interceptors=(*auth.server_interceptors(options.join_token),
+                                                             *server_interceptors(options.net_rules, self.worker)))
         address = f"{net.host}:{port}"
         self.announcer = StageAnnouncer(self.dht, config, self.peer_id, self.stage, address, self.worker,
                                         self.servicer, pinned=options.stage is not None)
@@ -356,7 +361,8 @@ class Peer:
                 raise CheckpointError(f"--resume: no checkpoint of stage {self.stage} of run {self.config.run.id!r} "
                                       f"under {self.config.checkpoint.location}")
         if note is None and donors:
-            client = StageClient(self.config.network.max_tensor_mb)
+            client = StageClient(self.config.network.max_tensor_mb,
+                                 credentials=auth.call_credentials(self.options.join_token))
             try:
                 note = await download_state(self.worker, client, self.config.run.id, donors)
             finally:
@@ -380,7 +386,9 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
     options.check(config)
     stop = asyncio.Event()
     install_stop_handlers(asyncio.get_running_loop(), stop)
-    dht = await asyncio.to_thread(dht_records.start_dht, list(options.initial_peers), config.network.host)
+    security = auth.dht_kwargs(options.join_token, config.run.id, config.network.record_ttl_s)
+    dht = await asyncio.to_thread(lambda: dht_records.start_dht(list(options.initial_peers), config.network.host,
+                                                                **security))
     peer = Peer(config, options, dht)
     stopping = None
     try:

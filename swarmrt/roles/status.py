@@ -13,6 +13,7 @@ import textwrap
 import time
 from typing import Any, Callable, Sequence
 
+from swarmrt.auth import dht_kwargs
 from swarmrt.discovery.dht import read_runs, read_stage, start_dht, stop_dht
 from swarmrt.discovery.records import StageRecord
 from swarmrt.routing.rebalance import (JOINING, MOVING, SERVING, STATES, SpeedModel, balance_quality, bottleneck,
@@ -34,9 +35,9 @@ def read_status(dht, clock: Callable[[], float] = time.time) -> dict[str, dict[s
     return report
 
 
-def swarm_status(initial_peers: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Join the DHT as a client, read :func:`read_status`, leave."""
-    dht = start_dht(list(initial_peers), client_mode=True)
+def swarm_status(initial_peers: Sequence[str], join_token=None) -> dict[str, dict[str, Any]]:
+    """Join the DHT as a client (a member, with ``join_token``), read :func:`read_status`, leave."""
+    dht = start_dht(list(initial_peers), client_mode=True, **dht_kwargs(join_token))
     try:
         return read_status(dht)
     finally:

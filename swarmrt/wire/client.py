@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol, Sequence
 
 import grpc
 
@@ -23,10 +23,18 @@ class StageCalls(Protocol):
 
 
 class StageClient:
-    def __init__(self, max_tensor_mb: int = 256, interceptors=()):
+    """``credentials(method)``: metadata to send with each call of ``method`` (the run's credential,
+    :func:`swarmrt.auth.call_credentials`); passed per call, cheaper than a client interceptor."""
+
+    def __init__(self, max_tensor_mb: int = 256, interceptors=(),
+                 credentials: Callable[[str], Sequence[tuple[str, str]]] | None = None):
         self.max_tensor_mb = max_tensor_mb
         self.interceptors = list(interceptors)
+        self._credentials = credentials
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.StageStub]] = {}
+
+    def _metadata(self, method: str):
+        return self._credentials(f"/swarmrt.Stage/{method}") if self._credentials else None
 
     def stub(self, address: str) -> pb_grpc.StageStub:
         entry = self._stubs.get(address)
@@ -37,17 +45,18 @@ class StageClient:
         return entry[1]
 
     async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
-        return await self.stub(address).Forward(request, timeout=timeout)
+        return await self.stub(address).Forward(request, timeout=timeout, metadata=self._metadata("Forward"))
 
     async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
-        return await self.stub(address).Backward(request, timeout=timeout)
+        return await self.stub(address).Backward(request, timeout=timeout, metadata=self._metadata("Backward"))
 
     async def info(self, address: str, timeout: float = 5.0) -> pb.InfoResponse:
-        return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout)
+        return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout, metadata=self._metadata("Info"))
 
     async def get_state(self, address: str, run_id: str, stage: int, timeout: float) -> bytes:
         chunks = []
-        async for chunk in self.stub(address).GetState(pb.StateRequest(run_id=run_id, stage=stage), timeout=timeout):
+        async for chunk in self.stub(address).GetState(pb.StateRequest(run_id=run_id, stage=stage), timeout=timeout,
+                                                       metadata=self._metadata("GetState")):
             chunks.append(chunk.data)
         return b"".join(chunks)
 

@@ -102,7 +102,8 @@ def test_group_signal_stops_a_trainer_after_its_step(swarm, sig):
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_group_signal_stops_a_bootstrap_at_once(tmp_path, sig):
     addr = tmp_path / "addr"
-    proc = subprocess.Popen([sys.executable, "-m", "swarmrt", "bootstrap", "--addr-file", str(addr)],
+    proc = subprocess.Popen([sys.executable, "-m", "swarmrt", "bootstrap", "--addr-file", str(addr),
+                             "--join-token", str(tmp_path / "join-token")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(addr.exists, 60, "the bootstrap's address file")

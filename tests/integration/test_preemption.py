@@ -39,7 +39,7 @@ def swarm(tmp_path_factory):
 def test_status_shows_stages_peers_and_heartbeats(swarm):
     swarm.train(steps=3)  # so peers have measured their throughput
     out = subprocess.run([sys.executable, "-m", "swarmrt", "status", "--initial-peers", swarm.maddr, "--json"],
-                         capture_output=True, text=True, timeout=90)
+                         capture_output=True, text=True, timeout=90, env=swarm.env)  # env: the join token
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)["preempt"]
     assert [len(stage) for stage in report["stages"]] == [2, 2, 1]
@@ -49,7 +49,7 @@ def test_status_shows_stages_peers_and_heartbeats(swarm):
             assert peer["stage"] == stage and peer["state"] == "serving" and peer["address"] in addresses
             assert peer["throughput"] > 0 and 0 <= peer["heartbeat_age_s"] < 10
     text = subprocess.run([sys.executable, "-m", "swarmrt", "status", "--initial-peers", swarm.maddr],
-                          capture_output=True, text=True, timeout=90).stdout
+                          capture_output=True, text=True, timeout=90, env=swarm.env).stdout
     assert "run preempt" in text and "stage 2:" in text and "samples/s" in text
 
 

@@ -17,6 +17,8 @@ from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
 from swarmrt.wire.tensors import to_proto
 from swarmrt.testing import FaultPlan, LocalSwarm, Peer, RandomPeer, assert_no_leftovers
 
+from swarmrt.auth import client_interceptors
+
 from .conftest import FAST
 
 pytestmark = pytest.mark.integration
@@ -34,7 +36,8 @@ def test_bad_input_is_refused_by_name_and_the_peer_keeps_serving(swarm):
     peer = swarm.peers(stage=1)[0]
 
     async def probe():
-        async with grpc.aio.insecure_channel(peer.address) as channel:
+        async with grpc.aio.insecure_channel(peer.address,
+                                             interceptors=client_interceptors(swarm.member_token())) as channel:
             stub = pb_grpc.StageStub(channel)
 
             async def forward(tensor_msg, stage=1, run_id="itest"):

@@ -80,6 +80,17 @@ def test_status_report_and_text_from_the_dht_records(monkeypatch):
     assert status.format_status({}) == ["no runs announced in this DHT"]
 
 
+def join_token(tmp_path):
+    """A join token of a new run, as `swarmrt bootstrap` writes it."""
+    import time
+
+    from swarmrt.auth.token import issue_token, load_or_create_run_key
+
+    path = tmp_path / "join-token"
+    issue_token(load_or_create_run_key(None), time.time()).save(path)
+    return path
+
+
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_a_trainer_that_gives_up_on_a_stage_prints_one_line_and_exits_3(command, tmp_path, monkeypatch, capsys):
     from swarmrt.cli.main import EXIT_NO_PEERS
@@ -108,6 +119,7 @@ def test_a_trainer_that_gives_up_on_a_stage_prints_one_line_and_exits_3(command,
 
     monkeypatch.setattr(dht, "start_dht", lambda *args, **kwargs: FakeDHT())
     monkeypatch.setattr(trainer, "Trainer", GivingUp)
+    monkeypatch.setenv("SWARMRT_JOIN_TOKEN", str(join_token(tmp_path)))
     cfg = tmp_path / "run.toml"
     cfg.write_text("[model]\nstages = 2\n")
     argv = [command, "--config", str(cfg), "--initial-peers", "m"] + (["--steps", "1"] if command == "train" else [])
