@@ -6,17 +6,20 @@ heartbeat, so a dead one vanishes from routing within ``ttl`` seconds.
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
+from swarmrt.discovery.reachability import NetworkError
 from swarmrt.discovery.records import RUNS_KEY, JoinIntent, StageRecord, joining_key, stage_key
 from swarmrt.procs import descendants, stop_child, stop_signals_blocked
 
 __all__ = ["RUNS_KEY", "StageRecord", "JoinIntent", "stage_key", "announce", "announce_run", "announce_joining",
            "read_stage", "read_swarm", "read_runs", "start_dht", "stop_dht", "node_usable",
-           "visible_maddrs"]
+           "visible_maddrs", "dht_options", "DHTStartError"]
 
 
 def announce(dht: DHT, run_id: str, record: StageRecord, ttl: float, timeout: float = 5.0) -> bool:
@@ -69,24 +72,72 @@ def read_runs(dht: DHT, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
     return {run: v for run, v in _subkey_values(dht, RUNS_KEY, timeout).items() if isinstance(v, dict)}
 
 
+def dht_options(host: str = "127.0.0.1", port: int = 0, client_mode: bool = False, announce_host: str | None = None,
+                identity_path: str | None = None, use_auto_relay: bool = False, use_relay: bool = True
+                ) -> dict[str, Any]:
+    """hivemind ``DHT``/``P2P`` keyword arguments for a node listening on ``host:port`` (port 0: any free
+    port) and announcing ``announce_host`` (default: what it listens on). Announcing needs a fixed
+    port: libp2p cannot announce port 0."""
+    kwargs: dict[str, Any] = dict(client_mode=client_mode, use_relay=use_relay, use_auto_relay=use_auto_relay)
+    if identity_path is not None:
+        kwargs["identity_path"] = str(identity_path)
+    if not client_mode:
+        kwargs["host_maddrs"] = [f"/{_ip_proto(host)}/{host}/tcp/{port}"]
+        if announce_host and announce_host != host:
+            if port == 0:
+                raise ValueError(f"announcing {announce_host} needs a fixed DHT port (--dht-port), not 0")
+            kwargs["announce_maddrs"] = [f"/{_ip_proto(announce_host)}/{announce_host}/tcp/{port}"]
+    return kwargs
+
+
+def _ip_proto(host: str) -> str:
+    """The multiaddr protocol of an address: ip4, ip6 or dns (a name)."""
+    if ":" in host:
+        return "ip6"
+    return "ip4" if all(part.isdigit() for part in host.split(".")) and host.count(".") == 3 else "dns"
+
+
 def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: int = 0,
-              client_mode: bool = False) -> DHT:
-    """A hivemind DHT node listening on ``host`` (loopback by default), in a child process forked
+              client_mode: bool = False, *, announce_host: str | None = None, identity_path: str | None = None,
+              use_auto_relay: bool = False, use_relay: bool = True, wait_timeout: float | None = None) -> DHT:
+    """A hivemind DHT node listening on ``host:port`` (loopback, any free port by default),
+    announcing ``announce_host`` when given (a VM behind NAT: its public address; needs a fixed
+    ``port``), with the stable peer id kept in ``identity_path`` (created when missing), looking for
+    libp2p relays when ``use_auto_relay`` (a peer behind NAT). It runs in a child process forked
     with SIGTERM/SIGINT blocked (:func:`swarmrt.procs.stop_signals_blocked`): a signal to the whole
     process group leaves it (and its p2pd) to the role, which drains and then stops it with
-    :func:`stop_dht`."""
-    kwargs: dict[str, Any] = dict(initial_peers=initial_peers or None, start=False, client_mode=client_mode)
-    if not client_mode:
-        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
-    dht = DHT(**kwargs)
+    :func:`stop_dht`. An unreachable ``initial_peers`` list raises :class:`DHTStartError` (one line)."""
+    kwargs = dht_options(host, port, client_mode, announce_host, identity_path, use_auto_relay, use_relay)
+    dht = DHT(initial_peers=initial_peers or None, start=False, **kwargs)
     with stop_signals_blocked():
         dht.start()
     try:
-        dht.wait_until_ready()
-    except BaseException:
-        stop_dht(dht)
+        dht.wait_until_ready(timeout=wait_timeout)
+    except BaseException as e:
+        procs_log = logging.getLogger("swarmrt.procs")
+        level, procs_log.level = procs_log.level, logging.ERROR  # the failed node is killed: no news
+        try:
+            stop_dht(dht)
+        finally:
+            procs_log.setLevel(level)
+        if isinstance(e, Exception):
+            raise DHTStartError(_start_failure(e, initial_peers)) from e
         raise
     return dht
+
+
+class DHTStartError(NetworkError):
+    """The DHT node could not start; the message is one line saying why and what to check."""
+
+
+def _start_failure(e: Exception, initial_peers: list[str] | None) -> str:
+    why = " ".join((str(e) or type(e).__name__).split())
+    why = re.sub(r"^Daemon failed to start: \d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", why)
+    if initial_peers and ("bootstrap" in why.lower() or "initial" in why.lower() or "connect" in why.lower()
+                          or "timeout" in why.lower() or "timed out" in why.lower()):
+        return (f"cannot join the DHT through {' '.join(initial_peers)}: {why[:200]} (is the bootstrap running, "
+                f"and is the address it printed reachable from here?)")
+    return f"cannot start the DHT node: {why[:300]}"
 
 
 def node_usable(dht: DHT) -> bool:

@@ -3,6 +3,9 @@
 It prints its multiaddrs (and writes them to ``addr_file``, atomically, for
 whoever waits on it: ``LocalSwarm``, deploy scripts), then holds the node until
 SIGTERM/SIGINT; a second signal exits at once, reaping the DHT child and p2pd.
+It also answers joining peers' dial-back requests (can this node reach your
+gRPC address?), so even a run's first peer learns whether it is reachable, and
+relays libp2p connections for peers behind NAT (libp2p's relay service is on).
 """
 
 from __future__ import annotations
@@ -13,15 +16,22 @@ from typing import Sequence
 
 from swarmrt.discovery.dht import start_dht, stop_dht, visible_maddrs
 from swarmrt.roles.proc import install_stop_handlers, write_atomically
+from swarmrt.roles.reach import answer_dial_backs
 
 
 async def serve_bootstrap(initial_peers: Sequence[str] = (), host: str = "127.0.0.1", port: int = 0,
-                          addr_file: str | os.PathLike | None = None) -> int:
-    """Run a DHT node until stopped; returns the exit code (0)."""
+                          addr_file: str | os.PathLike | None = None, *, announce_host: str | None = None,
+                          identity: str | os.PathLike | None = None, use_auto_relay: bool = False) -> int:
+    """Run a DHT node until stopped; returns the exit code (0). With ``identity`` (a key file, created
+    when missing) its peer id, and so its multiaddr, is the same at every start; ``announce_host``
+    (with a fixed ``port``) is the address it prints for others (a VM's public IP)."""
     stop = asyncio.Event()
     install_stop_handlers(asyncio.get_running_loop(), stop)
-    dht = await asyncio.to_thread(start_dht, list(initial_peers), host, port)
+    dht = await asyncio.to_thread(start_dht, list(initial_peers), host, port, announce_host=announce_host,
+                                  identity_path=None if identity is None else str(identity),
+                                  use_auto_relay=use_auto_relay)
     try:
+        await answer_dial_backs(dht)
         maddrs = visible_maddrs(dht)
         print("\n".join(maddrs), flush=True)
         if addr_file:

@@ -42,9 +42,11 @@ from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 from swarmrt.roles.organizer import Organizer
 from swarmrt.roles.proc import install_stop_handlers, write_atomically
+from swarmrt.roles.reach import PeerNetwork
 from swarmrt.routing.rebalance import Move
 from swarmrt.wire.client import StageClient
 from swarmrt.wire.emulation import server_interceptors
+from swarmrt.wire.p2p import P2PStageClient, RoutedClient
 from swarmrt.wire.server import start_server
 
 logger = logging.getLogger("swarmrt.peer")
@@ -251,9 +253,11 @@ class Peer:
     """One stage peer over a started DHT node: :meth:`join`, then :func:`heartbeat` and
     :func:`drain` over its parts, then :meth:`close`."""
 
-    def __init__(self, config: RunConfig, options: PeerOptions, dht):
+    def __init__(self, config: RunConfig, options: PeerOptions, dht, network: PeerNetwork | None = None):
         self.config, self.options, self.dht = config, options, dht
         self.peer_id = str(dht.peer_id)
+        self.network = network
+        """The libp2p side (stage service, dial-backs, the reachability check); None: gRPC only, unchecked."""
         self.stage: int | None = None
         self.worker: StageWorker | None = None
         self.servicer: StageServicer | None = None
@@ -313,7 +317,9 @@ class Peer:
             self.checkpoints = Checkpointer(config, self.worker, self.peer_id, partition, self.on_compute_thread)
         self.server, port = await start_server(self.servicer, net.host, options.port, net.max_tensor_mb,
                                                interceptors=server_interceptors(options.net_rules, self.worker))
-        address = f"{net.host}:{port}"
+        address = f"{net.public_host}:{port}"
+        if self.network is not None:
+            address = await self.network.checked_address(address, self.servicer)
         self.announcer = StageAnnouncer(self.dht, config, self.peer_id, self.stage, address, self.worker,
                                         self.servicer, pinned=options.stage is not None)
         note = await self.take_over_state()
@@ -356,6 +362,8 @@ class Peer:
                                       f"under {self.config.checkpoint.location}")
         if note is None and donors:
             client = StageClient(self.config.network.max_tensor_mb)
+            if self.network is not None:  # a donor may serve over libp2p only
+                client = RoutedClient(client, P2PStageClient(self.network.p2p, self.config.network.max_tensor_mb))
             try:
                 note = await download_state(self.worker, client, self.config.run.id, donors)
             finally:
@@ -379,10 +387,14 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
     options.check(config)
     stop = asyncio.Event()
     install_stop_handlers(asyncio.get_running_loop(), stop)
-    dht = await asyncio.to_thread(dht_records.start_dht, list(options.initial_peers), config.network.host)
-    peer = Peer(config, options, dht)
+    net = config.network
+    dht = await asyncio.to_thread(dht_records.start_dht, list(options.initial_peers), net.host, net.dht_port,
+                                  announce_host=net.announce_host, use_auto_relay=net.use_auto_relay)
+    network = PeerNetwork(dht, config, str(dht.peer_id), options.initial_peers, say)
+    peer = Peer(config, options, dht, network)
     stopping = None
     try:
+        await network.start()
         await peer.join()
         while not stop.is_set():  # a move returns from the heartbeat: beat on with the new stage's parts
             await heartbeat(stop, config.network.heartbeat_s, peer.announcer, peer.checkpoints,

@@ -27,6 +27,7 @@ PURE = {
     "swarmrt.config",
     "swarmrt.wire.codecs",
     "swarmrt.discovery.records",
+    "swarmrt.discovery.reachability",
     "swarmrt.routing.paths",
     "swarmrt.routing.wiring",
     "swarmrt.routing.policies",

@@ -1,0 +1,70 @@
+"""A stage peer's libp2p side: the stage service over libp2p, answering others' dial-backs, and
+checking at join that others can reach the gRPC address it is about to announce.
+
+:meth:`PeerNetwork.checked_address` runs before a peer announces ``serving``
+(:mod:`swarmrt.discovery.reachability` says who to ask and what the answers
+mean). When nobody can dial the address it says so in one line with the fix,
+then serves over libp2p (``network.reachability = "p2p"``: it announces a
+``p2p:`` address, which trainers call through :class:`swarmrt.wire.p2p.RoutedClient`)
+or raises :class:`~swarmrt.discovery.reachability.Unreachable` (``"fail"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Callable, Sequence
+
+from swarmrt.config import RunConfig
+from swarmrt.discovery import dht as dht_records
+from swarmrt.discovery.reachability import (REACHABLE, UNCHECKED, Unreachable, choose_dialers, peer_id_of_maddr,
+                                            verdict)
+from swarmrt.wire.p2p import DialBack, P2PStageService, ask_dial_back, p2p_address
+
+logger = logging.getLogger("swarmrt.peer")
+
+
+async def answer_dial_backs(dht) -> None:
+    """Let others ask this node to dial their gRPC address (a bootstrap does, so a run's first peer is checked)."""
+    await DialBack().start(await dht.replicate_p2p())
+
+
+class PeerNetwork:
+    def __init__(self, dht, config: RunConfig, peer_id: str, initial_peers: Sequence[str],
+                 say: Callable[[str], None]):
+        self.dht, self.config, self.peer_id, self.say = dht, config, peer_id, say
+        self.bootstraps = [p for p in map(peer_id_of_maddr, initial_peers) if p]
+        self.service = P2PStageService(config.network.max_tensor_mb)
+        self.rng = random.Random(peer_id)
+        self.p2p = None
+
+    async def start(self) -> None:
+        """Serve the stage service and dial-backs on the DHT node's libp2p host."""
+        self.p2p = await self.dht.replicate_p2p()
+        await self.service.start(self.p2p)
+        await DialBack().start(self.p2p)
+
+    async def checked_address(self, address: str, servicer) -> str:
+        """The address to announce for ``servicer`` (now also served over libp2p): ``address`` if
+        someone in the run could dial it back (or nobody could be asked), else the libp2p one."""
+        self.service.servicer = servicer
+        mode = self.config.network.reachability
+        if mode == "off":
+            return address
+        records, _ = await asyncio.to_thread(dht_records.read_swarm, self.dht, self.config.run.id,
+                                             self.config.num_stages)
+        dialers = choose_dialers([r.peer_id for r in records if r.state == "serving"], self.bootstraps,
+                                 self.peer_id, self.rng)
+        status, line = verdict(address, self.peer_id, await ask_dial_back(self.p2p, dialers, address))
+        if status == REACHABLE:
+            logger.info(line)
+            return address
+        self.say(line)
+        if status == UNCHECKED:
+            return address
+        if mode == "fail":
+            raise Unreachable(line)
+        p2p = p2p_address(self.peer_id, await asyncio.to_thread(dht_records.visible_maddrs, self.dht))
+        self.say(f"serving over libp2p instead (slower than gRPC) at {p2p}")
+        return p2p
