@@ -64,7 +64,7 @@ def cmd_bootstrap(args) -> int:
 
 
 FLAGS = {"network.host": "--host", "network.announce_host": "--announce-host", "network.dht_port": "--dht-port",
-         "network.use_auto_relay": "--use-auto-relay"}
+         "network.use_auto_relay": "--use-auto-relay", "network.reachability": "--reachability"}
 
 
 def _flag_error(e: ConfigError) -> ConfigError:
@@ -96,6 +96,8 @@ def with_network_flags(config, args):
                if getattr(args, name, None) is not None}
     if getattr(args, "use_auto_relay", False):
         changes["use_auto_relay"] = True
+    if getattr(args, "reachability", None) is not None:
+        changes["reachability"] = args.reachability
     if not changes:
         return config
     try:
@@ -113,6 +115,9 @@ def add_address_flags(p: argparse.ArgumentParser) -> None:
                    "network.dht_port, 0: any free port); needed with --announce-host")
     p.add_argument("--use-auto-relay", action="store_true", help="behind NAT: reach others and be reached "
                    "through libp2p relays (network.use_auto_relay)")
+    p.add_argument("--reachability", choices=("p2p", "fail", "off"), help="when no peer can dial this one's "
+                   "announced address at join: serve over libp2p (p2p), exit with the fix (fail), or do not check "
+                   "(off) (default: network.reachability, p2p)")
 
 
 # -- peer --------------------------------------------------------------------------------------

@@ -73,24 +73,28 @@ def read_runs(dht: DHT, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
 
 
 def dht_options(host: str = "127.0.0.1", port: int = 0, client_mode: bool = False, announce_host: str | None = None,
-                identity_path: str | None = None, use_auto_relay: bool = False, use_relay: bool = True
-                ) -> dict[str, Any]:
+                identity_path: str | None = None, use_auto_relay: bool = False, use_relay: bool = True,
+                initial_peers: list[str] | None = None, public: bool = False) -> dict[str, Any]:
     """hivemind ``DHT``/``P2P`` keyword arguments for a node listening on ``host:port`` (port 0: any free
     port) and announcing ``announce_host`` (default: what it listens on). Announcing needs a fixed
     port: libp2p cannot announce port 0."""
     kwargs: dict[str, Any] = dict(client_mode=client_mode, use_relay=use_relay, use_auto_relay=use_auto_relay)
+    if use_auto_relay and initial_peers:  # behind NAT: reserve a slot on the peers it joins through (relays)
+        kwargs.update(trusted_relays=list(initial_peers), force_reachability="private")
+    elif public:  # libp2p relays only for a node that knows it is public; a bootstrap is, by definition
+        kwargs["force_reachability"] = "public"
     if identity_path is not None:
         kwargs["identity_path"] = str(identity_path)
     if not client_mode:
-        kwargs["host_maddrs"] = [f"/{_ip_proto(host)}/{host}/tcp/{port}"]
+        kwargs["host_maddrs"] = [f"/{ip_proto(host)}/{host}/tcp/{port}"]
         if announce_host and announce_host != host:
             if port == 0:
                 raise ValueError(f"announcing {announce_host} needs a fixed DHT port (--dht-port), not 0")
-            kwargs["announce_maddrs"] = [f"/{_ip_proto(announce_host)}/{announce_host}/tcp/{port}"]
+            kwargs["announce_maddrs"] = [f"/{ip_proto(announce_host)}/{announce_host}/tcp/{port}"]
     return kwargs
 
 
-def _ip_proto(host: str) -> str:
+def ip_proto(host: str) -> str:
     """The multiaddr protocol of an address: ip4, ip6 or dns (a name)."""
     if ":" in host:
         return "ip6"
@@ -99,15 +103,18 @@ def _ip_proto(host: str) -> str:
 
 def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: int = 0,
               client_mode: bool = False, *, announce_host: str | None = None, identity_path: str | None = None,
-              use_auto_relay: bool = False, use_relay: bool = True, wait_timeout: float | None = None) -> DHT:
+              use_auto_relay: bool = False, use_relay: bool = True, wait_timeout: float | None = None,
+              public: bool = False) -> DHT:
     """A hivemind DHT node listening on ``host:port`` (loopback, any free port by default),
     announcing ``announce_host`` when given (a VM behind NAT: its public address; needs a fixed
     ``port``), with the stable peer id kept in ``identity_path`` (created when missing), looking for
-    libp2p relays when ``use_auto_relay`` (a peer behind NAT). It runs in a child process forked
+    libp2p relays when ``use_auto_relay`` (a peer behind NAT; it reserves a slot on the
+    ``initial_peers``), relaying for others when ``public`` (a bootstrap). It runs in a child process forked
     with SIGTERM/SIGINT blocked (:func:`swarmrt.procs.stop_signals_blocked`): a signal to the whole
     process group leaves it (and its p2pd) to the role, which drains and then stops it with
     :func:`stop_dht`. An unreachable ``initial_peers`` list raises :class:`DHTStartError` (one line)."""
-    kwargs = dht_options(host, port, client_mode, announce_host, identity_path, use_auto_relay, use_relay)
+    kwargs = dht_options(host, port, client_mode, announce_host, identity_path, use_auto_relay, use_relay,
+                         initial_peers, public)
     dht = DHT(initial_peers=initial_peers or None, start=False, **kwargs)
     with stop_signals_blocked():
         dht.start()

@@ -6,7 +6,8 @@ call ``Info`` there (:func:`swarmrt.wire.p2p.ask_dial_back`, over libp2p). The
 answer must come from this very peer (its id), not from whatever else listens at
 that address. :func:`verdict` turns the answers into one decision and one line:
 
-- someone reached it: serve over gRPC (the fast path);
+- someone reached it (a peer of the run; a bootstrap only when no peer of
+  the run answered): serve over gRPC (the fast path);
 - nobody could (but some answered): the address is wrong or closed; the line
   says how to fix it (announce host, port forward, relay), and the peer either
   serves over libp2p instead (``network.reachability = "p2p"``) or exits
@@ -55,8 +56,14 @@ def fix_hint(address: str) -> str:
             f"(network.reachability = \"p2p\"; --use-auto-relay behind NAT)")
 
 
-def verdict(address: str, self_id: str, answers: Mapping[str, Mapping[str, str]]) -> tuple[str, str]:
-    """``(REACHABLE | UNREACHABLE | UNCHECKED, one line)`` from :func:`ask_dial_back`'s answers."""
+def verdict(address: str, self_id: str, answers: Mapping[str, Mapping[str, str]],
+            bootstraps: Iterable[str] = ()) -> tuple[str, str]:
+    """``(REACHABLE | UNREACHABLE | UNCHECKED, one line)`` from :func:`ask_dial_back`'s answers.
+    The bootstraps' answers count only when no peer of the run answered: a bootstrap may sit on
+    both sides of a NAT (a relay does), and the trainers and peers are who must reach the address."""
+    bootstraps = set(bootstraps)
+    if any("no_answer" not in a for p, a in answers.items() if p not in bootstraps):
+        answers = {p: a for p, a in answers.items() if p not in bootstraps}
     reached = sorted(p for p, a in answers.items() if a.get("peer_id") == self_id)
     if reached:
         return REACHABLE, f"{address} is reachable: dialled back by {', '.join(reached)}"

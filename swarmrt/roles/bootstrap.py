@@ -29,9 +29,10 @@ async def serve_bootstrap(initial_peers: Sequence[str] = (), host: str = "127.0.
     install_stop_handlers(asyncio.get_running_loop(), stop)
     dht = await asyncio.to_thread(start_dht, list(initial_peers), host, port, announce_host=announce_host,
                                   identity_path=None if identity is None else str(identity),
-                                  use_auto_relay=use_auto_relay)
+                                  use_auto_relay=use_auto_relay, public=not use_auto_relay)
+    p2p = None
     try:
-        await answer_dial_backs(dht)
+        p2p = await answer_dial_backs(dht)
         maddrs = visible_maddrs(dht)
         print("\n".join(maddrs), flush=True)
         if addr_file:
@@ -39,4 +40,6 @@ async def serve_bootstrap(initial_peers: Sequence[str] = (), host: str = "127.0.
         await stop.wait()
         return 0
     finally:
+        if p2p is not None:
+            await p2p.shutdown()  # this process's connection to the p2pd
         await asyncio.to_thread(stop_dht, dht)

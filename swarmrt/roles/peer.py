@@ -406,6 +406,7 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         return 0
     finally:
         await peer.close()
+        await network.close()
         # the DHT child (forked with SIGTERM/SIGINT blocked) gets what is left of the grace period, 1..3 s
         left = 3.0 if stopping is None else options.grace_s - (time.monotonic() - stopping)
         await asyncio.to_thread(dht_records.stop_dht, dht, min(3.0, max(1.0, left)))

@@ -16,18 +16,21 @@ import logging
 import random
 from typing import Callable, Sequence
 
-from swarmrt.config import RunConfig
+from swarmrt.config import WILDCARDS, RunConfig
 from swarmrt.discovery import dht as dht_records
-from swarmrt.discovery.reachability import (REACHABLE, UNCHECKED, Unreachable, choose_dialers, peer_id_of_maddr,
+from swarmrt.discovery.reachability import (REACHABLE, UNCHECKED, UNREACHABLE, Unreachable, choose_dialers, peer_id_of_maddr,
                                             verdict)
 from swarmrt.wire.p2p import DialBack, P2PStageService, ask_dial_back, p2p_address
 
 logger = logging.getLogger("swarmrt.peer")
 
 
-async def answer_dial_backs(dht) -> None:
-    """Let others ask this node to dial their gRPC address (a bootstrap does, so a run's first peer is checked)."""
-    await DialBack().start(await dht.replicate_p2p())
+async def answer_dial_backs(dht):
+    """Let others ask this node to dial their gRPC address (a bootstrap does, so a run's first peer is
+    checked); returns the P2P connection it made (shut it down when done)."""
+    p2p = await dht.replicate_p2p()
+    await DialBack().start(p2p)
+    return p2p
 
 
 class PeerNetwork:
@@ -45,6 +48,19 @@ class PeerNetwork:
         await self.service.start(self.p2p)
         await DialBack().start(self.p2p)
 
+    def listen_maddrs(self) -> list[str]:
+        """Where the DHT node listens, when that differs from what it announces (a LAN peer may dial it)."""
+        net = self.config.network
+        if net.dht_port and net.host not in WILDCARDS and net.public_host != net.host:
+            return [f"/{dht_records.ip_proto(net.host)}/{net.host}/tcp/{net.dht_port}/p2p/{self.peer_id}"]
+        return []
+
+    async def close(self) -> None:
+        """Close this process's connection to the DHT's p2pd (the node itself is the caller's)."""
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+            self.p2p = None
+
     async def checked_address(self, address: str, servicer) -> str:
         """The address to announce for ``servicer`` (now also served over libp2p): ``address`` if
         someone in the run could dial it back (or nobody could be asked), else the libp2p one."""
@@ -56,15 +72,21 @@ class PeerNetwork:
                                              self.config.num_stages)
         dialers = choose_dialers([r.peer_id for r in records if r.state == "serving"], self.bootstraps,
                                  self.peer_id, self.rng)
-        status, line = verdict(address, self.peer_id, await ask_dial_back(self.p2p, dialers, address))
+        answers = await ask_dial_back(self.p2p, dialers, address)
+        peers = [d for d in dialers if d not in self.bootstraps]
+        if peers and all("no_answer" in answers[p] for p in peers):  # e.g. behind NAT: ask through a bootstrap
+            forwarded = await ask_dial_back(self.p2p, self.bootstraps[:1], address, 10.0, via=peers)
+            answers.update({p: a for p, a in forwarded.items() if p in peers})
+        status, line = verdict(address, self.peer_id, answers, self.bootstraps)
         if status == REACHABLE:
             logger.info(line)
             return address
+        if status == UNREACHABLE and mode == "fail":
+            raise Unreachable(line)
         self.say(line)
         if status == UNCHECKED:
             return address
-        if mode == "fail":
-            raise Unreachable(line)
-        p2p = p2p_address(self.peer_id, await asyncio.to_thread(dht_records.visible_maddrs, self.dht))
+        p2p = p2p_address(self.peer_id, await asyncio.to_thread(dht_records.visible_maddrs, self.dht)
+                          + self.listen_maddrs())
         self.say(f"serving over libp2p instead (slower than gRPC) at {p2p}")
         return p2p

@@ -70,9 +70,43 @@ def parse_p2p_address(address: str) -> tuple[PeerID, list[Multiaddr]]:
         raise ValueError(f"not a libp2p stage address: {address!r}")
     peer, _, maddrs = address[len(PREFIX):].partition("@")
     try:
-        return PeerID.from_base58(peer), [Multiaddr(m) for m in maddrs.split(",") if m]
+        return PeerID.from_base58(peer), [daemon_maddr(m) for m in maddrs.split(",") if m]
     except Exception as e:
         raise ValueError(f"bad libp2p stage address {address!r}: {e}") from None
+
+
+def daemon_maddr(text: str) -> Multiaddr:
+    """``text`` as a multiaddr p2pd can parse: hivemind's multiaddr library encodes a ``/p2p/ID``
+    component as a CID, p2pd (go-multiaddr) wants the raw multihash, so those are re-encoded."""
+    out, plain, parts = b"", [], text.strip("/").split("/")
+
+    def flush() -> bytes:
+        done = Multiaddr("/" + "/".join(plain)).to_bytes() if plain else b""
+        plain.clear()
+        return done
+
+    i = 0
+    while i < len(parts):
+        if parts[i] in ("p2p", "ipfs") and i + 1 < len(parts):
+            raw = PeerID.from_base58(parts[i + 1]).to_bytes()
+            out += flush() + P2P_CODE + _varint(len(raw)) + raw
+            i += 2
+        else:
+            plain.append(parts[i])
+            i += 1
+    return Multiaddr(out + flush())
+
+
+P2P_CODE = b"\xa5\x03"  # multicodec 421 (p2p) as a varint
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
 
 
 # -- framing ------------------------------------------------------------------------------------
@@ -161,6 +195,7 @@ class P2PStageClient:
 
     def __init__(self, p2p: P2P | Callable[[], Awaitable[P2P]], max_tensor_mb: int = 256):
         self._p2p, self.limit = p2p, max_tensor_mb * 2**20 + 2**20
+        self._owned = not isinstance(p2p, P2P)  # made here: closed here
         self._connected: set[str] = set()
 
     async def host(self) -> P2P:
@@ -218,7 +253,9 @@ class P2PStageClient:
         return await self._guarded(call(), timeout)
 
     async def close(self) -> None:
-        self._connected.clear()  # the P2P replica belongs to the DHT node
+        self._connected.clear()
+        if self._owned and isinstance(self._p2p, P2P):
+            await self._p2p.shutdown()  # this process's connection to the DHT's p2pd, not the daemon
 
 
 class RoutedClient:
@@ -257,18 +294,31 @@ def routed_client(dht, max_tensor_mb: int, interceptors=()) -> RoutedClient:
 # -- dial-back ----------------------------------------------------------------------------------
 class DialBack:
     """Answers "can you reach my gRPC address?": calls ``Info`` there (one dial at a time, each at
-    most ``timeout`` seconds) and answers ``{"peer_id": who answered}`` or ``{"error": why not}``.
-    It only ever dials ``host:port`` addresses, and only the stage service's ``Info``."""
+    most ``timeout`` seconds) and answers ``{its peer id: {"peer_id": who answered}}`` or
+    ``{its peer id: {"error": why not}}``. It only ever dials ``host:port`` addresses, and only the
+    stage service's ``Info``. Asked with ``via`` (up to :data:`MAX_VIA` peer ids), it passes the
+    question on to those peers instead and returns their answers: a joiner behind NAT may reach
+    only its bootstrap, which reaches everyone."""
 
     def __init__(self, timeout: float = 3.0):
         self.timeout = timeout
         self._one_at_a_time = asyncio.Semaphore(1)
+        self.p2p: P2P | None = None
 
     async def start(self, p2p: P2P) -> None:
+        self.p2p = p2p
         await p2p.add_protobuf_handler(DIAL_HANDLER, self.handle, BytesValue)
 
     async def handle(self, request: BytesValue, context: P2PContext) -> BytesValue:
-        return BytesValue(value=msgpack.packb(await self.dial(request.value.decode("utf-8", "replace"))))
+        question = msgpack.unpackb(request.value) if len(request.value) <= HEADER_MAX * 4 else None
+        if not isinstance(question, dict) or not isinstance(question.get("address"), str):
+            return BytesValue(value=msgpack.packb({"answers": {}}))
+        via = question.get("via") or []
+        if isinstance(via, list) and via and all(isinstance(v, str) for v in via):
+            answers = await ask_dial_back(self.p2p, via[:MAX_VIA], question["address"], self.timeout + 1)
+        else:
+            answers = {self.p2p.peer_id.to_base58(): await self.dial(question["address"])}
+        return BytesValue(value=msgpack.packb({"answers": answers}))
 
     async def dial(self, address: str) -> dict[str, str]:
         if not _ADDRESS.match(address):
@@ -284,21 +334,39 @@ class DialBack:
                 await client.close()
 
 
-async def ask_dial_back(p2p: P2P, dialers: Sequence[str], address: str, timeout: float = 5.0
-                        ) -> dict[str, dict[str, str]]:
-    """Ask each peer in ``dialers`` (peer ids, all at once) to dial ``address``; ``{peer id: answer}``,
-    the answer ``{"peer_id": ...}``, ``{"error": ...}``, or ``{"no_answer": why}`` when the peer could
-    not be asked."""
-    async def ask(dialer: str) -> dict[str, str]:
-        try:
-            call = p2p.call_protobuf_handler(PeerID.from_base58(dialer), DIAL_HANDLER,
-                                             BytesValue(value=address.encode()), BytesValue)
-            answer = msgpack.unpackb((await asyncio.wait_for(call, timeout)).value)
-            if isinstance(answer, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in answer.items()):
-                return answer
-            return {"no_answer": "malformed answer"}
-        except Exception as e:
-            return {"no_answer": f"{type(e).__name__}: {e}"[:160]}
+MAX_VIA = 3
 
-    answers = await asyncio.gather(*(ask(d) for d in dialers))
-    return dict(zip(dialers, answers))
+
+def _answers(value: bytes) -> dict[str, dict[str, str]] | None:
+    reply = msgpack.unpackb(value)
+    answers = reply.get("answers") if isinstance(reply, dict) else None
+    if not isinstance(answers, dict):
+        return None
+    return {k: v for k, v in answers.items() if isinstance(k, str) and isinstance(v, dict)
+            and all(isinstance(a, str) and isinstance(b, str) for a, b in v.items())}
+
+
+async def ask_dial_back(p2p: P2P, dialers: Sequence[str], address: str, timeout: float = 5.0,
+                        via: Sequence[str] = ()) -> dict[str, dict[str, str]]:
+    """Ask each peer in ``dialers`` (peer ids, all at once) to dial ``address`` (with ``via``: to pass
+    the question on to those peers); ``{peer id: answer}``, the answer ``{"peer_id": ...}``,
+    ``{"error": ...}``, or ``{"no_answer": why}`` for a peer that could not be asked."""
+    question = BytesValue(value=msgpack.packb({"address": address, "via": list(via)}))
+
+    async def ask(dialer: str) -> dict[str, dict[str, str]]:
+        try:
+            call = p2p.call_protobuf_handler(PeerID.from_base58(dialer), DIAL_HANDLER, question, BytesValue)
+            answers = _answers((await asyncio.wait_for(call, timeout)).value)
+            if answers is None:
+                return {dialer: {"no_answer": "malformed answer"}}
+            return {k: v for k, v in answers.items() if k in via} if via else {dialer: answers.get(dialer, {
+                "no_answer": "it did not answer for itself"})}
+        except Exception as e:
+            return {dialer: {"no_answer": f"{type(e).__name__}: {e}"[:160]}}
+
+    found: dict[str, dict[str, str]] = {}
+    for answers in await asyncio.gather(*(ask(d) for d in dialers)):
+        for peer, answer in answers.items():
+            if peer not in found or "no_answer" in found[peer]:
+                found[peer] = answer
+    return found
