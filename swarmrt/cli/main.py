@@ -77,10 +77,13 @@ def _flag_error(e: ConfigError) -> ConfigError:
 
 def check_bootstrap_flags(args) -> None:
     """The bootstrap's address flags, checked as the network section checks a peer's (one line naming the flag)."""
-    from swarmrt.config import NetworkSection
+    from swarmrt.config import WILDCARDS, NetworkSection
 
+    host = args.host
+    if host in WILDCARDS and args.announce_host is None:
+        host = "127.0.0.1"  # a bootstrap on every interface prints each interface's address: nothing to check
     try:
-        NetworkSection(host=args.host, announce_host=args.announce_host, dht_port=args.port)
+        NetworkSection(host=host, announce_host=args.announce_host, dht_port=args.port)
     except ConfigError as e:
         raise _flag_error(e) from None
     if args.identity is not None and pathlib.Path(args.identity).is_dir():
