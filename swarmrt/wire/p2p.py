@@ -70,7 +70,11 @@ def parse_p2p_address(address: str) -> tuple[PeerID, list[Multiaddr]]:
         raise ValueError(f"not a libp2p stage address: {address!r}")
     peer, _, maddrs = address[len(PREFIX):].partition("@")
     try:
-        return PeerID.from_base58(peer), [daemon_maddr(m) for m in maddrs.split(",") if m]
+        peer_id = PeerID.from_base58(peer)
+        raw = peer_id.to_bytes()
+        if not (raw[:2] == b"\x12\x20" and len(raw) == 34 or raw[:1] == b"\x00" and len(raw) == raw[1] + 2):
+            raise ValueError("not a libp2p peer id")
+        return peer_id, [daemon_maddr(m) for m in maddrs.split(",") if m]
     except Exception as e:
         raise ValueError(f"bad libp2p stage address {address!r}: {e}") from None
 
@@ -194,13 +198,14 @@ class P2PStageClient:
     ``p2p`` is a :class:`hivemind.p2p.P2P` or an async function returning one (made on first use)."""
 
     def __init__(self, p2p: P2P | Callable[[], Awaitable[P2P]], max_tensor_mb: int = 256):
-        self._p2p, self.limit = p2p, max_tensor_mb * 2**20 + 2**20
-        self._owned = not isinstance(p2p, P2P)  # made here: closed here
+        self.limit = max_tensor_mb * 2**20 + 2**20
+        made_here = not hasattr(p2p, "iterate_protobuf_handler")
+        self._factory, self._p2p = (p2p, None) if made_here else (None, p2p)
         self._connected: set[str] = set()
 
     async def host(self) -> P2P:
-        if not isinstance(self._p2p, P2P):
-            self._p2p = await self._p2p()
+        if self._p2p is None:
+            self._p2p = await self._factory()
         return self._p2p
 
     async def _open(self, method: str, address: str, request, timeout: float) -> AsyncIterator[BytesValue]:
@@ -254,8 +259,9 @@ class P2PStageClient:
 
     async def close(self) -> None:
         self._connected.clear()
-        if self._owned and isinstance(self._p2p, P2P):
+        if self._factory is not None and self._p2p is not None:  # made here: closed here
             await self._p2p.shutdown()  # this process's connection to the DHT's p2pd, not the daemon
+            self._p2p = None
 
 
 class RoutedClient:
