@@ -72,11 +72,13 @@ class PeerNetwork:
                                              self.config.num_stages)
         dialers = choose_dialers([r.peer_id for r in records if r.state == "serving"], self.bootstraps,
                                  self.peer_id, self.rng)
-        answers = await ask_dial_back(self.p2p, dialers, address)
         peers = [d for d in dialers if d not in self.bootstraps]
-        if peers and all("no_answer" in answers[p] for p in peers):  # e.g. behind NAT: ask through a bootstrap
-            forwarded = await ask_dial_back(self.p2p, self.bootstraps[:1], address, 10.0, via=peers)
-            answers.update({p: a for p, a in forwarded.items() if p in peers})
+        answers = await ask_dial_back(self.p2p, peers, address, expect=self.peer_id) if peers else {}
+        if all("no_answer" in answers.get(p, {"no_answer": ""}) for p in peers):  # no peer of the run answered
+            answers.update(await ask_dial_back(self.p2p, self.bootstraps, address, expect=self.peer_id))
+            if peers:  # e.g. behind NAT, it reaches only the bootstrap: ask the run's peers through it
+                forwarded = await ask_dial_back(self.p2p, self.bootstraps[:1], address, 10.0, via=peers)
+                answers.update({p: a for p, a in forwarded.items() if p in peers})
         status, line = verdict(address, self.peer_id, answers, self.bootstraps)
         if status == REACHABLE:
             logger.info(line)

@@ -309,6 +309,7 @@ class DialBack:
     def __init__(self, timeout: float = 3.0):
         self.timeout = timeout
         self._one_at_a_time = asyncio.Semaphore(1)
+        self.waiting = 0
         self.p2p: P2P | None = None
 
     async def start(self, p2p: P2P) -> None:
@@ -329,18 +330,28 @@ class DialBack:
     async def dial(self, address: str) -> dict[str, str]:
         if not _ADDRESS.match(address):
             return {"error": f"not a host:port address: {address[:80]!r}"}
-        async with self._one_at_a_time:
-            client = StageClient(1)
-            try:
-                info = await client.info(address, timeout=self.timeout)
-                return {"peer_id": info.peer_id}
-            except grpc.aio.AioRpcError as e:
-                return {"error": f"{e.code().name}: {' '.join((e.details() or '').split())[:160]}"}
-            finally:
-                await client.close()
+        if self.waiting >= MAX_WAITING:  # a flood of questions gets answers, not a queue
+            return {"error": "busy: too many dial-back requests"}
+        self.waiting += 1
+        try:
+            async with self._one_at_a_time:
+                return await self._dial(address)
+        finally:
+            self.waiting -= 1
+
+    async def _dial(self, address: str) -> dict[str, str]:
+        client = StageClient(1)
+        try:
+            info = await client.info(address, timeout=self.timeout)
+            return {"peer_id": info.peer_id}
+        except grpc.aio.AioRpcError as e:
+            return {"error": f"{e.code().name}: {' '.join((e.details() or '').split())[:200]}"}
+        finally:
+            await client.close()
 
 
 MAX_VIA = 3
+MAX_WAITING = 8
 
 
 def _answers(value: bytes) -> dict[str, dict[str, str]] | None:
@@ -353,10 +364,11 @@ def _answers(value: bytes) -> dict[str, dict[str, str]] | None:
 
 
 async def ask_dial_back(p2p: P2P, dialers: Sequence[str], address: str, timeout: float = 5.0,
-                        via: Sequence[str] = ()) -> dict[str, dict[str, str]]:
+                        via: Sequence[str] = (), expect: str | None = None) -> dict[str, dict[str, str]]:
     """Ask each peer in ``dialers`` (peer ids, all at once) to dial ``address`` (with ``via``: to pass
     the question on to those peers); ``{peer id: answer}``, the answer ``{"peer_id": ...}``,
-    ``{"error": ...}``, or ``{"no_answer": why}`` for a peer that could not be asked."""
+    ``{"error": ...}``, or ``{"no_answer": why}`` for a peer that could not be asked. With ``expect``
+    (a peer id), stop at the first ``{"peer_id": expect}`` (a frozen dialer costs nothing then)."""
     question = BytesValue(value=msgpack.packb({"address": address, "via": list(via)}))
 
     async def ask(dialer: str) -> dict[str, dict[str, str]]:
@@ -371,8 +383,15 @@ async def ask_dial_back(p2p: P2P, dialers: Sequence[str], address: str, timeout:
             return {dialer: {"no_answer": f"{type(e).__name__}: {e}"[:160]}}
 
     found: dict[str, dict[str, str]] = {}
-    for answers in await asyncio.gather(*(ask(d) for d in dialers)):
-        for peer, answer in answers.items():
-            if peer not in found or "no_answer" in found[peer]:
-                found[peer] = answer
+    tasks = [asyncio.ensure_future(ask(d)) for d in dialers]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            for peer, answer in (await next_done).items():
+                if peer not in found or "no_answer" in found[peer]:
+                    found[peer] = answer
+            if expect is not None and any(a.get("peer_id") == expect for a in found.values()):
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
     return found

@@ -236,3 +236,12 @@ def test_bad_address_flags_are_one_line_naming_the_flag(argv, expected, capsys, 
     assert main([str(config) if a == "CONFIG" else a for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and expected in err, err
+
+
+def test_dial_back_refuses_what_is_not_host_port_and_floods():
+    from swarmrt.wire.p2p import MAX_WAITING, DialBack
+
+    dial = DialBack(timeout=0.5)
+    assert asyncio.run(dial.dial("/etc/passwd"))["error"].startswith("not a host:port address")
+    dial.waiting = MAX_WAITING
+    assert asyncio.run(dial.dial("127.0.0.1:9")) == {"error": "busy: too many dial-back requests"}
