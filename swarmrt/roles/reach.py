@@ -68,8 +68,12 @@ class PeerNetwork:
         mode = self.config.network.reachability
         if mode == "off":
             return address
-        records, _ = await asyncio.to_thread(dht_records.read_swarm, self.dht, self.config.run.id,
-                                             self.config.num_stages)
+        try:
+            records, _ = await asyncio.to_thread(dht_records.read_swarm, self.dht, self.config.run.id,
+                                                 self.config.num_stages)
+        except Exception as e:  # a slow DHT read: the bootstraps are still there to ask
+            logger.warning("could not read the run's peers for the reachability check: %s", e or type(e).__name__)
+            records = []
         dialers = choose_dialers([r.peer_id for r in records if r.state == "serving"], self.bootstraps,
                                  self.peer_id, self.rng)
         peers = [d for d in dialers if d not in self.bootstraps]
