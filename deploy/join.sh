@@ -1,13 +1,15 @@
 # shellcheck shell=sh
 # Sourced by the deploy/ containers and tasks before they start a swarmrt role:
 #
-#   . /opt/swarmrt/join.sh && exec swarmrt peer --config "$CONFIG" --initial-peers $MADDR --stage 0
+#   . /opt/swarmrt/join.sh && exec swarmrt peer --config "$CONFIG" --initial-peers $MADDR \
+#       --host "$HOST" --stage 0
 #
-# It sets two variables:
+# It sets three variables:
 #   MADDR   the multiaddr(s) to join through, space-separated (leave $MADDR unquoted)
-#   CONFIG  the run config for this node: a copy of $SWARMRT_CONFIG whose network.host is
-#           this node's reachable address, since a stage peer listens on and announces
-#           network.host (one shared config cannot name every node's address)
+#   HOST    this node's address as the others reach it: pass it as --host (listen there and
+#           announce it), or, behind NAT, listen with --host 0.0.0.0 and pass it as
+#           --announce-host with a fixed --dht-port
+#   CONFIG  the run config ($SWARMRT_CONFIG, checked; nothing in it is rewritten)
 #
 # Environment it reads:
 #   SWARMRT_INITIAL_PEERS  multiaddr(s) to join through, space-separated; when unset they are
@@ -17,8 +19,7 @@
 #                          addresses in it are dropped: they only work on the bootstrap's host
 #   SWARMRT_CONFIG         the run config (TOML or YAML); required
 #   SWARMRT_HOST           this node's address as the others reach it (pod IP, container IP,
-#                          VM private IP); default: the address of the default route
-#   SWARMRT_NODE_CONFIG    where to write CONFIG (default /tmp/swarmrt-node.yaml)
+#                          VM public IP); default: the address of the default route
 #   SWARMRT_PYTHON         a python with swarmrt installed (default python3)
 #
 # Returns non-zero, with one line on stderr, when something is missing.
@@ -49,15 +50,17 @@ swarmrt_join() {
             MADDR=$(tr '\n' ' ' < "$SWARMRT_ADDR_FILE")
         fi
     fi
-    CONFIG=${SWARMRT_NODE_CONFIG:-/tmp/swarmrt-node.yaml}
-    "$_py" - "$SWARMRT_CONFIG" "${SWARMRT_HOST:-}" "$CONFIG" <<'PY'
-import os, socket, sys
+    CONFIG=$SWARMRT_CONFIG
+    HOST=$("$_py" - "$CONFIG" "${SWARMRT_HOST:-}" <<'PY'
+import socket, sys
 
-import yaml
+from swarmrt.config import ConfigError, load_config
 
-from swarmrt.config import ConfigError, load_config, with_overrides
-
-source, host, out = sys.argv[1:4]
+source, host = sys.argv[1:3]
+try:
+    load_config(source)
+except ConfigError as e:
+    sys.exit(f"join.sh: config error: {e}")
 if not host:  # the address of the default route; a UDP connect sends nothing
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -67,15 +70,10 @@ if not host:  # the address of the default route; a UDP connect sends nothing
         host = "127.0.0.1"
     finally:
         s.close()
-try:
-    config = with_overrides(load_config(source), network={"host": host})
-except ConfigError as e:
-    sys.exit(f"join.sh: config error: {e}")
-with open(out + ".tmp", "w") as f:
-    yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-os.replace(out + ".tmp", out)
-print(f"join.sh: network.host = {host}; config {out}", file=sys.stderr)
+print(host)
+print(f"join.sh: this node is reached at {host}", file=sys.stderr)
 PY
+) || return $?
 }
 
 swarmrt_join

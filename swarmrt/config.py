@@ -136,7 +136,22 @@ class OptimizerSection:
 @dataclasses.dataclass(frozen=True)
 class NetworkSection:
     host: str = "127.0.0.1"
-    """Address stage peers listen on and announce."""
+    """Address a stage peer listens on (gRPC and DHT). Loopback by default (one machine); ``0.0.0.0``
+    listens on every interface, and then needs ``announce_host``."""
+    announce_host: str | None = None
+    """Address other machines use to reach this peer, announced in the DHT (gRPC ``host:port`` and the
+    DHT's multiaddr); default: ``host``. A cloud VM whose public IP is NATed listens on ``0.0.0.0`` and
+    announces its public IP (and opens or forwards the gRPC ``--port`` and ``dht_port``)."""
+    dht_port: int = 0
+    """TCP port of the peer's DHT node (0: any free port). Fix it to open one port in a firewall;
+    needed when ``announce_host`` differs from ``host`` (libp2p cannot announce port 0)."""
+    use_auto_relay: bool = False
+    """Look for libp2p relays among the DHT peers and announce a relayed address (a peer behind NAT
+    whose DHT port nobody can dial)."""
+    reachability: str = "p2p"
+    """What a joining peer does when no peer in the run can dial its announced gRPC address (checked
+    before it announces ``serving``): ``p2p``: serve the stage over libp2p instead (through a relay if
+    needed; slower), ``fail``: exit with one line saying how to fix the address, ``off``: do not check."""
     heartbeat_s: float = 1.0
     """How often a peer re-announces itself in the DHT."""
     record_ttl_s: float = 4.0
@@ -176,6 +191,34 @@ class NetworkSection:
         for name in ("max_retries", "ban_after_failures", "max_tensor_mb", "context_max_mb"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"network.{name}", f"must be an integer >= 1, got {value!r}")
+        for name in ("host", "announce_host"):
+            value = getattr(self, name)
+            _check(value is None and name == "announce_host" or isinstance(value, str) and value.strip() == value
+                   and value != "" and "/" not in value and " " not in value, f"network.{name}",
+                   f"must be an IP address or host name, got {value!r}")
+        _check(self.announce_host not in WILDCARDS, "network.announce_host",
+               f"must be an address others can dial, not the wildcard {self.announce_host!r}")
+        _check(self.host not in WILDCARDS or self.announce_host is not None, "network.announce_host",
+               f"must be set when network.host is the wildcard {self.host!r} (it cannot be dialled): "
+               "the address other machines reach this one at")
+        _check(isinstance(self.dht_port, int) and not isinstance(self.dht_port, bool) and 0 <= self.dht_port < 65536,
+               "network.dht_port", f"must be a TCP port 0..65535, got {self.dht_port!r}")
+        _check(self.dht_port != 0 or self.announce_host in (None, self.host), "network.dht_port",
+               f"must be a fixed port when network.announce_host ({self.announce_host}) differs from network.host "
+               f"({self.host}): libp2p cannot announce port 0")
+        _check(isinstance(self.use_auto_relay, bool), "network.use_auto_relay",
+               f"must be true or false, got {self.use_auto_relay!r}")
+        _check(self.reachability in REACHABILITY, "network.reachability",
+               f"must be one of {', '.join(REACHABILITY)}, got {self.reachability!r}")
+
+    @property
+    def public_host(self) -> str:
+        """The address announced to others: ``announce_host``, else ``host``."""
+        return self.announce_host or self.host
+
+
+WILDCARDS = ("0.0.0.0", "::", "[::]")
+REACHABILITY = ("p2p", "fail", "off")
 
 
 @dataclasses.dataclass(frozen=True)

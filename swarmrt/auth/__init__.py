@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # importing the token module imports hivemind: the CLI's other commands need not wait for it
     from swarmrt.auth.token import JoinToken
 
-__all__ = ["dht_kwargs", "record_ttl_cap", "server_interceptors", "client_interceptors", "call_credentials",
+__all__ = ["dht_kwargs", "record_ttl_cap", "server_interceptors", "client_interceptors", "call_credentials", "p2p_check",
            "DEFAULT_RECORD_TTL_S"]
 
 DEFAULT_RECORD_TTL_S = 4.0
@@ -51,6 +51,25 @@ def client_interceptors(token: "JoinToken | None") -> tuple:
     from swarmrt.auth.grpc_auth import credential_interceptors
 
     return credential_interceptors(token.call_secret)
+
+
+def p2p_check(token: "JoinToken | None"):
+    """The libp2p stage service's credential check, ``check(method, metadata) -> problem or None``
+    (None for an open run): the same credential as a gRPC call's, carried in the call's header."""
+    if token is None:
+        return None
+    import time
+
+    from swarmrt.auth.credential import METADATA_KEY, credential_problem
+
+    secret = token.call_secret
+
+    def check(method: str, metadata) -> str | None:
+        pairs = metadata if isinstance(metadata, list) else []
+        value = next((p[1] for p in pairs if isinstance(p, list) and len(p) == 2 and p[0] == METADATA_KEY), None)
+        return credential_problem(value if isinstance(value, (str, bytes)) else None, secret, method, time.time())
+
+    return check
 
 
 def call_credentials(token: "JoinToken | None"):

@@ -19,10 +19,14 @@ import time
 from swarmrt.auth.credential import ENV_VAR as TOKEN_VAR
 from swarmrt.config import ConfigError, load_config
 from swarmrt.checkpoint.store import CheckpointError
+from swarmrt.discovery.reachability import NetworkError
 from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
 
 EXIT_USAGE = 2
 EXIT_NO_PEERS = 3
+EXIT_NETWORK = 4
+"""The DHT could not be joined (bootstrap unreachable, address not assignable), or nobody could dial a
+peer's announced address and ``network.reachability = "fail"``: one line on stderr with the fix."""
 """``swarmrt train``/``eval``: a stage had no peer and the swarm did not fill it in time."""
 NO_PEERS_EPILOG = (f"exit status {EXIT_NO_PEERS}: a stage had no peer and none could be moved there for "
                    "network.no_peers_timeout_s (or stayed empty 3x that long although peers could move there); "
@@ -64,11 +68,73 @@ def cmd_bootstrap(args) -> int:
     from swarmrt.roles.bootstrap import serve_bootstrap
     from swarmrt.roles.proc import run
 
+    check_bootstrap_flags(args)
     from swarmrt.auth.token import token_path
 
     return run(serve_bootstrap(args.initial_peers, args.host, args.port, args.addr_file,
                                join_token=token_path(args.join_token) or "join-token", run_key=args.run_key,
-                               token_valid_s=args.token_days * 86400))
+                               token_valid_s=args.token_days * 86400, announce_host=args.announce_host,
+                               identity=args.identity, use_auto_relay=args.use_auto_relay))
+
+
+FLAGS = {"network.host": "--host", "network.announce_host": "--announce-host", "network.dht_port": "--dht-port",
+         "network.use_auto_relay": "--use-auto-relay", "network.reachability": "--reachability"}
+
+
+def _flag_error(e: ConfigError) -> ConfigError:
+    """``e`` with the network keys it names written as the flags that set them."""
+    text = str(e)
+    for key, flag in FLAGS.items():
+        text = text.replace(key, f"{flag} ({key})")
+    return ConfigError(text)
+
+
+def check_bootstrap_flags(args) -> None:
+    """The bootstrap's address flags, checked as the network section checks a peer's (one line naming the flag)."""
+    from swarmrt.config import WILDCARDS, NetworkSection
+
+    host = args.host
+    if host in WILDCARDS and args.announce_host is None:
+        host = "127.0.0.1"  # a bootstrap on every interface prints each interface's address: nothing to check
+    try:
+        NetworkSection(host=host, announce_host=args.announce_host, dht_port=args.port)
+    except ConfigError as e:
+        raise _flag_error(e) from None
+    if args.identity is not None and pathlib.Path(args.identity).is_dir():
+        raise ConfigError(f"--identity {args.identity}: is a directory; give the key file (created when missing)")
+
+
+def with_network_flags(config, args):
+    """``config`` with the network flags given on the command line (``--host``, ``--announce-host``,
+    ``--dht-port``, ``--use-auto-relay``) in place of its ``[network]`` keys; checked the same way."""
+    import dataclasses
+
+    changes = {name: getattr(args, name) for name in ("host", "announce_host", "dht_port")
+               if getattr(args, name, None) is not None}
+    if getattr(args, "use_auto_relay", False):
+        changes["use_auto_relay"] = True
+    if getattr(args, "reachability", None) is not None:
+        changes["reachability"] = args.reachability
+    if not changes:
+        return config
+    try:
+        return dataclasses.replace(config, network=dataclasses.replace(config.network, **changes))
+    except ConfigError as e:
+        raise _flag_error(e) from None
+
+
+def add_address_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on, gRPC and DHT (default: network.host, 127.0.0.1; "
+                   "0.0.0.0 for other machines, with --announce-host)")
+    p.add_argument("--announce-host", metavar="HOST", help="address other machines reach this peer at, announced "
+                   "in the DHT (default: network.announce_host, else --host); a VM behind NAT: its public IP")
+    p.add_argument("--dht-port", type=int, metavar="PORT", help="fixed TCP port of the DHT node (default: "
+                   "network.dht_port, 0: any free port); needed with --announce-host")
+    p.add_argument("--use-auto-relay", action="store_true", help="behind NAT: reach others and be reached "
+                   "through libp2p relays (network.use_auto_relay)")
+    p.add_argument("--reachability", choices=("p2p", "fail", "off"), help="when no peer can dial this one's "
+                   "announced address at join: serve over libp2p (p2p), exit with the fix (fail), or do not check "
+                   "(off) (default: network.reachability, p2p)")
 
 
 # -- peer --------------------------------------------------------------------------------------
@@ -77,7 +143,7 @@ def cmd_peer(args) -> int:
     from swarmrt.roles.proc import run
     from swarmrt.wire.emulation import load_rules, rules_path
 
-    config = load_config(args.config)
+    config = with_network_flags(load_config(args.config), args)
     _check_skip(config)
     net_rules = rules_path(args.net_rules)
     if net_rules:
@@ -93,9 +159,9 @@ def cmd_peer(args) -> int:
 # -- train -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from swarmrt import auth
-    from swarmrt.wire.client import StageClient
     from swarmrt.discovery.dht import start_dht, stop_dht
     from swarmrt.wire.emulation import client_interceptors, rules_path
+    from swarmrt.wire.p2p import routed_client
     from swarmrt.roles.proc import install_stop_handlers
     from swarmrt.checkpoint.store import load_data_position
     from swarmrt.roles.trainer import Trainer
@@ -122,8 +188,9 @@ def cmd_train(args) -> int:
                                                                          config.network.record_ttl_s)))
         try:
             # interceptors name this trainer to the peers' emulated links and partitions (if any)
-            client = StageClient(config.network.max_tensor_mb, interceptors=interceptors,
-                                 credentials=auth.call_credentials(token))
+            # gRPC to host:port addresses, libp2p to the peers nobody can dial (they announce p2p: addresses)
+            client = routed_client(dht, config.network.max_tensor_mb, interceptors=interceptors,
+                                   credentials=auth.call_credentials(token))
             trainer = Trainer(config, dht, client=client, stream=args.stream, metrics_path=args.metrics_file,
                               progress=args.progress if args.progress is not None else sys.stderr.isatty(),
                               trainer_id=args.trainer_id, say=_say)
@@ -182,7 +249,7 @@ def cmd_eval(args) -> int:
     from swarmrt.discovery.dht import start_dht, stop_dht
     from swarmrt.roles.proc import run
     from swarmrt.roles.trainer import Trainer, parse_stage_subset
-    from swarmrt.wire.client import StageClient
+    from swarmrt.wire.p2p import routed_client
 
     config = load_config(args.config)
     stages, why = parse_stage_subset(args.eval_stages, config.num_stages)
@@ -199,8 +266,8 @@ def cmd_eval(args) -> int:
                                                         **auth.dht_kwargs(token, config.run.id,
                                                                          config.network.record_ttl_s)))
         try:
-            client = StageClient(config.network.max_tensor_mb, credentials=auth.call_credentials(token))
-            trainer = Trainer(config, dht, client=client,
+            trainer = Trainer(config, dht, client=routed_client(dht, config.network.max_tensor_mb,
+                                                                credentials=auth.call_credentials(token)),
                               trainer_id=f"eval-{int(time.time())}", say=_say)
             _print_result(await trainer.evaluate(stages, args.batches), args.summary_file)
             return 0
@@ -243,7 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bootstrap", help="start a DHT peer others join through; prints its multiaddr")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
-    p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    p.add_argument("--port", "--dht-port", type=int, default=0, help="TCP port (0: any free port; fix it to "
+                   "open one port in a firewall, and with --announce-host)")
+    p.add_argument("--announce-host", metavar="HOST", help="address to print and announce instead of --host "
+                   "(a VM behind NAT: its public IP; needs --port)")
+    p.add_argument("--identity", metavar="FILE", help="private key file (created when missing): the same peer id, "
+                   "so the same multiaddr, at every start")
+    p.add_argument("--use-auto-relay", action="store_true", help="behind NAT: be reached through libp2p relays")
     p.add_argument("--addr-file", help="also write the multiaddr(s) to this file")
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join an existing DHT too")
     p.add_argument("--join-token", metavar="FILE", help="write the run's join token here, for peers, trainers and "
@@ -256,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("peer", help="serve one pipeline stage")
     _common(p)
+    add_address_flags(p)
     p.add_argument("--stage", type=int, help="stage to serve (default: the stage with the least capacity)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--grace", type=float, default=20.0, help="seconds to drain in-flight work on SIGTERM")
@@ -327,5 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"swarmrt {args.command}: checkpoint error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except NetworkError as e:
+        print(f"swarmrt {args.command}: network error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return EXIT_NETWORK
     except KeyboardInterrupt:
         return 130

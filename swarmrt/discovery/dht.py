@@ -7,19 +7,21 @@ heartbeat, so a dead one vanishes from routing within ``ttl`` seconds.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Sequence
 
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from swarmrt.discovery.reachability import NetworkError
 from swarmrt.discovery.records import (RUNS_KEY, JoinIntent, StageRecord, check_run_value, joining_key,
                                        owner_subkey, stage_key, subkey_owner)
 from swarmrt.procs import descendants, stop_child, stop_signals_blocked
 
 __all__ = ["RUNS_KEY", "StageRecord", "JoinIntent", "stage_key", "announce", "announce_run", "announce_joining",
            "read_stage", "read_swarm", "read_runs", "start_dht", "stop_dht", "node_usable",
-           "visible_maddrs"]
+           "visible_maddrs", "dht_options", "DHTStartError"]
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -106,33 +108,87 @@ def read_runs(dht: DHT, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
             if isinstance(run, str) and check_run_value(v) is None}
 
 
+def dht_options(host: str = "127.0.0.1", port: int = 0, client_mode: bool = False, announce_host: str | None = None,
+                identity_path: str | None = None, use_auto_relay: bool = False, use_relay: bool = True,
+                initial_peers: list[str] | None = None, public: bool = False) -> dict[str, Any]:
+    """hivemind ``DHT``/``P2P`` keyword arguments for a node listening on ``host:port`` (port 0: any free
+    port) and announcing ``announce_host`` (default: what it listens on). Announcing needs a fixed
+    port: libp2p cannot announce port 0."""
+    kwargs: dict[str, Any] = dict(client_mode=client_mode, use_relay=use_relay, use_auto_relay=use_auto_relay)
+    if use_auto_relay and initial_peers:  # behind NAT: reserve a slot on the peers it joins through (relays)
+        kwargs.update(trusted_relays=list(initial_peers), force_reachability="private")
+    elif public:  # libp2p relays only for a node that knows it is public; a bootstrap is, by definition
+        kwargs["force_reachability"] = "public"
+    if identity_path is not None:
+        kwargs["identity_path"] = str(identity_path)
+    if not client_mode:
+        kwargs["host_maddrs"] = [f"/{ip_proto(host)}/{host}/tcp/{port}"]
+        if announce_host and announce_host != host:
+            if port == 0:
+                raise ValueError(f"announcing {announce_host} needs a fixed DHT port (--dht-port), not 0")
+            kwargs["announce_maddrs"] = [f"/{ip_proto(announce_host)}/{announce_host}/tcp/{port}"]
+    return kwargs
+
+
+def ip_proto(host: str) -> str:
+    """The multiaddr protocol of an address: ip4, ip6 or dns (a name)."""
+    if ":" in host:
+        return "ip6"
+    return "ip4" if all(part.isdigit() for part in host.split(".")) and host.count(".") == 3 else "dns"
+
+
 def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: int = 0,
-              client_mode: bool = False, *, authorizer=None, record_validators: Sequence = ()) -> DHT:
-    """A hivemind DHT node listening on ``host`` (loopback by default), in a child process forked
+              client_mode: bool = False, *, announce_host: str | None = None, identity_path: str | None = None,
+              use_auto_relay: bool = False, use_relay: bool = True, wait_timeout: float | None = None,
+              public: bool = False, authorizer=None, record_validators: Sequence = ()) -> DHT:
+    """A hivemind DHT node listening on ``host:port`` (loopback, any free port by default),
+    announcing ``announce_host`` when given (a VM behind NAT: its public address; needs a fixed
+    ``port``), with the stable peer id kept in ``identity_path`` (created when missing), looking for
+    libp2p relays when ``use_auto_relay`` (a peer behind NAT; it reserves a slot on the
+    ``initial_peers``), relaying for others when ``public`` (a bootstrap). It runs in a child process forked
     with SIGTERM/SIGINT blocked (:func:`swarmrt.procs.stop_signals_blocked`): a signal to the whole
     process group leaves it (and its p2pd) to the role, which drains and then stops it with
-    :func:`stop_dht`.
+    :func:`stop_dht`. An unreachable ``initial_peers`` list raises :class:`DHTStartError` (one line).
 
     ``authorizer`` and ``record_validators`` make it a member of a run with a join token
     (:func:`swarmrt.auth.dht_auth.dht_security`); with an ``RSASignatureValidator`` among them,
     this node's records go under its owner subkey, signed (``dht.owner_marker``)."""
-    kwargs: dict[str, Any] = dict(initial_peers=initial_peers or None, start=False, client_mode=client_mode,
-                                  record_validators=list(record_validators))
+    kwargs = dht_options(host, port, client_mode, announce_host, identity_path, use_auto_relay, use_relay,
+                         initial_peers, public)
     if authorizer is not None:
         kwargs["authorizer"] = authorizer
-    if not client_mode:
-        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
-    dht = DHT(**kwargs)
+    dht = DHT(initial_peers=initial_peers or None, start=False, record_validators=list(record_validators), **kwargs)
     dht.owner_marker = next((v.local_public_key for v in record_validators if isinstance(v, RSASignatureValidator)),
                             None)
     with stop_signals_blocked():
         dht.start()
     try:
-        dht.wait_until_ready()
-    except BaseException:
-        stop_dht(dht)
+        dht.wait_until_ready(timeout=wait_timeout)
+    except BaseException as e:
+        procs_log = logging.getLogger("swarmrt.procs")
+        level, procs_log.level = procs_log.level, logging.ERROR  # the failed node is killed: no news
+        try:
+            stop_dht(dht)
+        finally:
+            procs_log.setLevel(level)
+        if isinstance(e, Exception):
+            raise DHTStartError(_start_failure(e, initial_peers)) from e
         raise
     return dht
+
+
+class DHTStartError(NetworkError):
+    """The DHT node could not start; the message is one line saying why and what to check."""
+
+
+def _start_failure(e: Exception, initial_peers: list[str] | None) -> str:
+    why = " ".join((str(e) or type(e).__name__).split())
+    why = re.sub(r"^Daemon failed to start: \d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", why)
+    if initial_peers and ("bootstrap" in why.lower() or "initial" in why.lower() or "connect" in why.lower()
+                          or "timeout" in why.lower() or "timed out" in why.lower()):
+        return (f"cannot join the DHT through {' '.join(initial_peers)}: {why[:200]} (is the bootstrap running, "
+                f"and is the address it printed reachable from here?)")
+    return f"cannot start the DHT node: {why[:300]}"
 
 
 def node_usable(dht: DHT) -> bool:

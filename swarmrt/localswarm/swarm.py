@@ -133,7 +133,8 @@ class LocalSwarm:
 
     def __init__(self, config: RunConfig | str | os.PathLike, peers_per_stage: int | Sequence[int] = 2,
                  workdir: str | os.PathLike | None = None, start_timeout: float = 120.0,
-                 peer_args: dict[int, Sequence[str]] | None = None, env: dict[str, str] | None = None):
+                 peer_args: dict[int, Sequence[str]] | None = None, env: dict[str, str] | None = None,
+                 launcher: Callable[[str], Sequence[str]] | None = None, bootstrap_args: Sequence[str] = ()):
         self.config = config if isinstance(config, RunConfig) else load_config(config)
         counts = [peers_per_stage] * self.config.num_stages if isinstance(peers_per_stage, int) else list(peers_per_stage)
         if len(counts) != self.config.num_stages:
@@ -144,6 +145,9 @@ class LocalSwarm:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
         self.peer_args = peer_args or {}
+        self.launcher = launcher
+        """``launcher(role name)``: argv prefix for that role, e.g. ``ip netns exec NS`` (it must exec, not fork)."""
+        self.bootstrap_args = list(bootstrap_args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.config_path = self.workdir / "run.yaml"
         self.config_path.write_text(json.dumps(self.config.to_dict(), indent=1))  # JSON is valid YAML
@@ -164,7 +168,8 @@ class LocalSwarm:
         self._tell_reaper()
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "swarmrt", *args], stdout=out, stderr=subprocess.STDOUT,
+            prefix = list(self.launcher(name)) if self.launcher else []
+            proc = subprocess.Popen([*prefix, sys.executable, "-m", "swarmrt", *args], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
         role = Role(name, proc, log)
         self.roles.append(role)
@@ -201,7 +206,7 @@ class LocalSwarm:
     def start(self) -> "LocalSwarm":
         addr_file = self.workdir / "bootstrap.addr"
         boot = self._spawn("bootstrap", ["bootstrap", "--addr-file", str(addr_file),
-                                         "--join-token", str(self.join_token)])
+                                         "--join-token", str(self.join_token), *self.bootstrap_args])
         self.maddr = _wait_for(lambda: addr_file.exists() and addr_file.read_text().split()[0],
                                self.start_timeout, "the bootstrap address", [boot])
         pending = [self.add_peer(stage, wait=False) for stage, n in enumerate(self.counts) for _ in range(n)]

@@ -98,7 +98,10 @@ class Organizer:
         """Announce that this peer is on its way to ``stage`` (``settled``: its choice is made), and
         keep announcing it (every heartbeat) until :meth:`arrived`."""
         self._intent, self._settled = stage, settled
-        await self._announce_intent()
+        try:
+            await self._announce_intent()
+        except Exception as e:  # a slow DHT store: the keepalive below announces it again
+            logger.warning("could not announce the join intent: %s", e or type(e).__name__)
         if self._keepalive is None:
             self._keepalive = asyncio.create_task(self._keep_announcing())
 

@@ -44,9 +44,11 @@ from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 from swarmrt.roles.organizer import Organizer
 from swarmrt.roles.proc import install_stop_handlers, write_atomically
+from swarmrt.roles.reach import PeerNetwork
 from swarmrt.routing.rebalance import Move
 from swarmrt.wire.client import StageClient
 from swarmrt.wire.emulation import server_interceptors
+from swarmrt.wire.p2p import P2PStageClient, RoutedClient
 from swarmrt.wire.server import start_server
 
 logger = logging.getLogger("swarmrt.peer")
@@ -255,9 +257,11 @@ class Peer:
     """One stage peer over a started DHT node: :meth:`join`, then :func:`heartbeat` and
     :func:`drain` over its parts, then :meth:`close`."""
 
-    def __init__(self, config: RunConfig, options: PeerOptions, dht):
+    def __init__(self, config: RunConfig, options: PeerOptions, dht, network: PeerNetwork | None = None):
         self.config, self.options, self.dht = config, options, dht
         self.peer_id = str(dht.peer_id)
+        self.network = network
+        """The libp2p side (stage service, dial-backs, the reachability check); None: gRPC only, unchecked."""
         self.stage: int | None = None
         self.worker: StageWorker | None = None
         self.servicer: StageServicer | None = None
@@ -318,7 +322,9 @@ class Peer:
         self.server, port = await start_server(self.servicer, net.host, options.port, net.max_tensor_mb,
                                                interceptors=(*auth.server_interceptors(options.join_token),
                                                              *server_interceptors(options.net_rules, self.worker)))
-        address = f"{net.host}:{port}"
+        address = f"{net.public_host}:{port}"
+        if self.network is not None:
+            address = await self.network.checked_address(address, self.servicer)
         self.announcer = StageAnnouncer(self.dht, config, self.peer_id, self.stage, address, self.worker,
                                         self.servicer, pinned=options.stage is not None)
         note = await self.take_over_state()
@@ -361,8 +367,11 @@ class Peer:
                 raise CheckpointError(f"--resume: no checkpoint of stage {self.stage} of run {self.config.run.id!r} "
                                       f"under {self.config.checkpoint.location}")
         if note is None and donors:
-            client = StageClient(self.config.network.max_tensor_mb,
-                                 credentials=auth.call_credentials(self.options.join_token))
+            credentials = auth.call_credentials(self.options.join_token)
+            client = StageClient(self.config.network.max_tensor_mb, credentials=credentials)
+            if self.network is not None:  # a donor may serve over libp2p only
+                client = RoutedClient(client, P2PStageClient(self.network.p2p, self.config.network.max_tensor_mb,
+                                                             credentials=credentials))
             try:
                 note = await download_state(self.worker, client, self.config.run.id, donors)
             finally:
@@ -386,12 +395,16 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
     options.check(config)
     stop = asyncio.Event()
     install_stop_handlers(asyncio.get_running_loop(), stop)
-    security = auth.dht_kwargs(options.join_token, config.run.id, config.network.record_ttl_s)
-    dht = await asyncio.to_thread(lambda: dht_records.start_dht(list(options.initial_peers), config.network.host,
-                                                                **security))
-    peer = Peer(config, options, dht)
+    net = config.network
+    security = auth.dht_kwargs(options.join_token, config.run.id, net.record_ttl_s)
+    dht = await asyncio.to_thread(lambda: dht_records.start_dht(
+        list(options.initial_peers), net.host, net.dht_port, announce_host=net.announce_host,
+        use_auto_relay=net.use_auto_relay, **security))
+    network = PeerNetwork(dht, config, str(dht.peer_id), options.initial_peers, say, token=options.join_token)
+    peer = Peer(config, options, dht, network)
     stopping = None
     try:
+        await network.start()
         await peer.join()
         while not stop.is_set():  # a move returns from the heartbeat: beat on with the new stage's parts
             await heartbeat(stop, config.network.heartbeat_s, peer.announcer, peer.checkpoints,
@@ -403,6 +416,7 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         return 0
     finally:
         await peer.close()
+        await network.close()
         # the DHT child (forked with SIGTERM/SIGINT blocked) gets what is left of the grace period, 1..3 s
         left = 3.0 if stopping is None else options.grace_s - (time.monotonic() - stopping)
         await asyncio.to_thread(dht_records.stop_dht, dht, min(3.0, max(1.0, left)))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import time
 from typing import Callable
 
 import grpc
@@ -41,26 +40,13 @@ from swarmrt.discovery.records import StageRecord
 from swarmrt.models.build import build_layers, stage_ranges
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.wire.context import CallContext, rpc_error
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 
 
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """The error a ``grpc.aio`` client raises for a call that ended with ``code``."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class FakeContext:
-    """The part of :class:`grpc.aio.ServicerContext` that :class:`StageServicer` uses."""
-
-    def __init__(self, timeout: float | None, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self.deadline = None if timeout is None else clock() + timeout
-
-    def time_remaining(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - self.clock())
-
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise rpc_error(code, details)
+FakeContext = CallContext
+"""The part of :class:`grpc.aio.ServicerContext` that :class:`StageServicer` uses (a
+:class:`swarmrt.wire.context.CallContext`)."""
 
 
 @dataclasses.dataclass

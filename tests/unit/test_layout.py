@@ -28,6 +28,7 @@ PURE = {
     "swarmrt.wire.codecs",
     "swarmrt.discovery.records",
     "swarmrt.auth.credential",
+    "swarmrt.discovery.reachability",
     "swarmrt.routing.paths",
     "swarmrt.routing.wiring",
     "swarmrt.routing.policies",
