@@ -54,7 +54,7 @@ from swarmrt.data import Batches, loss_sum
 from swarmrt.discovery import dht as dht_records
 from swarmrt.wire.client import StageCalls
 from swarmrt.wire.proto import swarmrt_pb2 as pb
-from swarmrt.wire.tensors import from_proto, to_proto
+from swarmrt.wire.tensors import Framed
 from swarmrt.checkpoint.store import save_data_position
 from swarmrt.routing.live import LiveRouting
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
@@ -408,11 +408,11 @@ class Trainer:
         self.bans.success(peer.peer_id)
         return result
 
-    def _forward_request(self, stage: int, mb_id: str, x: torch.Tensor, keep_context: bool) -> pb.ForwardRequest:
+    def _forward_request(self, stage: int, mb_id: str, x: torch.Tensor, keep_context: bool) -> Framed:
         codec = "none" if not x.is_floating_point() else self.config.compression.activations
-        return pb.ForwardRequest(run_id=self.config.run.id, stage=stage, microbatch_id=mb_id,
-                                 input=to_proto(x, codec), keep_context=keep_context,
-                                 output_codec=self.config.compression.activations)
+        return Framed(pb.ForwardRequest(run_id=self.config.run.id, stage=stage, microbatch_id=mb_id,
+                                        keep_context=keep_context, output_codec=self.config.compression.activations)
+                      ).attach("input", x, codec)
 
     async def _forward_on(self, routes: LiveRouting, peer_id: str, stage: int, mb_id: str, x: torch.Tensor,
                           keep_context: bool) -> tuple[dht_records.StageRecord, torch.Tensor]:
@@ -425,7 +425,7 @@ class Trainer:
         response = await self._with_peer(peer, lambda: self.client.forward(peer.address, request,
                                                                            self.config.network.forward_timeout_s))
         routes.observe_hop(peer_id, self.clock() - started)
-        return peer, from_proto(response.output, f"stage {stage} output")
+        return peer, response.tensor("output", f"stage {stage} output")
 
     async def _forward(self, routes: LiveRouting, route: Route, mb_id: str, x: torch.Tensor, keep_context: bool,
                        stages: Sequence[int] | None) -> tuple[Route, list[_Hop], torch.Tensor]:
@@ -479,21 +479,21 @@ class Trainer:
         peer, attach_input = hop.peer, False
         deadline = self.clock() + net.no_peers_timeout_s
         while True:
-            request = pb.BackwardRequest(run_id=self.config.run.id, stage=hop.stage, microbatch_id=mb_id,
-                                         grad_output=to_proto(grad, self.config.compression.gradients),
-                                         samples=samples, grad_codec=self.config.compression.gradients,
-                                         need_grad_input=need_grad_input,
-                                         deadline_unix=time.time() + net.backward_timeout_s)
+            request = Framed(pb.BackwardRequest(run_id=self.config.run.id, stage=hop.stage, microbatch_id=mb_id,
+                                                samples=samples, grad_codec=self.config.compression.gradients,
+                                                need_grad_input=need_grad_input,
+                                                deadline_unix=time.time() + net.backward_timeout_s)
+                             ).attach("grad_output", grad, self.config.compression.gradients)
             if attach_input:
                 codec = "none" if not hop.input.is_floating_point() else self.config.compression.activations
-                request.input.CopyFrom(to_proto(hop.input, codec))
+                request.attach("input", hop.input, codec)
             try:
                 response = await self._with_peer(peer, lambda: self.client.backward(peer.address, request,
                                                                                     net.backward_timeout_s))
                 self.accounting.record_backward(mb_id, hop.stage)
                 if not need_grad_input:
                     return None
-                return from_proto(response.grad_input, f"stage {hop.stage} grad_input")
+                return response.tensor("grad_input", f"stage {hop.stage} grad_input")
             except grpc.aio.AioRpcError as e:
                 self.accounting.hop_retries += 1
                 tried.add(peer.peer_id)
