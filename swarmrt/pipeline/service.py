@@ -136,6 +136,8 @@ class StageServicer(pb_grpc.StageServicer):
         try:
             request = await read_frames(messages, message_type, message_type.__name__, self.max_tensor_bytes)
         except BadTensor as e:
+            async for _ in messages:  # let the caller finish sending (bounded by its deadline), else its
+                pass  # grpc reports a failed write (INTERNAL) instead of this status
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         for frame in to_frames(await call(request, context)):
             yield frame
