@@ -120,6 +120,12 @@ class OptimizerSection:
     """A stage peer steps its optimizer after accumulating gradients of this many samples."""
     max_grad_norm: float | None = None
     """Clip the accumulated gradient to this norm before a step (None: no clipping)."""
+    staleness: int = 0
+    """Steps a trainer may start beyond its oldest unfinished one: with k, step s starts once step
+    s - k - 1 has finished, so up to k + 1 steps are in flight and a microbatch's gradient may be
+    computed on weights that miss up to k of this trainer's steps. 0: a barrier at every step (the
+    trainer waits for all of a step's microbatches before it starts the next). Exactly-once holds
+    either way."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("adamw", "sgd"), "optimizer.name", f"must be 'adamw' or 'sgd', got {self.name!r}")
@@ -131,6 +137,8 @@ class OptimizerSection:
                f"must be an integer >= 1, got {self.samples_per_step!r}")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "optimizer.max_grad_norm",
                f"must be > 0, got {self.max_grad_norm!r}")
+        _check(isinstance(self.staleness, int) and not isinstance(self.staleness, bool) and 0 <= self.staleness <= 8,
+               "optimizer.staleness", f"must be an integer in 0..8, got {self.staleness!r}")
 
 
 @dataclasses.dataclass(frozen=True)

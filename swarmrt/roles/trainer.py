@@ -57,6 +57,7 @@ from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import Framed
 from swarmrt.checkpoint.store import save_data_position
 from swarmrt.routing.live import LiveRouting
+from swarmrt.roles.stepping import run_steps
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
 
 logger = logging.getLogger("swarmrt.trainer")
@@ -591,8 +592,9 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self, steps: int, start_step: int = 0, stop: asyncio.Event | None = None) -> dict:
-        """Train steps ``start_step .. steps-1``. When ``stop`` is set (SIGTERM), the step in
-        flight finishes and the loop ends there; with ``[checkpoint] location`` the data
+        """Train steps ``start_step .. steps-1``, up to ``optimizer.staleness + 1`` of them in flight
+        (:mod:`swarmrt.roles.stepping`). When ``stop`` is set (SIGTERM), the steps in
+        flight finish and the loop ends there; with ``[checkpoint] location`` the data
         position (next step) is written after every step, for ``swarmrt train --resume``."""
         refresher = asyncio.create_task(self._refresh_loop())
         position_root = self.config.checkpoint.location
@@ -605,10 +607,8 @@ class Trainer:
         self._bar = bar
         started, samples, losses, done = time.time(), 0, [], start_step
         try:
-            for step in range(start_step, steps):
-                if stop is not None and stop.is_set():
-                    break
-                loss = await self.train_step(step)
+            async def finished(step: int, loss: float) -> None:  # in step order, see swarmrt.roles.stepping
+                nonlocal done, samples
                 done = step + 1
                 if position_root is not None:
                     await asyncio.to_thread(save_data_position, position_root, self.config.run.id, self.stream, done)
@@ -625,6 +625,8 @@ class Trainer:
                     bar.set_postfix_str(f"loss {loss:.3f} | {samples / elapsed:.1f} samples/s | peers "
                                         f"{'/'.join(map(str, self.live_peers()))}")
                     bar.update(1)
+
+            await run_steps(self.train_step, start_step, steps, self.config.optimizer.staleness, finished, stop)
         finally:
             refresher.cancel()
             self._bar = None
