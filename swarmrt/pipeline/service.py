@@ -1,7 +1,7 @@
 """The stage service: turns wire messages into :class:`StageWorker` calls.
 
 Both ways of calling it, the unary ``Forward``/``Backward`` (tensors inline) and the data
-plane's streams (``swarmrt.StageData``: a header, then raw chunks; see
+plane's streams (``StageData``: a header, then raw chunks; see
 :mod:`swarmrt.wire.tensors`), end in the same :meth:`StageServicer.forward_framed` and
 :meth:`StageServicer.backward_framed`, so every check below holds on both.
 
@@ -129,7 +129,7 @@ class StageServicer(pb_grpc.StageServicer):
     async def Backward(self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
         return (await self.backward_framed(Framed.from_message(request), context)).to_message()
 
-    # -- the data plane (swarmrt.StageData): header, then raw chunks, each way ----------------------
+    # -- the data plane (StageData): header, then raw chunks, each way ----------------------
     async def _stream(self, messages, context: grpc.aio.ServicerContext, message_type, call):
         if self.state == "leaving":  # before reading a byte of the payload
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")

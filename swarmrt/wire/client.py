@@ -1,7 +1,7 @@
 """Client side of the stage service: one ``grpc.aio`` channel per peer address.
 
 ``forward`` and ``backward`` take either a :class:`~swarmrt.wire.tensors.Framed` message (its
-tensors beside it), which goes over the data plane (``swarmrt.StageData``: a header, then raw
+tensors beside it), which goes over the data plane (``StageData``: a header, then raw
 chunks, each way) and comes back framed, or a plain protobuf request with its tensors inline,
 which goes over the unary RPC and comes back as a protobuf response.
 """

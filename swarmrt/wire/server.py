@@ -2,7 +2,7 @@
 
 What a request *means* lives in :mod:`swarmrt.pipeline.service`; this module
 only knows how to listen, how large a message may be, and where the data plane
-(``swarmrt.StageData``: raw-bytes streams, see ``proto/swarmrt.proto``) is registered.
+(``StageData``: raw-bytes streams, see ``proto/swarmrt.proto``) is registered.
 """
 
 from __future__ import annotations

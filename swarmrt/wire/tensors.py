@@ -2,7 +2,7 @@
 
 A tensor travels as a header (a protobuf ``Tensor``: dtype, shape, codec, meta) and a payload
 (the codec's bytes). On the unary RPCs the payload is inline (``Tensor.data``:
-:func:`to_proto`, :func:`from_proto`). On the data plane (``swarmrt.StageData``, see
+:func:`to_proto`, :func:`from_proto`). On the data plane (``StageData``, see
 ``proto/swarmrt.proto``) a call is a :class:`Framed` message: the stage message with its tensors'
 headers only, and the payloads beside it, sent as the header then raw chunks (:func:`to_frames`)
 and put back together by :func:`read_frames`, which checks every size before it trusts it.
