@@ -8,15 +8,17 @@ handlers and the data plane's framing in this process
 (``swarmrt.testing.inprocess``: one peer per stage, no sockets, so only the codec
 differs), then evaluate on the same held-out batches. Prints the bytes the trainer's
 link carried (headers and payloads, both ways) and the held-out loss, each relative
-to ``none``.
+to ``none``. With several ``--seeds`` (model init and data), each row is the mean over
+them, and the relative losses are the mean of the per-seed ratios.
 
-    python benchmarks/bench_activation_codecs.py [--steps 150] [--models demo,large] [--eval-batches 4]
+    python benchmarks/bench_activation_codecs.py [--steps 150] [--models demo,large] [--eval-batches 4] [--seeds 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 
 from swarmrt.config import load_config, with_overrides
@@ -51,9 +53,9 @@ class CountingClient:
         await self.inner.close()
 
 
-def run(model: str, codec: str, steps: int, eval_batches: int) -> dict:
+def run(model: str, codec: str, steps: int, eval_batches: int, seed: int) -> dict:
     base = load_config(default_config_path())
-    config = with_overrides(base, model=MODELS[model],
+    config = with_overrides(base, run={"seed": seed}, model=MODELS[model],
                             compression={"activations": codec, "gradients": codec})
     swarm = InProcessSwarm.build(config, peers_per_stage=1)
     client = CountingClient(swarm.client)
@@ -77,19 +79,25 @@ def main() -> None:
     parser.add_argument("--models", default="demo,large")
     parser.add_argument("--codecs", default=",".join(CODECS))
     parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds; rows are means over them")
     args = parser.parse_args()
-    print(f"{args.steps} steps of 16 samples, 3 stages, one peer each; held-out loss on {args.eval_batches} batches")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    print(f"{args.steps} steps of 16 samples, 3 stages, one peer each; held-out loss on {args.eval_batches} batches; "
+          f"seeds {args.seeds}")
     print(f"{'model':6} {'codec':15} {'MB on the link':>14} {'x fewer':>8} {'eval loss':>10} {'vs none':>8} "
           f"{'train loss':>10} {'wall s':>7}")
     for model in args.models.split(","):
-        ref = None
+        refs = None
         for codec in args.codecs.split(","):
-            r = run(model, codec, args.steps, args.eval_batches)
-            assert r["duplicates"] == 0 and r["applied"] == args.steps * 4, r
-            ref = ref or r
-            print(f"{model:6} {codec:15} {r['bytes'] / 1e6:14.2f} {ref['bytes'] / r['bytes']:8.2f} "
-                  f"{r['eval_loss']:10.4f} {100 * (r['eval_loss'] / ref['eval_loss'] - 1):+7.2f}% "
-                  f"{r['final_train_loss']:10.4f} {r['seconds']:7.1f}", flush=True)
+            rs = [run(model, codec, args.steps, args.eval_batches, seed) for seed in seeds]
+            for r in rs:
+                assert r["duplicates"] == 0 and r["applied"] == args.steps * 4, r
+            refs = refs or rs
+            mean = {k: statistics.mean(r[k] for r in rs) for k in ("bytes", "eval_loss", "final_train_loss", "seconds")}
+            rel = statistics.mean(r["eval_loss"] / ref["eval_loss"] - 1 for r, ref in zip(rs, refs))
+            print(f"{model:6} {codec:15} {mean['bytes'] / 1e6:14.2f} {refs[0]['bytes'] / rs[0]['bytes']:8.2f} "
+                  f"{mean['eval_loss']:10.4f} {100 * rel:+7.2f}% {mean['final_train_loss']:10.4f} "
+                  f"{mean['seconds']:7.1f}", flush=True)
 
 
 if __name__ == "__main__":
