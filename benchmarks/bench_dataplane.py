@@ -4,6 +4,8 @@ Side by side in one run, interleaved so all see the same machine load:
 - swarmrt: the runtime's own path (tensor -> ``Framed`` -> StageClient -> the
   data plane, a header then raw 1 MiB chunks over a gRPC stream -> StageServicer
   -> an identity stage -> back -> tensor), codec ``none``: 64 MiB out, 64 MiB back;
+- swarmrt unary: the unary ``Forward`` RPC with the tensors inside the protobuf
+  messages (the transport before the data plane; still served);
 - raw TCP: a socket echo server in another process: 64 MiB out, 64 MiB back;
 - hivemind P2P: hivemind's own way of moving a tensor between peers (as its
   ``hivemind.moe`` servers do): ``serialize_torch_tensor``, ``split_for_streaming``
@@ -153,18 +155,22 @@ class TcpEcho:
 
 
 class GrpcForward:
-    def __init__(self, loop, port: int, mib: int, codec: str):
+    def __init__(self, loop, port: int, mib: int, codec: str, unary: bool = False):
         from swarmrt.wire.client import StageClient
 
-        self.loop = loop
+        self.loop, self.unary = loop, unary
         self.client = StageClient(mib * 2 + 16)
         self.address, self.codec = f"127.0.0.1:{port}", codec
 
     def round_trip(self, tensor: torch.Tensor) -> float:
         from swarmrt.wire.proto import swarmrt_pb2 as pb
-        from swarmrt.wire.tensors import Framed
+        from swarmrt.wire.tensors import Framed, from_proto, to_proto
 
         async def once():
+            if self.unary:  # the unary RPC, tensors inside the protobuf messages (the previous transport)
+                request = pb.ForwardRequest(run_id="swarmrt", stage=0, microbatch_id="bench",
+                                            input=to_proto(tensor, self.codec), output_codec=self.codec)
+                return from_proto((await self.client.forward(self.address, request, timeout=60)).output)
             request = Framed(pb.ForwardRequest(run_id="swarmrt", stage=0, microbatch_id="bench",
                                                output_codec=self.codec)).attach("input", tensor, self.codec)
             response = await self.client.forward(self.address, request, timeout=60)
@@ -194,10 +200,13 @@ def main() -> None:
         p.start()
     loop = asyncio.new_event_loop()
     hive = None
-    times: dict[str, list[float]] = {"tcp": [], "swarmrt": [], "hivemind": []}
+    times: dict[str, list[float]] = {"tcp": [], "swarmrt": [], "unary": [], "hivemind": []}
     try:
         tcp, rpc = TcpEcho(q2.get(timeout=60)), GrpcForward(loop, q1.get(timeout=120), args.mib, args.codec)
-        paths = {"tcp": lambda: tcp.round_trip(payload), "swarmrt": lambda: rpc.round_trip(tensor)}
+        port = rpc.address.rsplit(":", 1)[1]
+        unary = GrpcForward(loop, int(port), args.mib, args.codec, unary=True)
+        paths = {"tcp": lambda: tcp.round_trip(payload), "swarmrt": lambda: rpc.round_trip(tensor),
+                 "unary": lambda: unary.round_trip(tensor)}
         if not args.no_hivemind:
             hive = HivemindEcho(loop, q3.get(timeout=120))
             paths["hivemind"] = lambda: hive.round_trip(tensor)
@@ -220,6 +229,8 @@ def main() -> None:
     print(f"payload {args.mib} MiB each way, codec {args.codec}, median of {args.repeats}")
     print(f"raw TCP echo      : {med['tcp']:.3f} s  ({moved / med['tcp']:7.1f} MiB/s)")
     print(f"swarmrt Forward   : {med['swarmrt']:.3f} s  ({moved / med['swarmrt']:7.1f} MiB/s)")
+    print(f"swarmrt unary     : {med['unary']:.3f} s  ({moved / med['unary']:7.1f} MiB/s)  "
+          f"(the unary RPC, tensors inside protobuf)")
     if "hivemind" in med:
         print(f"hivemind P2P      : {med['hivemind']:.3f} s  ({moved / med['hivemind']:7.1f} MiB/s)")
     print(f"ratio swarmrt/raw : {med['tcp'] / med['swarmrt']:.2f}  (target >= 0.5)")
