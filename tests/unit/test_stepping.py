@@ -109,3 +109,11 @@ def test_staleness_1_overlaps_two_steps_and_applies_every_microbatch_exactly_onc
         == list(range(6))
     assert_exactly_once(trainer, 6 * config.data.microbatches_per_step, 3)
     assert losses[-1] < losses[0]  # still learns
+
+
+@pytest.mark.parametrize("bad", [-1, 9, 1.5, True])
+def test_a_bad_staleness_is_refused_naming_the_field(bad):
+    from swarmrt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizer.staleness"):
+        config_from_dict({**MLP, "optimizer": {**MLP["optimizer"], "staleness": bad}})
