@@ -8,11 +8,6 @@ import grpc
 import pytest
 import torch
 
-from swarmrt.config import config_from_dict
-from swarmrt.data import sample_input
-from swarmrt.models.build import build_layers, stage_ranges
-from swarmrt.pipeline.service import StageServicer
-from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 from swarmrt.wire.client import StageClient
 from swarmrt.wire.codecs import decode, encode
 from swarmrt.wire.emulation import client_interceptors, events_path, read_effects, server_interceptors, write_rules
@@ -20,6 +15,7 @@ from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
 from swarmrt.wire.server import DATA_SERVICE, start_server
 from swarmrt.wire.tensors import CHUNK_BYTES, Framed, read_frames, to_frames
+from tests.integration.test_emulation import mlp_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -78,23 +74,8 @@ async def test_every_dtype_and_codec_round_trips_byte_exact_through_the_data_pla
         await server.stop(None)
 
 
-def mlp_stage(stage=1):
-    config = config_from_dict({"run": {"id": "dp"},
-                               "model": {"factory": "swarmrt.models:mlp", "stages": 2,
-                                         "kwargs": {"features": 8, "hidden": 16, "depth": 4}},
-                               "data": {"kind": "regression", "features": 8, "batch_size": 8,
-                                        "microbatch_size": 4}})
-    layers = build_layers(config)
-    a, b = stage_ranges(config, layers)[stage]
-    spec = infer_input_spec(layers[:a], sample_input(config.data))
-    worker = StageWorker(torch.nn.Sequential(*layers[a:b]), config, stage, spec)
-    servicer = StageServicer(worker, "dp", "peer-x", MIB)
-    servicer.state = "serving"
-    return servicer, spec
-
-
 def header(x: torch.Tensor, sizes=None, codec="none", **fields) -> bytes:
-    message = pb.ForwardRequest(run_id="dp", stage=1, microbatch_id="m", **fields)
+    message = pb.ForwardRequest(run_id="emu", stage=1, microbatch_id="m", **fields)
     message.input.CopyFrom(pb.Tensor(dtype=str(x.dtype)[6:], shape=list(x.shape), codec=codec))
     message.payload_bytes.extend([x.numel() * x.element_size()] if sizes is None else sizes)
     return message.SerializeToString()
@@ -102,10 +83,10 @@ def header(x: torch.Tensor, sizes=None, codec="none", **fields) -> bytes:
 
 async def test_malformed_streams_are_refused_with_what_was_wrong_and_the_peer_keeps_serving():
     servicer, spec = mlp_stage()
-    server, port = await start_server(servicer, "127.0.0.1", 0, max_tensor_mb=1)
+    server, port = await start_server(servicer, "127.0.0.1", 0, max_tensor_mb=8)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     raw = channel.stream_stream(f"/{DATA_SERVICE}/Forward")
-    client = StageClient(1)
+    client = StageClient(8)
     x = torch.randn(4, *spec.trailing)
     data = x.numpy().tobytes()
     n = len(data)
@@ -113,7 +94,7 @@ async def test_malformed_streams_are_refused_with_what_was_wrong_and_the_peer_ke
         "no header": ([], "empty stream"),
         "garbage header": ([b"\xff\xff\xff"], "malformed header"),
         "sizes for no tensor": ([header(x, sizes=[n, n])], "2 payload sizes for 1 tensors"),
-        "over the limit": ([header(x, sizes=[2 * MIB])], "limit"),
+        "over the limit": ([header(x, sizes=[16 * MIB])], "limit"),
         "more bytes": ([header(x), data + b"\x00" * 4], "more payload than announced"),
         "too many chunks": ([header(x)] + [data[i:i + 4] for i in range(0, 12, 4)] + [data[12:]], "too many chunks"),
         "empty chunk": ([header(x), b"", data], "chunk 1 of 0 bytes"),
@@ -129,7 +110,7 @@ async def test_malformed_streams_are_refused_with_what_was_wrong_and_the_peer_ke
                     pass
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), \
                 (name, e.value.code(), e.value.details())
-            good = Framed(pb.ForwardRequest(run_id="dp", stage=1, microbatch_id=name)).attach("input", x)
+            good = Framed(pb.ForwardRequest(run_id="emu", stage=1, microbatch_id=name)).attach("input", x)
             response = await client.forward(f"127.0.0.1:{port}", good, timeout=10)  # still serving
             assert response.tensor("output").shape[0] == 4
     finally:
@@ -143,13 +124,13 @@ async def test_emulation_rules_apply_to_the_data_plane(tmp_path):
     rules, trainer_rules = tmp_path / "peer.rules.json", tmp_path / "trainer.rules.json"
     write_rules(trainer_rules, {"node": "trainer7"})
     servicer, spec = mlp_stage()
-    server, port = await start_server(servicer, "127.0.0.1", 0, max_tensor_mb=1,
+    server, port = await start_server(servicer, "127.0.0.1", 0, max_tensor_mb=8,
                                       interceptors=server_interceptors(rules, servicer.worker))
-    client = StageClient(1, interceptors=client_interceptors(trainer_rules))
+    client = StageClient(8, interceptors=client_interceptors(trainer_rules))
     address = f"127.0.0.1:{port}"
 
     async def outcome():
-        request = Framed(pb.ForwardRequest(run_id="dp", stage=1, microbatch_id="m")).attach(
+        request = Framed(pb.ForwardRequest(run_id="emu", stage=1, microbatch_id="m")).attach(
             "input", torch.randn(4, *spec.trailing))
         try:
             await client.forward(address, request, timeout=10)
