@@ -130,15 +130,19 @@ class StageServicer(pb_grpc.StageServicer):
         return (await self.backward_framed(Framed.from_message(request), context)).to_message()
 
     # -- the data plane (StageData): header, then raw chunks, each way ----------------------
+    @staticmethod
+    async def _refuse(messages, context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str):
+        async for _ in messages:  # let the caller finish sending (bounded by its deadline), else its
+            pass  # grpc reports a failed write (INTERNAL) instead of this status
+        await context.abort(code, details)
+
     async def _stream(self, messages, context: grpc.aio.ServicerContext, message_type, call):
-        if self.state == "leaving":  # before reading a byte of the payload
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")
+        if self.state == "leaving":  # nothing of the payload is kept
+            await self._refuse(messages, context, grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")
         try:
             request = await read_frames(messages, message_type, message_type.__name__, self.max_tensor_bytes)
         except BadTensor as e:
-            async for _ in messages:  # let the caller finish sending (bounded by its deadline), else its
-                pass  # grpc reports a failed write (INTERNAL) instead of this status
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._refuse(messages, context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         for frame in to_frames(await call(request, context)):
             yield frame
 

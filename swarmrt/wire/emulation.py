@@ -464,8 +464,10 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
             inner_streams = handler.stream_stream
 
             async def stream_stream(messages, context):
+                # the whole call crosses the link as one message; read before refusing, else the caller's
+                # grpc reports its failed write (INTERNAL) instead of the emulated status
+                incoming = [m async for m in messages]
                 _, mode = await self._before(rules, method, caller, None, context)
-                incoming = [m async for m in messages]  # the whole call crosses the link as one message
                 if mode is not None and incoming:
                     i = min(1, len(incoming) - 1)  # the first payload chunk
                     incoming[i] = incoming[i][:-1] if mode == "truncate" else b"\xff" * 8 + incoming[i][8:]
