@@ -188,10 +188,12 @@ class NetworkSection:
 
 @dataclasses.dataclass(frozen=True)
 class CompressionSection:
-    activations: str = "none"
-    """Codec for activations sent forward (see swarmrt.wire.codecs: none, fp16, bf16, int8, ...)."""
-    gradients: str = "none"
-    """Codec for activation gradients sent backward."""
+    activations: str = "fp16"
+    """Codec for activations sent forward (see swarmrt.wire.codecs: none, fp16, bf16, int8, ...). fp16 by
+    default: half the bytes of none, with held-out loss within 1% of none on the demo model and a larger one
+    (benchmarks/bench_activation_codecs.py, docs/benchmarks.md). Integer tensors (token ids) always go as none."""
+    gradients: str = "fp16"
+    """Codec for activation gradients sent backward (fp16 by default, chosen with ``activations``)."""
     pseudo_gradients: str = "fp16"
     """Codec of the stage group's pseudo-gradient all-reduce ([local_sgd]): one of
     ``swarmrt.local_sgd.config.ALLREDUCE_CODECS`` (none, fp16, int8, int8_blockwise)."""
