@@ -1,9 +1,15 @@
 """The stage service: turns wire messages into :class:`StageWorker` calls.
 
+Both ways of calling it, the unary ``Forward``/``Backward`` (tensors inline) and the data
+plane's streams (``StageData``: a header, then raw chunks; see
+:mod:`swarmrt.wire.tensors`), end in the same :meth:`StageServicer.forward_framed` and
+:meth:`StageServicer.backward_framed`, so every check below holds on both.
+
 Every failure becomes a gRPC status whose details say what was wrong, and the
 peer keeps serving the others:
 
 - bad tensor, wrong dtype/shape, NaN/Inf, wrong run or stage: INVALID_ARGUMENT
+- a data-plane stream that does not add up (header, sizes, chunks): INVALID_ARGUMENT
 - a message over the size limit: RESOURCE_EXHAUSTED (gRPC's own check)
 - backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
 - deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
@@ -23,7 +29,7 @@ import grpc
 from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
-from swarmrt.wire.tensors import BadTensor, from_proto, to_proto
+from swarmrt.wire.tensors import BadTensor, Framed, read_frames, to_frames
 
 logger = logging.getLogger(__name__)
 
@@ -81,37 +87,72 @@ class StageServicer(pb_grpc.StageServicer):
         remaining = context.time_remaining()
         return None if remaining is None else self.clock() + remaining - APPLY_MARGIN_S
 
-    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+    # -- the calls, whatever carried them (unary with inline payloads, or the data plane) ------------
+    async def forward_framed(self, request: Framed, context: grpc.aio.ServicerContext) -> Framed:
+        """Forward ``request`` (its tensors beside it); the response, framed the same way."""
         if self.state == "leaving":
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")
 
-        def run() -> pb.ForwardResponse:
+        def run() -> Framed:
             self._check_target(request.run_id, request.stage)
-            x = from_proto(request.input, "input", self.max_tensor_bytes)
+            x = request.tensor("input", "input", self.max_tensor_bytes)
             out = self.worker.forward(request.microbatch_id, x, request.keep_context)
-            return pb.ForwardResponse(output=to_proto(out, request.output_codec or "none"),
-                                      model_version=self.worker.version)
+            return Framed(pb.ForwardResponse(model_version=self.worker.version)).attach(
+                "output", out, request.output_codec or "none")
 
         return await self._call(context, run)
 
-    async def Backward(self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
+    async def backward_framed(self, request: Framed, context: grpc.aio.ServicerContext) -> Framed:
+        """Backward ``request`` (its tensors beside it); the response, framed the same way."""
         deadline = self._deadline(context)
         if request.deadline_unix > 0:  # the caller's own deadline, for a request read late
             stale_at = self.clock() + (request.deadline_unix + STALE_ALLOWANCE_S - self.wall_clock())
             deadline = stale_at if deadline is None else min(deadline, stale_at)
 
-        def run() -> pb.BackwardResponse:
+        def run() -> Framed:
             self._check_target(request.run_id, request.stage)
-            grad = from_proto(request.grad_output, "grad_output", self.max_tensor_bytes)
-            x = from_proto(request.input, "input", self.max_tensor_bytes) if request.HasField("input") else None
+            grad = request.tensor("grad_output", "grad_output", self.max_tensor_bytes)
+            x = request.tensor("input", "input", self.max_tensor_bytes) if request.HasField("input") else None
             grad_input, stepped = self.worker.backward(request.microbatch_id, grad, x, request.samples,
                                                        request.need_grad_input, deadline)
-            response = pb.BackwardResponse(model_version=self.worker.version, stepped=stepped)
+            response = Framed(pb.BackwardResponse(model_version=self.worker.version, stepped=stepped))
             if grad_input is not None:
-                response.grad_input.CopyFrom(to_proto(grad_input, request.grad_codec or "none"))
+                response.attach("grad_input", grad_input, request.grad_codec or "none")
             return response
 
         return await self._call(context, run)
+
+    # -- unary RPCs: payloads inline -------------------------------------------------------------
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        return (await self.forward_framed(Framed.from_message(request), context)).to_message()
+
+    async def Backward(self, request: pb.BackwardRequest, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
+        return (await self.backward_framed(Framed.from_message(request), context)).to_message()
+
+    # -- the data plane (StageData): header, then raw chunks, each way ----------------------
+    @staticmethod
+    async def _refuse(messages, context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str):
+        async for _ in messages:  # let the caller finish sending (bounded by its deadline), else its
+            pass  # grpc reports a failed write (INTERNAL) instead of this status
+        await context.abort(code, details)
+
+    async def _stream(self, messages, context: grpc.aio.ServicerContext, message_type, call):
+        if self.state == "leaving":  # nothing of the payload is kept
+            await self._refuse(messages, context, grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")
+        try:
+            request = await read_frames(messages, message_type, message_type.__name__, self.max_tensor_bytes)
+        except BadTensor as e:
+            await self._refuse(messages, context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        for frame in to_frames(await call(request, context)):
+            yield frame
+
+    async def ForwardStream(self, messages, context: grpc.aio.ServicerContext):
+        async for frame in self._stream(messages, context, pb.ForwardRequest, self.forward_framed):
+            yield frame
+
+    async def BackwardStream(self, messages, context: grpc.aio.ServicerContext):
+        async for frame in self._stream(messages, context, pb.BackwardRequest, self.backward_framed):
+            yield frame
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         stats = self.worker.stats()

@@ -54,10 +54,11 @@ from swarmrt.data import Batches, loss_sum
 from swarmrt.discovery import dht as dht_records
 from swarmrt.wire.client import StageCalls
 from swarmrt.wire.proto import swarmrt_pb2 as pb
-from swarmrt.wire.tensors import from_proto, to_proto
+from swarmrt.wire.tensors import Framed
 from swarmrt.checkpoint.store import save_data_position
 from swarmrt.routing.live import LiveRouting
 from swarmrt.sim.live_plan import plan_window
+from swarmrt.roles.stepping import run_steps
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
 
 logger = logging.getLogger("swarmrt.trainer")
@@ -409,11 +410,11 @@ class Trainer:
         self.bans.success(peer.peer_id)
         return result
 
-    def _forward_request(self, stage: int, mb_id: str, x: torch.Tensor, keep_context: bool) -> pb.ForwardRequest:
+    def _forward_request(self, stage: int, mb_id: str, x: torch.Tensor, keep_context: bool) -> Framed:
         codec = "none" if not x.is_floating_point() else self.config.compression.activations
-        return pb.ForwardRequest(run_id=self.config.run.id, stage=stage, microbatch_id=mb_id,
-                                 input=to_proto(x, codec), keep_context=keep_context,
-                                 output_codec=self.config.compression.activations)
+        return Framed(pb.ForwardRequest(run_id=self.config.run.id, stage=stage, microbatch_id=mb_id,
+                                        keep_context=keep_context, output_codec=self.config.compression.activations)
+                      ).attach("input", x, codec)
 
     async def _forward_on(self, routes: LiveRouting, peer_id: str, stage: int, mb_id: str, x: torch.Tensor,
                           keep_context: bool) -> tuple[dht_records.StageRecord, torch.Tensor]:
@@ -426,7 +427,7 @@ class Trainer:
         response = await self._with_peer(peer, lambda: self.client.forward(peer.address, request,
                                                                            self.config.network.forward_timeout_s))
         routes.observe_hop(peer_id, self.clock() - started)
-        return peer, from_proto(response.output, f"stage {stage} output")
+        return peer, response.tensor("output", f"stage {stage} output")
 
     async def _forward(self, routes: LiveRouting, route: Route, mb_id: str, x: torch.Tensor, keep_context: bool,
                        stages: Sequence[int] | None) -> tuple[Route, list[_Hop], torch.Tensor]:
@@ -480,21 +481,21 @@ class Trainer:
         peer, attach_input = hop.peer, False
         deadline = self.clock() + net.no_peers_timeout_s
         while True:
-            request = pb.BackwardRequest(run_id=self.config.run.id, stage=hop.stage, microbatch_id=mb_id,
-                                         grad_output=to_proto(grad, self.config.compression.gradients),
-                                         samples=samples, grad_codec=self.config.compression.gradients,
-                                         need_grad_input=need_grad_input,
-                                         deadline_unix=time.time() + net.backward_timeout_s)
+            request = Framed(pb.BackwardRequest(run_id=self.config.run.id, stage=hop.stage, microbatch_id=mb_id,
+                                                samples=samples, grad_codec=self.config.compression.gradients,
+                                                need_grad_input=need_grad_input,
+                                                deadline_unix=time.time() + net.backward_timeout_s)
+                             ).attach("grad_output", grad, self.config.compression.gradients)
             if attach_input:
                 codec = "none" if not hop.input.is_floating_point() else self.config.compression.activations
-                request.input.CopyFrom(to_proto(hop.input, codec))
+                request.attach("input", hop.input, codec)
             try:
                 response = await self._with_peer(peer, lambda: self.client.backward(peer.address, request,
                                                                                     net.backward_timeout_s))
                 self.accounting.record_backward(mb_id, hop.stage)
                 if not need_grad_input:
                     return None
-                return from_proto(response.grad_input, f"stage {hop.stage} grad_input")
+                return response.tensor("grad_input", f"stage {hop.stage} grad_input")
             except grpc.aio.AioRpcError as e:
                 self.accounting.hop_retries += 1
                 tried.add(peer.peer_id)
@@ -592,8 +593,9 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self, steps: int, start_step: int = 0, stop: asyncio.Event | None = None) -> dict:
-        """Train steps ``start_step .. steps-1``. When ``stop`` is set (SIGTERM), the step in
-        flight finishes and the loop ends there; with ``[checkpoint] location`` the data
+        """Train steps ``start_step .. steps-1``, up to ``optimizer.staleness + 1`` of them in flight
+        (:mod:`swarmrt.roles.stepping`). When ``stop`` is set (SIGTERM), the steps in
+        flight finish and the loop ends there; with ``[checkpoint] location`` the data
         position (next step) is written after every step, for ``swarmrt train --resume``."""
         refresher = asyncio.create_task(self._refresh_loop())
         position_root = self.config.checkpoint.location
@@ -606,10 +608,8 @@ class Trainer:
         self._bar = bar
         started, samples, losses, done = time.time(), 0, [], start_step
         try:
-            for step in range(start_step, steps):
-                if stop is not None and stop.is_set():
-                    break
-                loss = await self.train_step(step)
+            async def finished(step: int, loss: float) -> None:  # in step order, see swarmrt.roles.stepping
+                nonlocal done, samples
                 done = step + 1
                 if position_root is not None:
                     await asyncio.to_thread(save_data_position, position_root, self.config.run.id, self.stream, done)
@@ -626,6 +626,8 @@ class Trainer:
                     bar.set_postfix_str(f"loss {loss:.3f} | {samples / elapsed:.1f} samples/s | peers "
                                         f"{'/'.join(map(str, self.live_peers()))}")
                     bar.update(1)
+
+            await run_steps(self.train_step, start_step, steps, self.config.optimizer.staleness, finished, stop)
         finally:
             refresher.cancel()
             self._bar = None

@@ -6,7 +6,9 @@
 :class:`~swarmrt.pipeline.worker.StageWorker`:
 
 - the request is serialized and parsed again (what reaches the handler is
-  what would cross the wire);
+  what would cross the wire): a :class:`~swarmrt.wire.tensors.Framed` one (what
+  the trainer sends) through the data plane's framing and its checks, a plain
+  protobuf one as the unary RPC would carry it;
 - the handler gets a small :class:`FakeContext`: ``time_remaining()`` counts
   down the call's timeout, and ``abort(code, details)`` raises a real
   :class:`grpc.aio.AioRpcError` with that code and details, which the trainer
@@ -41,7 +43,7 @@ from swarmrt.models.build import build_layers, stage_ranges
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 from swarmrt.wire.context import CallContext, rpc_error
-from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.tensors import BadTensor, Framed, read_frames, to_frames
 
 
 FakeContext = CallContext
@@ -99,7 +101,12 @@ class InProcessClient:
         if self.drops[address] > 0:
             self.drops[address] -= 1
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"call to {address} dropped")
-        request = type(request).FromString(request.SerializeToString())
+        framed = isinstance(request, Framed)
+        if framed:
+            request = await _over_the_wire(request)
+            method = f"{method.lower()}_framed"
+        else:
+            request = type(request).FromString(request.SerializeToString())
         context = FakeContext(timeout)
 
         async def serve():
@@ -111,21 +118,36 @@ class InProcessClient:
             response = await asyncio.wait_for(serve(), timeout)
         except asyncio.TimeoutError:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        if framed:
+            return await _over_the_wire(response)
         return type(response).FromString(response.SerializeToString())
 
-    async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+    async def forward(self, address: str, request, timeout: float):
         self.forwards[address] += 1
         response = await self._call(address, "Forward", request, timeout)
         self.calls[request.microbatch_id].forward.append(address)
         return response
 
-    async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
+    async def backward(self, address: str, request, timeout: float):
         response = await self._call(address, "Backward", request, timeout)
         self.calls[request.microbatch_id].backward.append(address)
         return response
 
     async def close(self) -> None:
         self.closed = True
+
+
+async def _over_the_wire(framed: Framed) -> Framed:
+    """``framed`` as the receiver reads it off the data plane: framed into bytes, then put back
+    together with every check (:class:`~swarmrt.wire.tensors.BadTensor` on the way back in)."""
+    async def frames():
+        for frame in to_frames(framed):
+            yield frame
+
+    try:
+        return await read_frames(frames(), type(framed.message), type(framed.message).__name__)
+    except BadTensor as e:
+        raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
 
 @dataclasses.dataclass

@@ -1,4 +1,10 @@
-"""Client side of the stage service: one ``grpc.aio`` channel per peer address."""
+"""Client side of the stage service: one ``grpc.aio`` channel per peer address.
+
+``forward`` and ``backward`` take either a :class:`~swarmrt.wire.tensors.Framed` message (its
+tensors beside it), which goes over the data plane (``StageData``: a header, then raw
+chunks, each way) and comes back framed, or a plain protobuf request with its tensors inline,
+which goes over the unary RPC and comes back as a protobuf response.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,19 @@ import grpc
 
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
-from swarmrt.wire.server import grpc_options
+from swarmrt.wire.server import DATA_SERVICE, grpc_options
+from swarmrt.wire.tensors import Framed, read_frames, to_frames
 
 
 class StageCalls(Protocol):
-    """What a trainer calls on stage peers. Failures raise :class:`grpc.aio.AioRpcError` with the
-    peer's status code (:class:`StageClient` over gRPC; in tests, ``swarmrt.testing.inprocess``)."""
+    """What a trainer calls on stage peers: a :class:`Framed` request in, a :class:`Framed` response
+    out. Failures raise :class:`grpc.aio.AioRpcError` with the peer's status code; a response that
+    does not add up raises :class:`~swarmrt.wire.tensors.BadTensor` (:class:`StageClient` over gRPC;
+    in tests, ``swarmrt.testing.inprocess``)."""
 
-    async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse: ...
+    async def forward(self, address: str, request: Framed, timeout: float) -> Framed: ...
 
-    async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse: ...
+    async def backward(self, address: str, request: Framed, timeout: float) -> Framed: ...
 
     async def close(self) -> None: ...
 
@@ -31,23 +40,41 @@ class StageClient:
         self.max_tensor_mb = max_tensor_mb
         self.interceptors = list(interceptors)
         self._credentials = credentials
-        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.StageStub]] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.StageStub, dict]] = {}
 
-    def _metadata(self, method: str):
-        return self._credentials(f"/swarmrt.Stage/{method}") if self._credentials else None
+    def _metadata(self, method: str, service: str = "swarmrt.Stage"):
+        return self._credentials(f"/{service}/{method}") if self._credentials else None
 
-    def stub(self, address: str) -> pb_grpc.StageStub:
+    def _entry(self, address: str):
         entry = self._stubs.get(address)
         if entry is None:
             channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_tensor_mb),
                                                 interceptors=self.interceptors or None)
-            entry = self._stubs[address] = (channel, pb_grpc.StageStub(channel))
-        return entry[1]
+            streams = {m: channel.stream_stream(f"/{DATA_SERVICE}/{m}") for m in ("Forward", "Backward")}
+            entry = self._stubs[address] = (channel, pb_grpc.StageStub(channel), streams)
+        return entry
 
-    async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
+    def stub(self, address: str) -> pb_grpc.StageStub:
+        return self._entry(address)[1]
+
+    async def _stream(self, address: str, method: str, request: Framed, response_type, timeout: float) -> Framed:
+        call = self._entry(address)[2][method](to_frames(request), timeout=timeout,
+                                               metadata=self._metadata(method, DATA_SERVICE))
+        try:
+            return await read_frames(call, response_type, f"{method} response from {address}",
+                                     self.max_tensor_mb << 20)
+        except BaseException:
+            call.cancel()
+            raise
+
+    async def forward(self, address: str, request, timeout: float):
+        if isinstance(request, Framed):
+            return await self._stream(address, "Forward", request, pb.ForwardResponse, timeout)
         return await self.stub(address).Forward(request, timeout=timeout, metadata=self._metadata("Forward"))
 
-    async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
+    async def backward(self, address: str, request, timeout: float):
+        if isinstance(request, Framed):
+            return await self._stream(address, "Backward", request, pb.BackwardResponse, timeout)
         return await self.stub(address).Backward(request, timeout=timeout, metadata=self._metadata("Backward"))
 
     async def info(self, address: str, timeout: float = 5.0) -> pb.InfoResponse:
@@ -61,6 +88,6 @@ class StageClient:
         return b"".join(chunks)
 
     async def close(self) -> None:
-        for channel, _ in self._stubs.values():
+        for channel, _, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()

@@ -460,12 +460,44 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
                                                         handler.response_serializer)
+        if handler.stream_stream is not None:  # the data plane: raw-bytes messages, a header then chunks
+            inner_streams = handler.stream_stream
+
+            async def stream_stream(messages, context):
+                # the whole call crosses the link as one message; read before refusing, else the caller's
+                # grpc reports its failed write (INTERNAL) instead of the emulated status
+                incoming = [m async for m in messages]
+                _, mode = await self._before(rules, method, caller, None, context)
+                if mode is not None and incoming:
+                    i = min(1, len(incoming) - 1)  # the first payload chunk
+                    incoming[i] = incoming[i][:-1] if mode == "truncate" else b"\xff" * 8 + incoming[i][8:]
+                await self._hold(rules, caller, "in", sum(map(len, incoming)))
+
+                async def replay():
+                    for m in incoming:
+                        yield m
+
+                outgoing = [m async for m in inner_streams(replay(), context)]
+                await self._hold(rules, caller, "out", sum(map(len, outgoing)))
+                for m in outgoing:
+                    yield m
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
         return handler
 
+    async def _hold(self, rules: NetRules, caller: str, direction: str, nbytes: int) -> None:
+        spec = rules.link_for(caller)
+        if spec is not None:
+            await asyncio.sleep(self._link(caller, direction, spec).delay(nbytes, self.clock()))
 
-class NodeNameInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+
+class _NodeName:
     """Client side: sends this process's node name (``swarmrt-node`` metadata) with every call,
-    so a peer can apply the link and partition rules for that caller."""
+    so a peer can apply the link and partition rules for that caller (:class:`NodeNameInterceptor` and
+    its siblings for the other call kinds). A ``grpc.aio`` channel files
+    an interceptor under the first call kind it is an instance of, so each kind has its own class:
+    :func:`node_name_interceptors` returns all three."""
 
     def __init__(self, node: str):
         self.node = node
@@ -480,6 +512,26 @@ class NodeNameInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnarySt
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class NodeNameInterceptor(_NodeName, grpc.aio.UnaryUnaryClientInterceptor):
+    pass
+
+
+class _NodeNameUnaryStream(_NodeName, grpc.aio.UnaryStreamClientInterceptor):
+    pass
+
+
+class _NodeNameStreamStream(_NodeName, grpc.aio.StreamStreamClientInterceptor):
+    pass
+
+
+def node_name_interceptors(node: str) -> tuple:
+    """Interceptors that send ``node`` with unary, server-streaming (GetState) and data-plane calls."""
+    return (NodeNameInterceptor(node), _NodeNameUnaryStream(node), _NodeNameStreamStream(node))
 
 
 # -- wiring helpers for the runtime ---------------------------------------------------------------
@@ -523,4 +575,4 @@ def client_interceptors(path: str | os.PathLike | None) -> Sequence:
     if not path:
         return ()
     node = load_rules(path).node
-    return (NodeNameInterceptor(node),) if node else ()
+    return node_name_interceptors(node) if node else ()

@@ -37,6 +37,7 @@ from hivemind.p2p import P2P, P2PContext, P2PHandlerError, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmrt.wire.client import StageCalls, StageClient
+from swarmrt.wire.tensors import Framed
 from swarmrt.wire.context import CallContext, rpc_error
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 
@@ -258,11 +259,22 @@ class P2PStageClient:
             self._connected.clear()
             raise rpc_error(*_status(e)) from None
 
-    async def forward(self, address: str, request: pb.ForwardRequest, timeout: float) -> pb.ForwardResponse:
-        return await self._unary("Forward", address, request, timeout)
+    async def forward(self, address: str, request, timeout: float):
+        return await self._framed("Forward", address, request, timeout)
 
-    async def backward(self, address: str, request: pb.BackwardRequest, timeout: float) -> pb.BackwardResponse:
-        return await self._unary("Backward", address, request, timeout)
+    async def backward(self, address: str, request, timeout: float):
+        return await self._framed("Backward", address, request, timeout)
+
+    async def _framed(self, method: str, address: str, request, timeout: float):
+        """A data-plane request (:class:`~swarmrt.wire.tensors.Framed`, as the trainer sends) travels
+        here as one message with its payloads inline, and its reply comes back framed the same way."""
+        if not isinstance(request, Framed):
+            return await self._unary(method, address, request, timeout)
+        message = type(request.message)()
+        message.CopyFrom(request.message)  # the request stays as it was: a retry may send it elsewhere
+        for field, payload in request.payloads.items():
+            getattr(message, field).data = bytes(payload)
+        return Framed.from_message(await self._unary(method, address, message, timeout))
 
     async def info(self, address: str, timeout: float = 5.0) -> pb.InfoResponse:
         return await self._unary("Info", address, pb.InfoRequest(), timeout)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rswarmrt.proto\x12\x07swarmrt\"Q\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04meta\x18\x05 \x01(\x0c\"\x92\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x1e\n\x05input\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x14\n\x0ckeep_context\x18\x05 \x01(\x08\x12\x14\n\x0coutput_codec\x18\x06 \x01(\t\"I\n\x0f\x46orwardResponse\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\xe2\x01\n\x0f\x42\x61\x63kwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12$\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x1e\n\x05input\x18\x05 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x0f\n\x07samples\x18\x06 \x01(\x05\x12\x12\n\ngrad_codec\x18\x07 \x01(\t\x12\x17\n\x0fneed_grad_input\x18\x08 \x01(\x08\x12\x15\n\rdeadline_unix\x18\t \x01(\x01\"_\n\x10\x42\x61\x63kwardResponse\x12#\n\ngrad_input\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07stepped\x18\x03 \x01(\x08\"\r\n\x0bInfoRequest\"\xbd\x01\n\x0cInfoResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x0c\n\x04load\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x17\n\x0fsamples_applied\x18\x07 \x01(\x03\x12\x1c\n\x14microbatches_applied\x18\x08 \x01(\x03\x12\r\n\x05state\x18\t \x01(\t\"-\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\"/\n\nStateChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x32\xf5\x01\n\x05Stage\x12<\n\x07\x46orward\x12\x17.swarmrt.ForwardRequest\x1a\x18.swarmrt.ForwardResponse\x12?\n\x08\x42\x61\x63kward\x12\x18.swarmrt.BackwardRequest\x1a\x19.swarmrt.BackwardResponse\x12\x33\n\x04Info\x12\x14.swarmrt.InfoRequest\x1a\x15.swarmrt.InfoResponse\x12\x38\n\x08GetState\x12\x15.swarmrt.StateRequest\x1a\x13.swarmrt.StateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rswarmrt.proto\x12\x07swarmrt\"Q\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04meta\x18\x05 \x01(\x0c\"\xa9\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x1e\n\x05input\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x14\n\x0ckeep_context\x18\x05 \x01(\x08\x12\x14\n\x0coutput_codec\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x03(\x03\"`\n\x0f\x46orwardResponse\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x15\n\rpayload_bytes\x18\x03 \x03(\x03\"\xf9\x01\n\x0f\x42\x61\x63kwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12$\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x1e\n\x05input\x18\x05 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x0f\n\x07samples\x18\x06 \x01(\x05\x12\x12\n\ngrad_codec\x18\x07 \x01(\t\x12\x17\n\x0fneed_grad_input\x18\x08 \x01(\x08\x12\x15\n\rdeadline_unix\x18\t \x01(\x01\x12\x15\n\rpayload_bytes\x18\n \x03(\x03\"v\n\x10\x42\x61\x63kwardResponse\x12#\n\ngrad_input\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07stepped\x18\x03 \x01(\x08\x12\x15\n\rpayload_bytes\x18\x04 \x03(\x03\"\r\n\x0bInfoRequest\"\xbd\x01\n\x0cInfoResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x0c\n\x04load\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x17\n\x0fsamples_applied\x18\x07 \x01(\x03\x12\x1c\n\x14microbatches_applied\x18\x08 \x01(\x03\x12\r\n\x05state\x18\t \x01(\t\"-\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\"/\n\nStateChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x32\xf5\x01\n\x05Stage\x12<\n\x07\x46orward\x12\x17.swarmrt.ForwardRequest\x1a\x18.swarmrt.ForwardResponse\x12?\n\x08\x42\x61\x63kward\x12\x18.swarmrt.BackwardRequest\x1a\x19.swarmrt.BackwardResponse\x12\x33\n\x04Info\x12\x14.swarmrt.InfoRequest\x1a\x15.swarmrt.InfoResponse\x12\x38\n\x08GetState\x12\x15.swarmrt.StateRequest\x1a\x13.swarmrt.StateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=26
   _globals['_TENSOR']._serialized_end=107
   _globals['_FORWARDREQUEST']._serialized_start=110
-  _globals['_FORWARDREQUEST']._serialized_end=256
-  _globals['_FORWARDRESPONSE']._serialized_start=258
-  _globals['_FORWARDRESPONSE']._serialized_end=331
-  _globals['_BACKWARDREQUEST']._serialized_start=334
-  _globals['_BACKWARDREQUEST']._serialized_end=560
-  _globals['_BACKWARDRESPONSE']._serialized_start=562
-  _globals['_BACKWARDRESPONSE']._serialized_end=657
-  _globals['_INFOREQUEST']._serialized_start=659
-  _globals['_INFOREQUEST']._serialized_end=672
-  _globals['_INFORESPONSE']._serialized_start=675
-  _globals['_INFORESPONSE']._serialized_end=864
-  _globals['_STATEREQUEST']._serialized_start=866
-  _globals['_STATEREQUEST']._serialized_end=911
-  _globals['_STATECHUNK']._serialized_start=913
-  _globals['_STATECHUNK']._serialized_end=960
-  _globals['_STAGE']._serialized_start=963
-  _globals['_STAGE']._serialized_end=1208
+  _globals['_FORWARDREQUEST']._serialized_end=279
+  _globals['_FORWARDRESPONSE']._serialized_start=281
+  _globals['_FORWARDRESPONSE']._serialized_end=377
+  _globals['_BACKWARDREQUEST']._serialized_start=380
+  _globals['_BACKWARDREQUEST']._serialized_end=629
+  _globals['_BACKWARDRESPONSE']._serialized_start=631
+  _globals['_BACKWARDRESPONSE']._serialized_end=749
+  _globals['_INFOREQUEST']._serialized_start=751
+  _globals['_INFOREQUEST']._serialized_end=764
+  _globals['_INFORESPONSE']._serialized_start=767
+  _globals['_INFORESPONSE']._serialized_end=956
+  _globals['_STATEREQUEST']._serialized_start=958
+  _globals['_STATEREQUEST']._serialized_end=1003
+  _globals['_STATECHUNK']._serialized_start=1005
+  _globals['_STATECHUNK']._serialized_end=1052
+  _globals['_STAGE']._serialized_start=1055
+  _globals['_STAGE']._serialized_end=1300
 # @@protoc_insertion_point(module_scope)

@@ -60,7 +60,9 @@ class StageServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Forward(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Unary calls with the tensors inline (Tensor.data). The trainer uses the data plane below;
+        these stay for simple clients and tools.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
