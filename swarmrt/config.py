@@ -118,8 +118,9 @@ class OptimizerSection:
     """Momentum (sgd only)."""
     samples_per_step: int = 16
     """A stage peer steps its optimizer after accumulating gradients of this many samples."""
-    max_grad_norm: float | None = None
-    """Clip the accumulated gradient to this norm before a step (None: no clipping)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the accumulated gradient to this norm before a step (on by default: one hostile or
+    exploding gradient cannot blow up a stage's weights; ``inf`` or None: no clipping)."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("adamw", "sgd"), "optimizer.name", f"must be 'adamw' or 'sgd', got {self.name!r}")

@@ -7,7 +7,7 @@ peer keeps serving the others:
 - a message over the size limit: RESOURCE_EXHAUSTED (gRPC's own check)
 - backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
 - deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
-- the peer is draining: UNAVAILABLE
+- the peer is draining, or its weights are not finite (it serves nothing more): UNAVAILABLE
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 
 import grpc
 
-from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker
+from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker, Unhealthy
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
 from swarmrt.wire.tensors import BadTensor, from_proto, to_proto
@@ -69,6 +69,8 @@ class StageServicer(pb_grpc.StageServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except DeadlineExpired as e:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except Unhealthy as e:  # non-finite weights: serve nothing, callers go elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except (IndexError, RuntimeError) as e:  # e.g. token id out of the vocabulary
             logger.warning("stage %s: request failed: %s", self.worker.stage, e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
@@ -124,7 +126,10 @@ class StageServicer(pb_grpc.StageServicer):
         if request.run_id != self.run_id or request.stage != self.worker.stage:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"state of run {request.run_id!r} stage {request.stage} is not served here")
-        data = await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.state_bytes)
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.state_bytes)
+        except Unhealthy as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         for offset in range(0, len(data), STATE_CHUNK):
             yield pb.StateChunk(data=data[offset:offset + STATE_CHUNK], total_bytes=len(data))
 
