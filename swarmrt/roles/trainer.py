@@ -54,10 +54,12 @@ from swarmrt.data import Batches, loss_sum
 from swarmrt.discovery import dht as dht_records
 from swarmrt.wire.client import StageCalls
 from swarmrt.wire.proto import swarmrt_pb2 as pb
-from swarmrt.wire.tensors import from_proto, to_proto
+from swarmrt.wire.tensors import to_proto
 from swarmrt.checkpoint.store import save_data_position
 from swarmrt.routing.live import LiveRouting
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
+from swarmrt.roles.checks import ReplyChecks
+from swarmrt.routing.verify import BadReply
 
 logger = logging.getLogger("swarmrt.trainer")
 
@@ -213,6 +215,8 @@ class Trainer:
         self.inflight: dict[str, int] = {}
         self.accounting = Accounting()
         self.batches = Batches(config.data, config.run.seed, stream)
+        self.checks = ReplyChecks(config, self)
+        """Reply checks, checked work and the throughput this trainer measured (:mod:`swarmrt.roles.checks`)."""
         self.peers_changed = asyncio.Event()
         self.status = ""
         self.waiting = asyncio.Event()
@@ -250,7 +254,7 @@ class Trainer:
 
     def _sync(self, routes: LiveRouting, now: float) -> None:
         """Bring a route source's peer table up to the latest view, bans and this trainer's own load."""
-        routes.sync(self.records.values(), self.bans.banned(now), self.inflight)
+        routes.sync(self.checks.measured(self.records.values()), self.bans.banned(now), self.inflight)
 
     def _stage_without_peers(self, stages: Sequence[int], now: float) -> tuple[int, str] | None:
         """The first of ``stages`` with no eligible peer in the view, and why (None: they all have one)."""
@@ -383,7 +387,7 @@ class Trainer:
             if tried and all(r.peer_id in tried for r in self.peers[stage]):
                 tried.clear()  # every live peer was tried once: allow them again
             candidates = [r for r in self.peers[stage] if r.peer_id not in tried]
-            views = [PeerView(r.peer_id, r.throughput or None, r.load + self.inflight.get(r.peer_id, 0))
+            views = [PeerView(r.peer_id, self.checks.meter.get(r.peer_id), r.load + self.inflight.get(r.peer_id, 0))
                      for r in candidates]
             choice, reason = choose_peer(views, self.bans.banned(now), now, self.rng)
             return (None if choice is None else next(r for r in candidates if r.peer_id == choice.peer_id)), reason
@@ -425,7 +429,15 @@ class Trainer:
         response = await self._with_peer(peer, lambda: self.client.forward(peer.address, request,
                                                                            self.config.network.forward_timeout_s))
         routes.observe_hop(peer_id, self.clock() - started)
-        return peer, from_proto(response.output, f"stage {stage} output")
+        self.checks.observe_forward(peer_id, int(x.shape[0]), self.clock() - started)
+        try:
+            out = self.checks.decode(response.output, f"stage {stage} output", *self.checks.output_spec(stage, x))
+            await self.checks.verify(stage, peer, mb_id, x, out)
+        except BadReply as e:
+            if self.bans.banned(self.clock()).get(peer_id) is None:
+                self.checks.ban(peer, str(e))
+            raise
+        return peer, out
 
     async def _forward(self, routes: LiveRouting, route: Route, mb_id: str, x: torch.Tensor, keep_context: bool,
                        stages: Sequence[int] | None) -> tuple[Route, list[_Hop], torch.Tensor]:
@@ -442,7 +454,7 @@ class Trainer:
                 stage, peer_id = route.hops[position]
                 try:
                     peer, out = await self._forward_on(routes, peer_id, stage, mb_id, h, keep_context)
-                except (grpc.aio.AioRpcError, _PeerGone) as e:
+                except (grpc.aio.AioRpcError, _PeerGone, BadReply) as e:
                     what = e.code() if isinstance(e, grpc.aio.AioRpcError) else e
                     self.accounting.hop_retries += 1
                     failed.add(peer_id)
@@ -490,10 +502,16 @@ class Trainer:
             try:
                 response = await self._with_peer(peer, lambda: self.client.backward(peer.address, request,
                                                                                     net.backward_timeout_s))
+                grad_input = None if not need_grad_input else self.checks.decode(
+                    response.grad_input, f"stage {hop.stage} grad_input", tuple(hop.input.shape), hop.input.dtype)
                 self.accounting.record_backward(mb_id, hop.stage)
-                if not need_grad_input:
-                    return None
-                return from_proto(response.grad_input, f"stage {hop.stage} grad_input")
+                return grad_input
+            except BadReply as e:  # its sender is banned; another peer of the stage recomputes and applies
+                self.checks.ban(peer, str(e))
+                self.accounting.hop_retries += 1
+                tried.add(peer.peer_id)
+                attach_input = True
+                peer = await self._peer_for(hop.stage, tried)
             except grpc.aio.AioRpcError as e:
                 self.accounting.hop_retries += 1
                 tried.add(peer.peer_id)
@@ -644,4 +662,4 @@ class Trainer:
                 "forward_restarts": acc.forward_restarts, "peers": self.live_peers(),
                 "skip_ratio": self.config.routing.skip_ratio, "replans": acc.replans,
                 "microbatches_per_stage": acc.per_stage(self.config.num_stages),
-                "stages_visited": acc.stages_visited()}
+                "stages_visited": acc.stages_visited(), **self.checks.summary()}
