@@ -156,6 +156,8 @@ class ReplyChecks:
         if not verdict.liars:
             self.counts.check_unresolved += 1
         for liar in verdict.liars:
+            if liar in trainer.bans.banned(trainer.clock()):
+                continue  # two microbatches in flight caught it at once: one ban
             self.ban(peer if liar == peer.peer_id else trainer.records[liar], f"checked work: {verdict.reason}",
                      by_check=True)
         honest = [p for p in outputs if p not in verdict.liars]
