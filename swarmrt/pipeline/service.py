@@ -79,6 +79,12 @@ class StageServicer(pb_grpc.StageServicer):
             if self.inflight == 0:
                 self.idle.set()
 
+    def _check_length(self, msg: pb.Tensor, what: str) -> None:
+        """Refuse a sequence longer than ``network.max_sequence_length`` before decoding it."""
+        cap = self.worker.config.network.max_sequence_length
+        if self.worker.spec.batch_dims >= 2 and len(msg.shape) >= 2 and msg.shape[1] > cap:
+            raise StageError(f"{what}: sequence length {msg.shape[1]} exceeds network.max_sequence_length = {cap}")
+
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else self.clock() + remaining - APPLY_MARGIN_S
@@ -89,6 +95,7 @@ class StageServicer(pb_grpc.StageServicer):
 
         def run() -> pb.ForwardResponse:
             self._check_target(request.run_id, request.stage)
+            self._check_length(request.input, "input")
             x = from_proto(request.input, "input", self.max_tensor_bytes)
             out = self.worker.forward(request.microbatch_id, x, request.keep_context)
             return pb.ForwardResponse(output=to_proto(out, request.output_codec or "none"),
@@ -104,6 +111,8 @@ class StageServicer(pb_grpc.StageServicer):
 
         def run() -> pb.BackwardResponse:
             self._check_target(request.run_id, request.stage)
+            self._check_length(request.grad_output, "grad_output")
+            self._check_length(request.input, "input")
             grad = from_proto(request.grad_output, "grad_output", self.max_tensor_bytes)
             x = from_proto(request.input, "input", self.max_tensor_bytes) if request.HasField("input") else None
             grad_input, stepped = self.worker.backward(request.microbatch_id, grad, x, request.samples,

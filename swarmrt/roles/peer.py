@@ -105,7 +105,8 @@ async def download_state(worker: StageWorker, client: StageClient, run_id: str,
     was loaded, or None when every donor failed."""
     for donor in sorted(donors, key=lambda r: -r.version):
         try:
-            data = await client.get_state(donor.address, run_id, worker.stage, timeout=60.0)
+            data = await client.get_state(donor.address, run_id, worker.stage, timeout=60.0,
+                                          max_bytes=worker.config.network.max_state_mb << 20)
             worker.load_state_bytes(data)
             return f"loaded state (version {worker.version}, {len(data)} bytes) from {donor.peer_id}"
         except Exception as e:  # try the next donor
@@ -312,7 +313,8 @@ class Peer:
         if config.checkpoint.enabled:
             self.checkpoints = Checkpointer(config, self.worker, self.peer_id, partition, self.on_compute_thread)
         self.server, port = await start_server(self.servicer, net.host, options.port, net.max_tensor_mb,
-                                               interceptors=server_interceptors(options.net_rules, self.worker))
+                                               interceptors=server_interceptors(options.net_rules, self.worker),
+                                               max_concurrent_rpcs=net.max_concurrent_rpcs)
         address = f"{net.host}:{port}"
         self.announcer = StageAnnouncer(self.dht, config, self.peer_id, self.stage, address, self.worker,
                                         self.servicer, pinned=options.stage is not None)

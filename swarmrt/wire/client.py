@@ -45,9 +45,16 @@ class StageClient:
     async def info(self, address: str, timeout: float = 5.0) -> pb.InfoResponse:
         return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout)
 
-    async def get_state(self, address: str, run_id: str, stage: int, timeout: float) -> bytes:
-        chunks = []
+    async def get_state(self, address: str, run_id: str, stage: int, timeout: float,
+                        max_bytes: int | None = None) -> bytes:
+        """The stage's state from ``address``; ``ValueError`` as soon as it declares or sends more than
+        ``max_bytes`` (a donor cannot make a joiner buffer without bound)."""
+        chunks, size = [], 0
         async for chunk in self.stub(address).GetState(pb.StateRequest(run_id=run_id, stage=stage), timeout=timeout):
+            size += len(chunk.data)
+            if max_bytes is not None and max(size, chunk.total_bytes) > max_bytes:
+                raise ValueError(f"state from {address} is over the {max_bytes}-byte limit "
+                                 f"(declares {chunk.total_bytes}, sent {size} so far)")
             chunks.append(chunk.data)
         return b"".join(chunks)
 

@@ -18,8 +18,10 @@ def grpc_options(max_tensor_mb: int) -> list[tuple[str, int]]:
 
 
 async def start_server(servicer: pb_grpc.StageServicer, host: str, port: int, max_tensor_mb: int,
-                       interceptors=()) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=grpc_options(max_tensor_mb), interceptors=list(interceptors))
+                       interceptors=(), max_concurrent_rpcs: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """``max_concurrent_rpcs``: calls served at once; gRPC refuses more with RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(options=grpc_options(max_tensor_mb), interceptors=list(interceptors),
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_StageServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -242,3 +242,43 @@ def test_a_peer_announcing_1e13_samples_per_s_gets_no_more_than_its_measured_sha
     train(trainer, 8)
     fake, honest = swarm.client.forwards["s1p0"], swarm.client.forwards["s1p1"]
     assert honest >= 0.25 * (fake + honest), (fake, honest)  # announced figures would give it ~all
+
+
+# -- caps on what a peer accepts -------------------------------------------------------------------
+def test_a_sequence_over_the_cap_is_refused_before_decoding(swarms):
+    raw = {**MLP, "model": {"factory": "swarmrt.models:tiny_llama", "kwargs": {"hidden_size": 16, "layers": 2},
+                            "stages": 2},
+           "data": {"seq_len": 8, "batch_size": 4, "microbatch_size": 4},
+           "network": {**MLP["network"], "max_sequence_length": 8}}
+    config = config_from_dict(raw)
+    swarm = InProcessSwarm.build(config, 1)
+    swarms.append(swarm)
+    from swarmrt.wire.tensors import to_proto
+    import grpc
+
+    async def call(length):
+        x = torch.zeros(1, length, dtype=torch.long)
+        request = pb.ForwardRequest(run_id=config.run.id, stage=0, microbatch_id="m", input=to_proto(x))
+        return await swarm.client.forward("s0p0", request, timeout=5.0)
+
+    assert asyncio.run(call(8)).output.shape == [1, 8, 16]
+    with pytest.raises(grpc.aio.AioRpcError, match="sequence length 9 exceeds network.max_sequence_length = 8") as e:
+        asyncio.run(call(9))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_state_download_stops_at_the_cap():
+    from swarmrt.wire.client import StageClient
+
+    class Stub:
+        def GetState(self, request, timeout):
+            async def chunks():
+                for _ in range(1000):
+                    yield pb.StateChunk(data=b"x" * 1024, total_bytes=1024)  # lies about its size
+            return chunks()
+
+    client = StageClient()
+    client.stub = lambda address: Stub()
+    with pytest.raises(ValueError, match="over the 4096-byte limit"):
+        asyncio.run(client.get_state("a", "run", 0, timeout=5.0, max_bytes=4096))
+    assert len(asyncio.run(client.get_state("a", "run", 0, timeout=5.0))) == 1000 * 1024
