@@ -156,6 +156,9 @@ class StageWorker:
         """Backwards whose parameter gradients were not finite: dropped, never applied."""
         self.steps_skipped = 0
         """Optimizer steps skipped because the accumulated gradient was not finite."""
+        self.announce_throughput: float | None = None
+        """A rehearsal hook (a byzantine ``throughput`` lie): the figure :meth:`stats` reports instead of the
+        measured one. Trainers route by what they measure themselves, so the lie gains nothing."""
         self.broken: str | None = None
         """Why this worker's parameters cannot be trusted (non-finite); it then serves nothing."""
         self.throughput = 0.0  # samples/s of forward+backward, EMA
@@ -367,7 +370,8 @@ class StageWorker:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"throughput": self.throughput, "version": self.version, "samples_applied": self.samples_applied,
+            throughput = self.throughput if self.announce_throughput is None else self.announce_throughput
+            return {"throughput": throughput, "version": self.version, "samples_applied": self.samples_applied,
                     "microbatches_applied": self.microbatches_applied, "dropped_nonfinite": self.dropped_nonfinite,
                     "steps_skipped": self.steps_skipped}
 

@@ -116,8 +116,10 @@ class ReplyChecks:
         return check_reply(tensor, what, shape, dtype)
 
     def ban(self, peer: StageRecord, reason: str, *, by_check: bool = False) -> None:
-        """Ban ``peer`` at once for what it sent."""
+        """Ban ``peer`` at once for what it sent (once: microbatches in flight may catch it together)."""
         trainer = self.trainer
+        if peer.peer_id in trainer.bans.banned(trainer.clock()):
+            return
         trainer.bans.ban(peer.peer_id, trainer.clock(), self.config.network.bad_reply_ban_s, reason)
         trainer.accounting.bans += 1
         if by_check:
@@ -156,8 +158,6 @@ class ReplyChecks:
         if not verdict.liars:
             self.counts.check_unresolved += 1
         for liar in verdict.liars:
-            if liar in trainer.bans.banned(trainer.clock()):
-                continue  # two microbatches in flight caught it at once: one ban
             self.ban(peer if liar == peer.peer_id else trainer.records[liar], f"checked work: {verdict.reason}",
                      by_check=True)
         honest = [p for p in outputs if p not in verdict.liars]

@@ -434,8 +434,7 @@ class Trainer:
             out = self.checks.decode(response.output, f"stage {stage} output", *self.checks.output_spec(stage, x))
             await self.checks.verify(stage, peer, mb_id, x, out)
         except BadReply as e:
-            if self.bans.banned(self.clock()).get(peer_id) is None:
-                self.checks.ban(peer, str(e))
+            self.checks.ban(peer, str(e))
             raise
         return peer, out
 

@@ -21,11 +21,13 @@ saw itself, never from what a peer announced:
   by 2: gap 0.5). Who lied, when two disagree:
 
   1. a third peer of the stage is asked too, and the majority (outputs within
-     tolerance of each other) wins: the others are liars;
+     tolerance of each other) wins: an outvoted peer whose output is also
+     :data:`MARGIN` times farther from every majority member than they are
+     from each other is a liar;
   2. with no third peer, the stage's typical output size decides
      (:class:`OutputScale`: the running RMS of outputs that passed a check):
-     the peer whose output RMS is off it by more than a factor of 2, while the
-     other's is within it, is the liar (zeros, large scalings);
+     the peer whose output RMS is off it by more than :data:`SCALE_FACTOR`,
+     while the other's is within it, is the liar (zeros, large scalings);
   3. otherwise the mismatch is counted and nobody is banned: with two peers
      and no history a subtle liar cannot be told from an honest peer.
 
@@ -41,8 +43,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-SCALE_FACTOR = 2.0
-"""Rule 2 of checked work: an output RMS more than this factor off the stage's typical one is a lie."""
+SCALE_FACTOR = 10.0
+"""Rule 2 of checked work: an output RMS more than this factor off the stage's typical one is a lie
+(zeros, large scalings; honest outputs change size as training goes, so the bar is high)."""
+MARGIN = 2.0
+"""Rule 1 of checked work: a peer outvoted by a majority is a liar only if its output is this many times
+farther from each majority member than the majority's members are from each other."""
 
 
 class BadReply(ValueError):
@@ -142,8 +148,13 @@ def judge(outputs: Mapping[str, torch.Tensor], tolerance: float, reference_rms: 
             group = {p} | agrees[p]
             if all(q in agrees[r] for q in group for r in group if q != r) and len(group) > len(best):
                 best = group
+        spread = max((relative_gap(outputs[q], outputs[r]) for q in best for r in best if q < r), default=0.0)
         if 2 * len(best) > len(peers):
-            liars = tuple(p for p in peers if p not in best)
+            liars = tuple(p for p in peers if p not in best
+                          and min(relative_gap(outputs[p], outputs[q]) for q in best) > MARGIN * spread)
+            if not liars:
+                return Verdict((), False, f"outputs disagree but the outvoted ones are no farther than {MARGIN:g}x "
+                                          f"the majority's own spread {spread:.3g}")
             return Verdict(liars, False, f"outputs of {', '.join(liars)} disagree with the majority "
                                          f"({', '.join(sorted(best))}) by more than {tolerance:g}")
         return Verdict((), False, f"{len(peers)} outputs disagree and no majority agrees")
