@@ -282,3 +282,29 @@ def test_a_state_download_stops_at_the_cap():
     with pytest.raises(ValueError, match="over the 4096-byte limit"):
         asyncio.run(client.get_state("a", "run", 0, timeout=5.0, max_bytes=4096))
     assert len(asyncio.run(client.get_state("a", "run", 0, timeout=5.0))) == 1000 * 1024
+
+
+# -- byzantine faults as rules-file lies -----------------------------------------------------------
+def test_byzantine_rules_parse_and_rewrite_replies():
+    from swarmrt.localswarm.faults import FaultError, FaultPlan, Peer
+    from swarmrt.wire.byzantine import reply_lie, tamper
+    from swarmrt.wire.emulation import RulesError, parse_rules
+    from swarmrt.wire.tensors import to_proto
+
+    rules = parse_rules({"byzantine": [{"id": "f1", "kind": "replies", "method": "Forward", "mode": "scale",
+                                        "factor": 3}, {"id": "f2", "kind": "throughput", "value": 1e13}]})
+    lie = reply_lie(rules.lies, "Forward")
+    assert lie.factor == 3.0 and reply_lie(rules.lies, "Backward") is None
+    true = torch.randn(2, 3)
+    reply = pb.ForwardResponse(output=to_proto(true, "fp16"), model_version=4)
+    lied = tamper(reply, lie)
+    assert torch.allclose(from_proto(lied.output), 3 * true.half().float(), rtol=1e-3)
+    assert lied.model_version == 4 and torch.equal(from_proto(reply.output), true.half().float())
+    with pytest.raises(RulesError, match=r"byzantine\[0\].kind"):
+        parse_rules({"byzantine": [{"kind": "lies"}]})
+    plan = FaultPlan(seed=0)
+    fault = plan.byzantine(Peer(1, 0), mode="nan", at_step=2)
+    assert "lies in its Forward replies (nan)" in fault.describe() and fault.required_effects == 1
+    assert "announces" in plan.lie_throughput(Peer(0), at_step=0).describe()
+    with pytest.raises(FaultError, match="mode 'ones'"):
+        plan.byzantine(Peer(1), mode="ones", at_step=0)
