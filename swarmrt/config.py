@@ -166,9 +166,11 @@ class NetworkSection:
     up to 3x this long (``swarmrt.roles.trainer.HEAL_FACTOR``): moves take seconds, so a stage empty
     that long means its peers do not rebalance. Also how long a stage whose peers are all banned, or a
     backward that keeps failing, is retried."""
-    verify_fraction: float = 0.05
+    verify_fraction: float = 0.0
     """Checked work: the fraction of forward hops a trainer re-runs on a second peer of the same stage
-    and compares (0: never). A stage with one peer cannot be checked."""
+    and compares (0: never; 0.05 costs about 1% of step time). Off by default because peers of a stage
+    drift apart between averaging rounds: set it with a ``verify_tolerance`` above that drift
+    (docs/security-checks.md). A stage with one peer cannot be checked."""
     verify_tolerance: float = 0.1
     """Checked work: largest relative L2 gap ``||a - b|| / max(||a||, ||b||)`` between two peers' outputs
     that still counts as agreement (peers of a stage drift apart a little between averaging rounds)."""

@@ -2,6 +2,7 @@
 in-process peers, some of which lie."""
 
 import asyncio
+import io
 import random
 
 import msgpack
@@ -13,11 +14,12 @@ from swarmrt.data import sample_input
 from swarmrt.models.build import build_layers, stage_ranges
 from swarmrt.pipeline.worker import NonFiniteGradients, StageWorker, infer_input_spec
 from swarmrt.roles.trainer import Trainer
-from swarmrt.routing.verify import BadReply, OutputScale, ThroughputMeter, judge, relative_gap
+from swarmrt.routing.verify import OutputScale, ThroughputMeter, judge, relative_gap
 from swarmrt.testing.inprocess import InProcessSwarm
 from swarmrt.wire.codecs import EncodedTensor, decode
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import BadTensor, from_proto
+from tests.unit.test_trainer import swarms  # noqa: F401 (the fixture that closes in-process swarms)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,7 +80,7 @@ def test_non_finite_donor_state_is_refused():
     donor, joiner = workers_of(MLP)[1][1], workers[1]
     with torch.no_grad():
         next(donor.module.parameters())[0, 0] = float("nan")
-    donor_bytes = __import__("io").BytesIO()
+    donor_bytes = io.BytesIO()
     torch.save({"stage": 1, "module": donor.module.state_dict(), "optimizer": None, "version": 9,
                 "samples_applied": 0}, donor_bytes)
     with pytest.raises(ValueError, match="not finite"):
@@ -156,14 +158,6 @@ def test_throughput_meter_is_what_the_trainer_timed():
 
 
 # -- the trainer over in-process peers that lie ----------------------------------------------------
-@pytest.fixture
-def swarms():
-    made = []
-    yield made
-    for swarm in made:
-        swarm.close()
-
-
 def make(swarms, peers_per_stage, throughput=None, **network):
     config = config_from_dict({**MLP, "network": {**MLP["network"], **network}})
     swarm = InProcessSwarm.build(config, peers_per_stage, throughput)
