@@ -504,6 +504,7 @@ class Trainer:
                 grad_input = None if not need_grad_input else self.checks.decode(
                     response.grad_input, f"stage {hop.stage} grad_input", tuple(hop.input.shape), hop.input.dtype)
                 self.accounting.record_backward(mb_id, hop.stage)
+                hop.peer = peer  # the peer whose grad_input goes on (blamed if the next hop refuses it)
                 return grad_input
             except BadReply as e:  # its sender is banned; another peer of the stage recomputes and applies
                 self.checks.ban(peer, str(e))
@@ -556,8 +557,14 @@ class Trainer:
                 loss = loss_sum(self.config.data, output, y)
                 (grad,) = torch.autograd.grad(loss, output)
             self.accounting.expect(mb_id, [hop.stage for hop in hops])
-            for hop in reversed(hops):
-                grad = await self._backward_hop(hop, mb_id, grad, samples=x.shape[0])
+            for i, hop in enumerate(reversed(hops)):
+                try:
+                    grad = await self._backward_hop(hop, mb_id, grad, samples=x.shape[0])
+                except RuntimeError as e:  # a finite grad_input that overflows this stage: its sender lied
+                    if i == 0 or "parameter gradients are not finite" not in str(e):
+                        raise
+                    self.checks.ban(hops[len(hops) - i].peer, f"its grad_input was refused by stage {hop.stage}: {e}")
+                    break  # the microbatch is dropped from here on (partially applied)
             routes.finished(route)
             self.accounting.applied += 1
             return float(loss.detach())

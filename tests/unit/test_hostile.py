@@ -302,3 +302,15 @@ def test_byzantine_rules_parse_and_rewrite_replies():
     assert "announces" in plan.lie_throughput(Peer(0), at_step=0).describe()
     with pytest.raises(FaultError, match="mode 'ones'"):
         plan.byzantine(Peer(1), mode="ones", at_step=0)
+
+
+def test_a_finite_grad_input_that_overflows_the_stage_before_is_blamed_on_its_sender(swarms):
+    config, swarm, trainer = make(swarms, peers_per_stage=2, verify_fraction=0.0)
+    worker = swarm.workers["s2p1"]
+    real = worker.backward
+    worker.backward = lambda *a, **k: (lambda g, s: (torch.full_like(g, 3e38), s))(*real(*a, **k))
+    losses = train(trainer, 4)  # does not crash
+    assert list(trainer.bans.bad) == ["s2p1"] and "refused by stage 1" in trainer.bans.bad["s2p1"][1]
+    assert trainer.accounting.duplicates == 0 and len(trainer.accounting.incomplete()) == 1
+    assert swarm.workers["s1p0"].dropped_nonfinite + swarm.workers["s1p1"].dropped_nonfinite == 1
+    assert all(all_finite(w) for w in swarm.workers.values()) and len(losses) == 4
