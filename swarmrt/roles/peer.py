@@ -105,8 +105,7 @@ async def download_state(worker: StageWorker, client: StageClient, run_id: str,
     was loaded, or None when every donor failed."""
     for donor in sorted(donors, key=lambda r: -r.version):
         try:
-            data = await client.get_state(donor.address, run_id, worker.stage, timeout=60.0,
-                                          max_bytes=worker.config.network.max_state_mb << 20)
+            data = await client.get_state(donor.address, run_id, worker.stage, timeout=60.0)
             worker.load_state_bytes(data)
             return f"loaded state (version {worker.version}, {len(data)} bytes) from {donor.peer_id}"
         except Exception as e:  # try the next donor
@@ -357,7 +356,7 @@ class Peer:
                 raise CheckpointError(f"--resume: no checkpoint of stage {self.stage} of run {self.config.run.id!r} "
                                       f"under {self.config.checkpoint.location}")
         if note is None and donors:
-            client = StageClient(self.config.network.max_tensor_mb)
+            client = StageClient(self.config.network.max_tensor_mb, max_state_mb=self.config.network.max_state_mb)
             try:
                 note = await download_state(self.worker, client, self.config.run.id, donors)
             finally:

@@ -23,8 +23,10 @@ class StageCalls(Protocol):
 
 
 class StageClient:
-    def __init__(self, max_tensor_mb: int = 256, interceptors=()):
+    def __init__(self, max_tensor_mb: int = 256, interceptors=(), max_state_mb: int | None = None):
         self.max_tensor_mb = max_tensor_mb
+        self.max_state_bytes = None if max_state_mb is None else max_state_mb << 20
+        """Largest state :meth:`get_state` accepts by default (None: no limit)."""
         self.interceptors = list(interceptors)
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.StageStub]] = {}
 
@@ -48,7 +50,9 @@ class StageClient:
     async def get_state(self, address: str, run_id: str, stage: int, timeout: float,
                         max_bytes: int | None = None) -> bytes:
         """The stage's state from ``address``; ``ValueError`` as soon as it declares or sends more than
-        ``max_bytes`` (a donor cannot make a joiner buffer without bound)."""
+        ``max_bytes`` (default: the client's ``max_state_mb``; a donor cannot make a joiner buffer
+        without bound)."""
+        max_bytes = self.max_state_bytes if max_bytes is None else max_bytes
         chunks, size = [], 0
         async for chunk in self.stub(address).GetState(pb.StateRequest(run_id=run_id, stage=stage), timeout=timeout):
             size += len(chunk.data)

@@ -267,15 +267,17 @@ def test_a_state_download_stops_at_the_cap():
     class Stub:
         def GetState(self, request, timeout):
             async def chunks():
-                for _ in range(1000):
+                for _ in range(2000):
                     yield pb.StateChunk(data=b"x" * 1024, total_bytes=1024)  # lies about its size
             return chunks()
 
-    client = StageClient()
-    client.stub = lambda address: Stub()
+    client, capped = StageClient(), StageClient(max_state_mb=1)
+    client.stub = capped.stub = lambda address: Stub()
     with pytest.raises(ValueError, match="over the 4096-byte limit"):
         asyncio.run(client.get_state("a", "run", 0, timeout=5.0, max_bytes=4096))
-    assert len(asyncio.run(client.get_state("a", "run", 0, timeout=5.0))) == 1000 * 1024
+    with pytest.raises(ValueError, match="over the 1048576-byte limit"):  # network.max_state_mb, as a peer sets it
+        asyncio.run(capped.get_state("a", "run", 0, timeout=5.0))
+    assert len(asyncio.run(client.get_state("a", "run", 0, timeout=5.0))) == 2000 * 1024
 
 
 # -- byzantine faults as rules-file lies -----------------------------------------------------------
