@@ -3,7 +3,10 @@
 Every failure becomes a gRPC status whose details say what was wrong, and the
 peer keeps serving the others:
 
-- bad tensor, wrong dtype/shape, NaN/Inf, wrong run or stage: INVALID_ARGUMENT
+- bad tensor, wrong dtype/shape, NaN/Inf, wrong run or stage, a sequence over
+  ``network.max_sequence_length``, parameter gradients that are not finite (dropped, not
+  applied): INVALID_ARGUMENT
+- more than ``network.max_concurrent_rpcs`` calls at once: RESOURCE_EXHAUSTED (gRPC's own check)
 - a message over the size limit: RESOURCE_EXHAUSTED (gRPC's own check)
 - backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
 - deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
