@@ -118,8 +118,9 @@ class OptimizerSection:
     """Momentum (sgd only)."""
     samples_per_step: int = 16
     """A stage peer steps its optimizer after accumulating gradients of this many samples."""
-    max_grad_norm: float | None = None
-    """Clip the accumulated gradient to this norm before a step (None: no clipping)."""
+    max_grad_norm: float | None = 10.0
+    """Clip the accumulated gradient to this norm before a step (on by default: one hostile or
+    exploding gradient cannot blow up a stage's weights; ``inf`` or None: no clipping)."""
     staleness: int = 0
     """Steps a trainer may start beyond its oldest unfinished one: with k, step s starts once step
     s - k - 1 has finished, so up to k + 1 steps are in flight and a microbatch's gradient may be
@@ -188,6 +189,22 @@ class NetworkSection:
     up to 3x this long (``swarmrt.roles.trainer.HEAL_FACTOR``): moves take seconds, so a stage empty
     that long means its peers do not rebalance. Also how long a stage whose peers are all banned, or a
     backward that keeps failing, is retried."""
+    verify_fraction: float = 0.0
+    """Checked work: the fraction of forward hops a trainer re-runs on a second peer of the same stage
+    and compares (0: never; 0.05 costs about 1% of step time). Off by default because peers of a stage
+    drift apart between averaging rounds: set it with a ``verify_tolerance`` above that drift
+    (docs/security-checks.md). A stage with one peer cannot be checked."""
+    verify_tolerance: float = 0.1
+    """Checked work: largest relative L2 gap ``||a - b|| / max(||a||, ||b||)`` between two peers' outputs
+    that still counts as agreement (peers of a stage drift apart a little between averaging rounds)."""
+    bad_reply_ban_s: float = 300.0
+    """How long a peer that sent a bad reply (wrong shape/dtype, NaN, a failed check) is banned."""
+    max_sequence_length: int = 65536
+    """Longest sequence (tokens) a stage peer accepts in one request."""
+    max_concurrent_rpcs: int = 64
+    """Calls a stage peer serves at once; gRPC refuses more with RESOURCE_EXHAUSTED."""
+    max_state_mb: int = 16384
+    """Largest stage state (MiB) a joiner downloads from a peer (GetState)."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "record_ttl_s", "forward_timeout_s", "backward_timeout_s", "ban_s",
@@ -196,9 +213,16 @@ class NetworkSection:
             _check(isinstance(value, (int, float)) and value > 0, f"network.{name}", f"must be > 0, got {value!r}")
         _check(self.record_ttl_s > self.heartbeat_s, "network.record_ttl_s",
                f"must exceed network.heartbeat_s ({self.heartbeat_s}), got {self.record_ttl_s}")
-        for name in ("max_retries", "ban_after_failures", "max_tensor_mb", "context_max_mb"):
+        for name in ("max_retries", "ban_after_failures", "max_tensor_mb", "context_max_mb", "max_sequence_length",
+                     "max_concurrent_rpcs", "max_state_mb"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"network.{name}", f"must be an integer >= 1, got {value!r}")
+        _check(isinstance(self.verify_fraction, (int, float)) and 0 <= self.verify_fraction <= 1,
+               "network.verify_fraction", f"must be in [0, 1], got {self.verify_fraction!r}")
+        for name in ("verify_tolerance", "bad_reply_ban_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), f"network.{name}",
+                   f"must be a finite number > 0, got {value!r}")
         for name in ("host", "announce_host"):
             value = getattr(self, name)
             _check(value is None and name == "announce_host" or isinstance(value, str) and value.strip() == value

@@ -38,7 +38,19 @@ What each fault does on a :class:`~swarmrt.localswarm.swarm.LocalSwarm`:
                others refuse calls from them, for ``duration_s``.
 ``revive``     start a new peer on the stage of a peer a fault took down.
 ``add_peer``   start a new peer on a stage (or on the one it picks).
+``byzantine``  from then on the peer lies in its replies of ``method``
+               (Forward outputs or Backward grad_inputs): ``zeros``, ``nan``
+               or the true values times ``factor`` (``scale``); it computes
+               and applies honestly, only its callers are lied to.
+``lie_throughput``  it announces ``value`` samples/s instead of its measure.
+``stale_state``  it snapshots its state and hands that snapshot to every
+               later joiner (a replay of old weights).
 =============  ==============================================================
+
+Byzantine faults (byzantine, lie_throughput, stale_state) are rules-file lies
+(:mod:`swarmrt.wire.byzantine`); they last until the end of the run and count
+as fired once the peer reports the first lie told (a reply rewritten, the
+figure announced, the snapshot taken).
 
 RPC faults (drop, delay, corrupt) and ``slow`` count as fired only once the
 peer reports that it applied them (``count`` calls affected, or the new
@@ -51,10 +63,14 @@ reported computing slower on the stage).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from typing import Any, Protocol, Sequence, Union
 
-KINDS = ("crash", "hang", "preempt", "slow", "slow_stage", "drop", "delay", "corrupt", "partition", "revive", "add_peer")
+KINDS = ("crash", "hang", "preempt", "slow", "slow_stage", "drop", "delay", "corrupt", "partition", "revive", "add_peer",
+         "byzantine", "lie_throughput", "stale_state")
+BYZANTINE_KINDS = ("byzantine", "lie_throughput", "stale_state")
+"""Kinds where the target answers but lies (:mod:`swarmrt.wire.byzantine`)."""
 RPC_KINDS = ("drop", "delay", "corrupt")
 RPC_METHODS = ("Forward", "Backward", "GetState", "Info")
 """Methods of the stage service an RPC fault can target (the gRPC method names)."""
@@ -159,7 +175,7 @@ class Fault:
     def required_effects(self) -> int:
         if self.kind in RPC_KINDS:
             return int(self.params["count"])
-        return 1 if self.kind in ("slow", "revive", "add_peer") else 0
+        return 1 if self.kind in ("slow", "revive", "add_peer") + BYZANTINE_KINDS else 0
 
     @property
     def happened(self) -> bool:
@@ -197,6 +213,10 @@ class Fault:
                 "drop": f"drop {p.get('count')} {p.get('method')} call(s) to {target}",
                 "delay": f"delay {p.get('count')} {p.get('method')} call(s) to {target} by {p.get('delay_s')} s",
                 "corrupt": f"corrupt ({p.get('mode')}) {p.get('count')} {p.get('method')} call(s) to {target}",
+                "byzantine": f"{target} lies in its {p.get('method')} replies ({p.get('mode')}"
+                             + (f" x{p.get('factor'):g})" if p.get("mode") == "scale" else ")"),
+                "lie_throughput": f"{target} announces {p.get('value')} samples/s",
+                "stale_state": f"{target} hands joiners a stale snapshot of its state",
             }[self.kind]
         if self.duration_s is not None:
             what += f" for {self.duration_s:g} s"
@@ -346,6 +366,30 @@ class FaultPlan:
         if mode not in CORRUPT_MODES:
             raise FaultError(f"corrupt: mode {mode!r} is not one of {', '.join(CORRUPT_MODES)}")
         return self._rpc("corrupt", target, method, count, at_step, at_time, mode=mode)
+
+    # byzantine faults: the target answers, but lies
+    def byzantine(self, target: Target, mode: str = "zeros", method: str = "Forward", factor: float = 1.0,
+                  at_step: Trigger = None, at_time: Trigger = None) -> Fault:
+        """From then on the target's replies of ``method`` (``"Forward"``: outputs, ``"Backward"``:
+        grad_inputs) are ``"zeros"``, ``"nan"``, or the true values times ``factor`` (``"scale"``)."""
+        if mode not in ("zeros", "nan", "scale"):
+            raise FaultError(f"byzantine: mode {mode!r} is not one of zeros, nan, scale")
+        if method not in ("Forward", "Backward"):
+            raise FaultError(f"byzantine: method {method!r} must be 'Forward' or 'Backward'")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+            raise FaultError(f"byzantine: factor must be a finite number, got {factor!r}")
+        return self._add("byzantine", [target], at_step, at_time, mode=mode, method=method, factor=float(factor))
+
+    def lie_throughput(self, target: Target, value: float = 1e13, at_step: Trigger = None,
+                       at_time: Trigger = None) -> Fault:
+        """From then on the target announces ``value`` samples/s, whatever it measured."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise FaultError(f"lie_throughput: value must be a number >= 0, got {value!r}")
+        return self._add("lie_throughput", [target], at_step, at_time, value=float(value))
+
+    def stale_state(self, target: Target, at_step: Trigger = None, at_time: Trigger = None) -> Fault:
+        """The target snapshots its state now and hands that snapshot to every later joiner."""
+        return self._add("stale_state", [target], at_step, at_time)
 
     # topology faults
     def partition(self, targets: Sequence[Target], duration_s: float | None = None, at_step: Trigger = None,

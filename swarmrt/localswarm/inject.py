@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 from swarmrt.wire.emulation import events_path, read_effects
-from swarmrt.localswarm.faults import Fault, FaultEvent, FaultInjector, FaultPlan
+from swarmrt.localswarm.faults import BYZANTINE_KINDS, Fault, FaultEvent, FaultInjector, FaultPlan
 from swarmrt.localswarm.swarm import LocalSwarm, Role, SwarmError
 
 
@@ -86,6 +86,13 @@ class SwarmExecutor:
                 rule["mode"] = fault.params["mode"]
             swarm.edit_rules(role, lambda rules: rules.setdefault("faults", []).append(rule))
             return f"{kind} rule for the next {rule['count']} {rule['method']} call(s) on {where}"
+        if kind in BYZANTINE_KINDS:
+            p = fault.params
+            lie = {"id": fault.id, "kind": {"byzantine": "replies", "lie_throughput": "throughput"}.get(kind, kind)}
+            lie.update({"method": p["method"], "mode": p["mode"], "factor": p["factor"]} if kind == "byzantine"
+                       else {"value": p["value"]} if kind == "lie_throughput" else {})
+            swarm.edit_rules(role, lambda rules: rules.setdefault("byzantine", []).append(lie))
+            return f"{kind} rule on {where}: {fault.describe().split(': ', 1)[1]}"
         if kind == "partition":
             members = sorted(targets)
             for peer in swarm.peers():

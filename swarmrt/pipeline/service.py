@@ -8,12 +8,15 @@ plane's streams (``StageData``: a header, then raw chunks; see
 Every failure becomes a gRPC status whose details say what was wrong, and the
 peer keeps serving the others:
 
-- bad tensor, wrong dtype/shape, NaN/Inf, wrong run or stage: INVALID_ARGUMENT
 - a data-plane stream that does not add up (header, sizes, chunks): INVALID_ARGUMENT
+- bad tensor, wrong dtype/shape, NaN/Inf, wrong run or stage, a sequence over
+  ``network.max_sequence_length``, parameter gradients that are not finite (dropped, not
+  applied): INVALID_ARGUMENT
+- more than ``network.max_concurrent_rpcs`` calls at once: RESOURCE_EXHAUSTED (gRPC's own check)
 - a message over the size limit: RESOURCE_EXHAUSTED (gRPC's own check)
 - backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
 - deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
-- the peer is draining: UNAVAILABLE
+- the peer is draining, or its weights are not finite (it serves nothing more): UNAVAILABLE
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Callable
 
 import grpc
 
-from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker
+from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker, Unhealthy
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
 from swarmrt.wire.tensors import BadTensor, Framed, read_frames, to_frames
@@ -75,6 +78,8 @@ class StageServicer(pb_grpc.StageServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except DeadlineExpired as e:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except Unhealthy as e:  # non-finite weights: serve nothing, callers go elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except (IndexError, RuntimeError) as e:  # e.g. token id out of the vocabulary
             logger.warning("stage %s: request failed: %s", self.worker.stage, e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
@@ -82,6 +87,12 @@ class StageServicer(pb_grpc.StageServicer):
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
+
+    def _check_length(self, msg: pb.Tensor, what: str) -> None:
+        """Refuse a sequence longer than ``network.max_sequence_length`` before decoding it."""
+        cap = self.worker.config.network.max_sequence_length
+        if self.worker.spec.batch_dims >= 2 and len(msg.shape) >= 2 and msg.shape[1] > cap:
+            raise StageError(f"{what}: sequence length {msg.shape[1]} exceeds network.max_sequence_length = {cap}")
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
@@ -95,6 +106,7 @@ class StageServicer(pb_grpc.StageServicer):
 
         def run() -> Framed:
             self._check_target(request.run_id, request.stage)
+            self._check_length(request.input, "input")
             x = request.tensor("input", "input", self.max_tensor_bytes)
             out = self.worker.forward(request.microbatch_id, x, request.keep_context)
             return Framed(pb.ForwardResponse(model_version=self.worker.version)).attach(
@@ -111,6 +123,8 @@ class StageServicer(pb_grpc.StageServicer):
 
         def run() -> Framed:
             self._check_target(request.run_id, request.stage)
+            self._check_length(request.grad_output, "grad_output")
+            self._check_length(request.input, "input")
             grad = request.tensor("grad_output", "grad_output", self.max_tensor_bytes)
             x = request.tensor("input", "input", self.max_tensor_bytes) if request.HasField("input") else None
             grad_input, stepped = self.worker.backward(request.microbatch_id, grad, x, request.samples,
@@ -165,7 +179,10 @@ class StageServicer(pb_grpc.StageServicer):
         if request.run_id != self.run_id or request.stage != self.worker.stage:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"state of run {request.run_id!r} stage {request.stage} is not served here")
-        data = await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.state_bytes)
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self.executor, self.worker.state_bytes)
+        except Unhealthy as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         for offset in range(0, len(data), STATE_CHUNK):
             yield pb.StateChunk(data=data[offset:offset + STATE_CHUNK], total_bytes=len(data))
 

@@ -11,6 +11,13 @@ the forward from the stage input the trainer sends along. So a backward hop can
 be retried on any peer of the stage, and a microbatch never has to be redone
 from the start once its forward pass has finished.
 
+Hostile numbers: a backward's sample count is the number of rows of its input (what a
+caller claims is ignored); a microbatch whose parameter gradients are not finite (a 3e38
+``grad_output`` overflows them) is dropped and counted (``dropped_nonfinite``), never
+added to the accumulators; the accumulated gradient is clipped to
+``optimizer.max_grad_norm`` before each step; and a step that would leave a parameter
+non-finite stops the peer serving, so the weights a peer serves and hands to joiners stay finite.
+
 Exactly-once: gradients of a microbatch are added to the accumulators only if
 the request's deadline has not passed (the trainer retries elsewhere after
 its deadline), and a microbatch id seen before is never applied twice here.
@@ -21,6 +28,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import itertools
+import logging
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -29,6 +38,8 @@ import torch
 from torch import nn
 
 from swarmrt.config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 class StageError(ValueError):
@@ -41,6 +52,14 @@ class ContextMissing(RuntimeError):
 
 class DeadlineExpired(RuntimeError):
     """The request's deadline passed before its gradients could be applied."""
+
+
+class Unhealthy(RuntimeError):
+    """This worker's parameters are not finite: it serves nothing more (callers go elsewhere)."""
+
+
+class NonFiniteGradients(StageError):
+    """A backward whose parameter gradients are not finite: counted, never applied."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +163,15 @@ class StageWorker:
         self.version = 0
         self.samples_applied = 0
         self.microbatches_applied = 0
+        self.dropped_nonfinite = 0
+        """Backwards whose parameter gradients were not finite: dropped, never applied."""
+        self.steps_skipped = 0
+        """Optimizer steps skipped because the accumulated gradient was not finite."""
+        self.announce_throughput: float | None = None
+        """A rehearsal hook (a byzantine ``throughput`` lie): the figure :meth:`stats` reports instead of the
+        measured one. Trainers route by what they measure themselves, so the lie gains nothing."""
+        self.broken: str | None = None
+        """Why this worker's parameters cannot be trusted (non-finite); it then serves nothing."""
         self.throughput = 0.0  # samples/s of forward+backward, EMA
         self.extensions: dict[str, StageExtension] = {}  # by name, the key of their state (see attach)
         self.epoch = 0  # bumped whenever parameters change in place; kept contexts of older epochs are stale
@@ -180,6 +208,8 @@ class StageWorker:
 
     # -- the two calls ----------------------------------------------------------------------
     def forward(self, microbatch_id: str, x: torch.Tensor, keep_context: bool) -> torch.Tensor:
+        if self.broken:
+            raise Unhealthy(self.broken)
         self.spec.check(x, "input")
         started = self.clock()
         if keep_context:
@@ -202,11 +232,15 @@ class StageWorker:
             self._evict(self.clock())
         return out.detach()
 
-    def backward(self, microbatch_id: str, grad_output: torch.Tensor, x: torch.Tensor | None, samples: int,
+    def backward(self, microbatch_id: str, grad_output: torch.Tensor, x: torch.Tensor | None, samples: int | None,
                  need_grad_input: bool, deadline: float | None) -> tuple[torch.Tensor | None, bool]:
-        """Returns ``(grad_input, stepped)``. Raises DeadlineExpired without applying anything."""
-        if samples < 1:
-            raise StageError(f"samples must be >= 1, got {samples}")
+        """Returns ``(grad_input, stepped)``. Raises DeadlineExpired without applying anything, and
+        :class:`NonFiniteGradients` (nothing applied) when the parameter gradients are not finite.
+
+        ``samples`` (what the caller claims) is ignored: the microbatch counts as many samples as
+        its input has rows."""
+        if self.broken:
+            raise Unhealthy(self.broken)
         if not torch.isfinite(grad_output).all():
             raise StageError("grad_output: contains NaN or Inf")
         started = self.clock()
@@ -230,11 +264,17 @@ class StageWorker:
         if tuple(grad_output.shape) != tuple(out.shape) or grad_output.dtype != out.dtype:
             raise StageError(f"grad_output: shape {list(grad_output.shape)} {grad_output.dtype} does not match "
                              f"the output {list(out.shape)} {out.dtype}")
+        samples = int(x_in.shape[0])  # derived from the input, never from the request
         wants_input = need_grad_input and x_in.is_floating_point()
         targets = ([x_in] if wants_input else []) + self.params
         grads = torch.autograd.grad(out, targets, grad_output, allow_unused=True)
         grad_input = grads[0] if wants_input else None
         param_grads = grads[1:] if wants_input else grads
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in param_grads):
+            with self._lock:
+                self.dropped_nonfinite += 1
+            raise NonFiniteGradients(f"microbatch {microbatch_id}: parameter gradients are not finite "
+                                     f"(grad_output max |g| {float(grad_output.abs().max()):.3g}); dropped, not applied")
         self._delay(started)
         if deadline is not None and self.clock() > deadline:
             raise DeadlineExpired(f"microbatch {microbatch_id}: deadline passed before applying; not applied")
@@ -270,14 +310,32 @@ class StageWorker:
         if self.config.optimizer.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.optimizer.max_grad_norm)
         if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._guarded_step()
         self.params_changed()
         with self._lock:
             self.samples_pending = 0
             self.version += 1
         for extension in self.extensions.values():
             extension.after_step()
+
+    def _guarded_step(self) -> None:
+        """The optimizer step, skipped (and counted) when the clipped gradient is not finite. A step
+        that still leaves a parameter non-finite marks the worker :attr:`broken`: it then refuses
+        to compute or hand out its state, so NaN weights are never served."""
+        if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
+            self.optimizer.step()
+            if not self.params_finite():
+                self.broken = f"stage {self.stage}: an optimizer step left parameters non-finite"
+                logger.error("%s; this peer stops serving", self.broken)
+        else:
+            with self._lock:
+                self.steps_skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def params_finite(self) -> bool:
+        """True when every parameter and buffer of the stage is finite."""
+        return all(bool(torch.isfinite(t).all()) for t in itertools.chain(self.module.parameters(), self.module.buffers())
+                   if t.is_floating_point())
 
     def params_changed(self) -> None:
         """Call (on the compute thread) after changing parameters in place."""
@@ -293,6 +351,8 @@ class StageWorker:
 
     # -- state for joiners and checkpoints ------------------------------------------------------
     def state_bytes(self) -> bytes:
+        if self.broken or not self.params_finite():  # never hand non-finite weights to a joiner or a checkpoint
+            raise Unhealthy(f"stage {self.stage}: parameters are not finite; refusing to serve this state")
         buffer = io.BytesIO()
         torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                     "version": self.version, "samples_applied": self.samples_applied,
@@ -301,6 +361,12 @@ class StageWorker:
 
     def load_state_bytes(self, data: bytes) -> None:
         state = torch.load(io.BytesIO(data), weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+            raise StageError("state: not a stage state (no module weights)")
+        bad = [k for k, v in state["module"].items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise StageError(f"state: weights {bad[:3]} are not finite; refusing it")
         if state.get("stage") != self.stage:
             raise StageError(f"state is for stage {state.get('stage')}, this peer serves stage {self.stage}")
         for name, extension in self.extensions.items():
@@ -321,8 +387,10 @@ class StageWorker:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"throughput": self.throughput, "version": self.version, "samples_applied": self.samples_applied,
-                    "microbatches_applied": self.microbatches_applied}
+            throughput = self.throughput if self.announce_throughput is None else self.announce_throughput
+            return {"throughput": throughput, "version": self.version, "samples_applied": self.samples_applied,
+                    "microbatches_applied": self.microbatches_applied, "dropped_nonfinite": self.dropped_nonfinite,
+                    "steps_skipped": self.steps_skipped}
 
     def close(self) -> None:
         for extension in self.extensions.values():

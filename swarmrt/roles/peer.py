@@ -321,7 +321,8 @@ class Peer:
             self.checkpoints = Checkpointer(config, self.worker, self.peer_id, partition, self.on_compute_thread)
         self.server, port = await start_server(self.servicer, net.host, options.port, net.max_tensor_mb,
                                                interceptors=(*auth.server_interceptors(options.join_token),
-                                                             *server_interceptors(options.net_rules, self.worker)))
+                                                             *server_interceptors(options.net_rules, self.worker)),
+                                               max_concurrent_rpcs=net.max_concurrent_rpcs)
         address = f"{net.public_host}:{port}"
         if self.network is not None:
             address = await self.network.checked_address(address, self.servicer)
@@ -368,7 +369,8 @@ class Peer:
                                       f"under {self.config.checkpoint.location}")
         if note is None and donors:
             credentials = auth.call_credentials(self.options.join_token)
-            client = StageClient(self.config.network.max_tensor_mb, credentials=credentials)
+            client = StageClient(self.config.network.max_tensor_mb, credentials=credentials,
+                                 max_state_mb=self.config.network.max_state_mb)
             if self.network is not None:  # a donor may serve over libp2p only
                 client = RoutedClient(client, P2PStageClient(self.network.p2p, self.config.network.max_tensor_mb,
                                                              credentials=credentials))

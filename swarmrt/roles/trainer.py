@@ -60,6 +60,8 @@ from swarmrt.routing.live import LiveRouting
 from swarmrt.sim.live_plan import plan_window
 from swarmrt.roles.stepping import run_steps
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
+from swarmrt.roles.checks import ReplyChecks
+from swarmrt.routing.verify import BadReply
 
 logger = logging.getLogger("swarmrt.trainer")
 
@@ -215,6 +217,8 @@ class Trainer:
         self.inflight: dict[str, int] = {}
         self.accounting = Accounting()
         self.batches = Batches(config.data, config.run.seed, stream)
+        self.checks = ReplyChecks(config, self)
+        """Reply checks, checked work and the throughput this trainer measured (:mod:`swarmrt.roles.checks`)."""
         self.peers_changed = asyncio.Event()
         self.status = ""
         self.waiting = asyncio.Event()
@@ -252,7 +256,7 @@ class Trainer:
 
     def _sync(self, routes: LiveRouting, now: float) -> None:
         """Bring a route source's peer table up to the latest view, bans and this trainer's own load."""
-        routes.sync(self.records.values(), self.bans.banned(now), self.inflight)
+        routes.sync(self.checks.measured(self.records.values()), self.bans.banned(now), self.inflight)
 
     def _stage_without_peers(self, stages: Sequence[int], now: float) -> tuple[int, str] | None:
         """The first of ``stages`` with no eligible peer in the view, and why (None: they all have one)."""
@@ -385,7 +389,7 @@ class Trainer:
             if tried and all(r.peer_id in tried for r in self.peers[stage]):
                 tried.clear()  # every live peer was tried once: allow them again
             candidates = [r for r in self.peers[stage] if r.peer_id not in tried]
-            views = [PeerView(r.peer_id, r.throughput or None, r.load + self.inflight.get(r.peer_id, 0))
+            views = [PeerView(r.peer_id, self.checks.meter.get(r.peer_id), r.load + self.inflight.get(r.peer_id, 0))
                      for r in candidates]
             choice, reason = choose_peer(views, self.bans.banned(now), now, self.rng)
             return (None if choice is None else next(r for r in candidates if r.peer_id == choice.peer_id)), reason
@@ -427,7 +431,14 @@ class Trainer:
         response = await self._with_peer(peer, lambda: self.client.forward(peer.address, request,
                                                                            self.config.network.forward_timeout_s))
         routes.observe_hop(peer_id, self.clock() - started)
-        return peer, response.tensor("output", f"stage {stage} output")
+        self.checks.observe_forward(peer_id, int(x.shape[0]), self.clock() - started)
+        try:
+            out = self.checks.decode(response, "output", f"stage {stage} output", *self.checks.output_spec(stage, x))
+            await self.checks.verify(stage, peer, mb_id, x, out)
+        except BadReply as e:
+            self.checks.ban(peer, str(e))
+            raise
+        return peer, out
 
     async def _forward(self, routes: LiveRouting, route: Route, mb_id: str, x: torch.Tensor, keep_context: bool,
                        stages: Sequence[int] | None) -> tuple[Route, list[_Hop], torch.Tensor]:
@@ -444,7 +455,7 @@ class Trainer:
                 stage, peer_id = route.hops[position]
                 try:
                     peer, out = await self._forward_on(routes, peer_id, stage, mb_id, h, keep_context)
-                except (grpc.aio.AioRpcError, _PeerGone) as e:
+                except (grpc.aio.AioRpcError, _PeerGone, BadReply) as e:
                     what = e.code() if isinstance(e, grpc.aio.AioRpcError) else e
                     self.accounting.hop_retries += 1
                     failed.add(peer_id)
@@ -492,10 +503,17 @@ class Trainer:
             try:
                 response = await self._with_peer(peer, lambda: self.client.backward(peer.address, request,
                                                                                     net.backward_timeout_s))
+                grad_input = None if not need_grad_input else self.checks.decode(
+                    response, "grad_input", f"stage {hop.stage} grad_input", tuple(hop.input.shape), hop.input.dtype)
                 self.accounting.record_backward(mb_id, hop.stage)
-                if not need_grad_input:
-                    return None
-                return response.tensor("grad_input", f"stage {hop.stage} grad_input")
+                hop.peer = peer  # the peer whose grad_input goes on (blamed if the next hop refuses it)
+                return grad_input
+            except BadReply as e:  # its sender is banned; another peer of the stage recomputes and applies
+                self.checks.ban(peer, str(e))
+                self.accounting.hop_retries += 1
+                tried.add(peer.peer_id)
+                attach_input = True
+                peer = await self._peer_for(hop.stage, tried)
             except grpc.aio.AioRpcError as e:
                 self.accounting.hop_retries += 1
                 tried.add(peer.peer_id)
@@ -541,8 +559,14 @@ class Trainer:
                 loss = loss_sum(self.config.data, output, y)
                 (grad,) = torch.autograd.grad(loss, output)
             self.accounting.expect(mb_id, [hop.stage for hop in hops])
-            for hop in reversed(hops):
-                grad = await self._backward_hop(hop, mb_id, grad, samples=x.shape[0])
+            for i, hop in enumerate(reversed(hops)):
+                try:
+                    grad = await self._backward_hop(hop, mb_id, grad, samples=x.shape[0])
+                except RuntimeError as e:  # a finite grad_input that overflows this stage: its sender lied
+                    if i == 0 or "parameter gradients are not finite" not in str(e):
+                        raise
+                    self.checks.ban(hops[len(hops) - i].peer, f"its grad_input was refused by stage {hop.stage}: {e}")
+                    break  # the microbatch is dropped from here on (partially applied)
             routes.finished(route)
             self.accounting.applied += 1
             return float(loss.detach())
@@ -647,4 +671,4 @@ class Trainer:
                 "forward_restarts": acc.forward_restarts, "peers": self.live_peers(),
                 "skip_ratio": self.config.routing.skip_ratio, "replans": acc.replans,
                 "microbatches_per_stage": acc.per_stage(self.config.num_stages),
-                "stages_visited": acc.stages_visited()}
+                "stages_visited": acc.stages_visited(), **self.checks.summary()}

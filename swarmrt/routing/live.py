@@ -25,8 +25,10 @@ What the table holds:
 - membership: the ``serving`` peers of the last DHT refresh, minus the peers
   the trainer has banned (a peer that leaves, dies or is banned is removed
   from the table and forgotten by the scheduler's forecast);
-- compute times: each peer announces its measured throughput (samples/s of
-  forward + backward, an EMA taken on the peer, queueing excluded). One
+- compute times: each peer's throughput (samples/s of forward + backward) as
+  the trainer measured it from its own calls (``swarmrt.roles.checks``; what a
+  peer announces about itself is not trusted) is what :meth:`LiveRouting.sync`
+  is given in the records' ``throughput``. One
   microbatch then takes ``microbatch_size / throughput`` seconds, split 1:2
   between forward and backward (a backward costs about two forwards). A peer
   that has not measured itself yet gets the fastest figure of its stage (of

@@ -73,6 +73,13 @@ class BanList:
     ban_s: float = 10.0
     failures: dict[str, int] = dataclasses.field(default_factory=dict)
     until: dict[str, float] = dataclasses.field(default_factory=dict)
+    bad: dict[str, tuple[float, str]] = dataclasses.field(default_factory=dict)
+    """Peers banned for what they sent (a bad reply, a failed check): until when, and why. A later
+    success does not lift such a ban."""
+
+    def ban(self, peer_id: str, now: float, seconds: float, reason: str) -> None:
+        """Ban ``peer_id`` at once for ``seconds``, for ``reason`` (kept for logs and summaries)."""
+        self.bad[peer_id] = (now + seconds, reason)
 
     def failure(self, peer_id: str, now: float) -> bool:
         """Record a failure; returns True when this failure bans the peer."""
@@ -88,4 +95,8 @@ class BanList:
         self.until.pop(peer_id, None)
 
     def banned(self, now: float) -> dict[str, float]:
-        return {p: t for p, t in self.until.items() if t > now}
+        out = {p: t for p, t in self.until.items() if t > now}
+        for p, (t, _) in self.bad.items():
+            if t > now:
+                out[p] = max(t, out.get(p, t))
+        return out

@@ -36,8 +36,11 @@ class StageClient:
     :func:`swarmrt.auth.call_credentials`); passed per call, cheaper than a client interceptor."""
 
     def __init__(self, max_tensor_mb: int = 256, interceptors=(),
-                 credentials: Callable[[str], Sequence[tuple[str, str]]] | None = None):
+                 credentials: Callable[[str], Sequence[tuple[str, str]]] | None = None,
+                 max_state_mb: int | None = None):
         self.max_tensor_mb = max_tensor_mb
+        self.max_state_bytes = None if max_state_mb is None else max_state_mb << 20
+        """Largest state :meth:`get_state` accepts by default (None: no limit)."""
         self.interceptors = list(interceptors)
         self._credentials = credentials
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.StageStub, dict]] = {}
@@ -80,10 +83,19 @@ class StageClient:
     async def info(self, address: str, timeout: float = 5.0) -> pb.InfoResponse:
         return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout, metadata=self._metadata("Info"))
 
-    async def get_state(self, address: str, run_id: str, stage: int, timeout: float) -> bytes:
-        chunks = []
+    async def get_state(self, address: str, run_id: str, stage: int, timeout: float,
+                        max_bytes: int | None = None) -> bytes:
+        """The stage's state from ``address``; ``ValueError`` as soon as it declares or sends more than
+        ``max_bytes`` (default: the client's ``max_state_mb``; a donor cannot make a joiner buffer
+        without bound)."""
+        max_bytes = self.max_state_bytes if max_bytes is None else max_bytes
+        chunks, size = [], 0
         async for chunk in self.stub(address).GetState(pb.StateRequest(run_id=run_id, stage=stage), timeout=timeout,
                                                        metadata=self._metadata("GetState")):
+            size += len(chunk.data)
+            if max_bytes is not None and max(size, chunk.total_bytes) > max_bytes:
+                raise ValueError(f"state from {address} is over the {max_bytes}-byte limit "
+                                 f"(declares {chunk.total_bytes}, sent {size} so far)")
             chunks.append(chunk.data)
         return b"".join(chunks)
 

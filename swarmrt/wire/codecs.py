@@ -332,7 +332,8 @@ class Int8BlockwiseCodec(Codec):
     own absolute maximum, ``q = round(x / absmax * 127)`` in int8.
 
     Payload: ``nblocks`` float32 absmax values, then ``numel`` int8 codes; meta
-    ``{"block": int}``. Every decoded value is within ``absmax_of_its_block / 254`` of the
+    ``{"block": int}``, the codec's block size capped at ``numel`` (a decoder refuses any other
+    value, so a message cannot make it allocate more than about twice its payload). Every decoded value is within ``absmax_of_its_block / 254`` of the
     original, so one outlier only coarsens its own block (unlike ``int8``).
     """
 
@@ -342,11 +343,15 @@ class Int8BlockwiseCodec(Codec):
         self.block = block
         self.name = "int8_blockwise" if block == _DEFAULT_BLOCK else f"int8_blockwise:{block}"
 
+    def block_for(self, numel: int) -> int:
+        """The block size used for a tensor of ``numel`` values: the codec's, at most ``numel`` (at least 1)."""
+        return max(1, min(self.block, numel))
+
     def encode(self, tensor: torch.Tensor) -> EncodedTensor:
         tensor = _floating_input(self.name, tensor)
         shape, dtype = tuple(tensor.shape), _dtype_name(tensor.dtype)
         flat = tensor.reshape(-1).to(torch.float32)
-        numel, block = flat.numel(), self.block
+        numel, block = flat.numel(), self.block_for(flat.numel())
         nblocks = -(-numel // block)
         if numel % block:
             flat = torch.nn.functional.pad(flat, (0, nblocks * block - numel))
@@ -362,9 +367,13 @@ class Int8BlockwiseCodec(Codec):
     def decode(self, encoded: EncodedTensor) -> torch.Tensor:
         dtype = _floating_output(encoded)
         block = _meta_number(encoded, "block", int)
-        if block < 1:
-            raise ValueError(f"codec {encoded.codec!r}: meta['block'] must be >= 1, got {block}")
         numel = encoded.numel
+        # bounded by the tensor it describes: the decoder allocates nblocks * block values, so a
+        # block larger than the tensor (2**27 in a 16 KiB message) would allocate for nothing
+        expected = get_codec(encoded.codec).block_for(numel)
+        if block != expected:
+            raise ValueError(f"codec {encoded.codec!r}: meta['block'] = {block} but a {list(encoded.shape)} tensor "
+                             f"is cut into blocks of {expected} (the codec's block, at most numel)")
         nblocks = -(-numel // block)
         _check_nbytes(
             encoded, 4 * nblocks + numel, f"{nblocks} float32 block scales + {numel} int8 codes, block {block}"
@@ -401,6 +410,10 @@ class TopKCodec(Codec):
         self.fraction = float(fraction)
         self.name = "topk" if self.fraction == _DEFAULT_TOPK_FRACTION else f"topk:{self.fraction:g}"
 
+    def count(self, numel: int) -> int:
+        """How many values a tensor of ``numel`` values keeps: ``ceil(fraction * numel)``, at least 1."""
+        return min(numel, max(1, math.ceil(self.fraction * numel))) if numel else 0
+
     def _select(self, magnitude: torch.Tensor, k: int) -> torch.Tensor:
         numel = magnitude.numel()
         if numel > 65536 and 4 * k < numel:
@@ -418,7 +431,7 @@ class TopKCodec(Codec):
         shape, dtype = tuple(tensor.shape), _dtype_name(tensor.dtype)
         flat = tensor.reshape(-1)
         numel = flat.numel()
-        k = min(numel, max(1, math.ceil(self.fraction * numel))) if numel else 0
+        k = self.count(numel)
         index_bits = 32 if numel <= 2**31 - 1 else 64
         if k == 0:
             return EncodedTensor(self.name, dtype, shape, b"", {"k": 0, "index_bits": index_bits})
@@ -437,6 +450,12 @@ class TopKCodec(Codec):
             raise ValueError(f"codec {encoded.codec!r}: meta['index_bits'] must be 32 or 64, got {index_bits}")
         if not 0 <= k <= numel:
             raise ValueError(f"codec {encoded.codec!r}: meta['k'] = {k} is outside [0, {numel}] for shape {list(encoded.shape)}")
+        expected_k = get_codec(encoded.codec).count(numel)
+        if k != expected_k:  # the payload (k values) bounds the tensor the decoder allocates (numel)
+            raise ValueError(f"codec {encoded.codec!r}: meta['k'] = {k} but a {list(encoded.shape)} tensor "
+                             f"keeps {expected_k} values at this codec's fraction")
+        if index_bits != (32 if numel <= 2**31 - 1 else 64):
+            raise ValueError(f"codec {encoded.codec!r}: meta['index_bits'] = {index_bits} does not fit numel {numel}")
         itemsize = torch.empty(0, dtype=dtype).element_size()
         _check_nbytes(encoded, k * (index_bits // 8 + itemsize), f"{k} int{index_bits} indices + {k} {encoded.dtype} values")
         out = torch.zeros(numel, dtype=dtype)

@@ -33,7 +33,9 @@ running test can change them. Every key is optional::
       ],
       "partitions": [{"id": "f6", "allow": ["peer3-s1", "peer4-s2"]},   # refuse callers not listed
                      {"id": "f6", "deny": ["peer3-s1"]}],                # refuse callers listed
-      "events": "/tmp/x.events.jsonl"                  # default: the rules path + ".events.jsonl"
+      "events": "/tmp/x.events.jsonl",                 # default: the rules path + ".events.jsonl"
+      "byzantine": [{"id": "f8", "kind": "replies", "method": "Forward", "mode": "zeros"}]
+                                                        # lies it tells (swarmrt.wire.byzantine)
     }
 
 A link is a FIFO queue: concurrent transfers share its bandwidth. ``latency``
@@ -59,13 +61,15 @@ import grpc
 from google.protobuf.message import Message
 
 from swarmrt.config import ConfigError
+from swarmrt.wire.byzantine import parse_lies, reply_lie, tamper
+from swarmrt.wire.proto import swarmrt_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SWARMRT_NET_RULES"
 NODE_METADATA = "swarmrt-node"
 ACTIONS = ("drop", "delay", "corrupt")
-_TOP_KEYS = ("node", "link", "links", "slowdown", "faults", "partitions", "events")
+_TOP_KEYS = ("node", "link", "links", "slowdown", "faults", "partitions", "events", "byzantine")
 
 
 class RulesError(ConfigError):
@@ -130,6 +134,8 @@ class NetRules:
     events: str | None = None
     slowdown_stage: int | None = None
     """The slowdown applies only while the peer serves this stage (None: whatever it serves)."""
+    lies: tuple = ()
+    """Byzantine lies this peer tells (:mod:`swarmrt.wire.byzantine`)."""
 
     def link_for(self, caller: str) -> LinkSpec | None:
         return self.links.get(caller, self.link)
@@ -200,8 +206,9 @@ def parse_rules(raw: Any, source: str = "rules") -> NetRules:
         allow = frozenset(map(str, p["allow"])) if "allow" in p else None
         partitions.append(Partition(str(p.get("id", f"partition{i}")), allow, frozenset(map(str, p.get("deny", [])))))
     events = raw.get("events")
+    lies = parse_lies(raw.get("byzantine", []), f"{source}: byzantine", RulesError)
     return NetRules(node, link, links, None if slowdown is None else float(slowdown), slowdown_id, tuple(faults),
-                    tuple(partitions), events, slowdown_stage)
+                    tuple(partitions), events, slowdown_stage, lies)
 
 
 def load_rules(path: str | os.PathLike) -> NetRules:
@@ -368,6 +375,8 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
         self.clock = clock
         self._used: dict[str, int] = {}
         self._links: dict[tuple[str, str], Link] = {}
+        self.stale_state: bytes | None = None
+        """A ``stale_state`` lie in force: the state snapshot every GetState gets instead of the current one."""
 
     # bookkeeping
     def _event(self, rules: NetRules, **event) -> None:
@@ -429,7 +438,7 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         rules = self.rules.current()
-        if not (rules.faults or rules.partitions or rules.link or rules.links):
+        if not (rules.faults or rules.partitions or rules.link or rules.links or rules.lies):
             return handler  # nothing to emulate: the call runs untouched
         method = handler_call_details.method.rsplit("/", 1)[-1]
         caller = next((v for k, v in (handler_call_details.invocation_metadata or ()) if k == NODE_METADATA), "")
@@ -440,6 +449,10 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request, context):
                 request, _ = await self._before(rules, method, caller, request, context)
                 response = await inner(request, context)
+                lie = reply_lie(rules.lies, method)
+                if lie is not None and response is not None:
+                    response = tamper(response, lie)
+                    self._event(rules, fault=lie.id, kind="byzantine", method=method, mode=lie.mode, caller=caller)
                 await self._after(rules, caller, response)
                 return response
 
@@ -451,7 +464,15 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request, context):
                 request, mode = await self._before(rules, method, caller, request, context)
                 first = True
-                async for chunk in inner_stream(request, context):
+                stale = self.stale_state if method == "GetState" else None
+                if stale is not None:
+                    lie = next((lie for lie in rules.lies if lie.kind == "stale_state"), None)
+                    self._event(rules, fault=lie.id if lie else None, kind="byzantine", method=method, mode="stale",
+                                caller=caller)
+                    source = _replay(stale)
+                else:
+                    source = inner_stream(request, context)
+                async for chunk in source:
                     if first and mode is not None:
                         chunk = _damage(chunk, mode)
                     first = False
@@ -556,6 +577,7 @@ def server_interceptors(path: str | os.PathLike | None, worker=None) -> Sequence
         base = worker.slowdown
 
         def on_change(rules: NetRules) -> None:
+            _apply_lies(rules, worker, interceptor)
             slowdown = rules.slowdown_for(getattr(worker, "stage", None))
             factor = slowdown if slowdown is not None else base
             if factor != worker.slowdown:
@@ -568,6 +590,27 @@ def server_interceptors(path: str | os.PathLike | None, worker=None) -> Sequence
         rules_file.on_change = on_change
         on_change(rules_file.rules)
     return (interceptor,)
+
+
+def _apply_lies(rules: NetRules, worker, interceptor: EmulationInterceptor) -> None:
+    """Throughput and stale-state lies take effect on the worker and the interceptor when they appear."""
+    claim = next((lie for lie in reversed(rules.lies) if lie.kind == "throughput"), None)
+    if getattr(worker, "announce_throughput", None) != (claim.value if claim else None):
+        worker.announce_throughput = claim.value if claim else None
+        if claim is not None:
+            interceptor._event(rules, fault=claim.id, kind="byzantine", mode="throughput", value=claim.value)
+    stale = next((lie for lie in rules.lies if lie.kind == "stale_state"), None)
+    if stale is not None and interceptor.stale_state is None:
+        interceptor.stale_state = worker.state_bytes()  # the state of this moment, replayed from now on
+        interceptor._event(rules, fault=stale.id, kind="byzantine", mode="stale", version=worker.version)
+    elif stale is None:
+        interceptor.stale_state = None
+
+
+async def _replay(data: bytes, size: int = 1 << 20):
+    """A GetState stream of ``data`` (a stale snapshot), in 1 MiB chunks."""
+    for offset in range(0, len(data), size):
+        yield pb.StateChunk(data=data[offset:offset + size], total_bytes=len(data))
 
 
 def client_interceptors(path: str | os.PathLike | None) -> Sequence:

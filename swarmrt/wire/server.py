@@ -32,9 +32,11 @@ def data_plane_handler(servicer) -> grpc.GenericRpcHandler:
 
 
 async def start_server(servicer: pb_grpc.StageServicer, host: str, port: int, max_tensor_mb: int,
-                       interceptors=()) -> tuple[grpc.aio.Server, int]:
-    """Serve the unary stage service, and the data plane when ``servicer`` has its stream methods."""
-    server = grpc.aio.server(options=grpc_options(max_tensor_mb), interceptors=list(interceptors))
+                       interceptors=(), max_concurrent_rpcs: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """Serve the unary stage service, and the data plane when ``servicer`` has its stream methods.
+    ``max_concurrent_rpcs``: calls served at once; gRPC refuses more with RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(options=grpc_options(max_tensor_mb), interceptors=list(interceptors),
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_StageServicer_to_server(servicer, server)
     if hasattr(servicer, "ForwardStream") and hasattr(servicer, "BackwardStream"):
         server.add_generic_rpc_handlers((data_plane_handler(servicer),))

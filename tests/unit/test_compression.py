@@ -268,10 +268,10 @@ def test_wrong_shape_for_payload_is_refused():
     [
         ("int8", {"scale": None}, r"meta\['scale'\] must be float"),
         ("int8", {"min": float("nan")}, r"meta\['min'\] must be finite"),
-        ("int8_blockwise", {"block": 0}, r"meta\['block'\] must be >= 1"),
+        ("int8_blockwise", {"block": 0}, r"meta\['block'\] = 0 but a \[10, 10\] tensor is cut into blocks of 100"),
         ("int8_blockwise", {"block": 1.5}, r"meta\['block'\] must be int"),
-        ("int8_blockwise", {"block": 64}, "should be"),  # block size disagrees with the payload
-        ("topk", {"k": 11}, "should be"),
+        ("int8_blockwise", {"block": 64}, "cut into blocks of 100"),  # block size disagrees with the tensor
+        ("topk", {"k": 11}, "keeps 1 values at this codec's fraction"),
         ("topk", {"k": 101}, r"meta\['k'\] = 101 is outside \[0, 100\]"),
         ("topk", {"index_bits": 16}, r"meta\['index_bits'\] must be 32 or 64"),
     ],

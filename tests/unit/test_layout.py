@@ -39,6 +39,7 @@ PURE = {
     "swarmrt.routing.timeline",
     "swarmrt.routing.live",
     "swarmrt.routing.rebalance",
+    "swarmrt.routing.verify",
     "swarmrt.sim.scenario",
     "swarmrt.sim.simulator",
     "swarmrt.sim.planner",

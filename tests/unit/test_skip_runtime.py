@@ -254,8 +254,11 @@ def test_a_middle_stage_with_no_live_peer_is_skipped_by_every_route():
 
 def test_routes_prefer_fast_peers_when_a_stage_has_a_slow_and_a_fast_one():
     config = six_stage_config()
+    # the slow peers announce themselves as the fast ones: routing goes by what the trainer measures
     trainer, workers = make_trainer(config, peers_per_stage=2,
-                                    throughput=lambda stage, j: 400.0 if j == 0 else 20.0)
+                                    throughput=lambda stage, j: 20.0 if j == 0 else 400.0)
+    for s in range(6):
+        workers[f"s{s}p1"].compute_delay_s = 0.02
     train(trainer, 4)
     fast = sum(trainer.client.forwards[f"s{s}p0"] for s in range(6))
     slow = sum(trainer.client.forwards[f"s{s}p1"] for s in range(6))

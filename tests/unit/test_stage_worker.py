@@ -23,7 +23,8 @@ class Clock:
 
 
 def make_workers(raw, samples_per_step=8, clock=None, optimizer="sgd"):
-    config = config_from_dict({**raw, "optimizer": {"samples_per_step": samples_per_step, "lr": 0.1, "name": optimizer}})
+    config = config_from_dict({**raw, "optimizer": {"samples_per_step": samples_per_step, "lr": 0.1, "name": optimizer,
+                                                   "max_grad_norm": float("inf")}})  # the unsplit reference does not clip
     layers = build_layers(config)
     workers = []
     for s, (a, b) in enumerate(stage_ranges(config, layers)):
