@@ -363,18 +363,14 @@ class StageWorker:
         state = torch.load(io.BytesIO(data), weights_only=True)
         if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
             raise StageError("state: not a stage state (no module weights)")
-        bad = [k for k, v in state["module"].items()
-               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise StageError(f"state: weights {bad[:3]} are not finite; refusing it")
         if state.get("stage") != self.stage:
             raise StageError(f"state is for stage {state.get('stage')}, this peer serves stage {self.stage}")
+        bad = [name for name, t in _tensors_in(state) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # checked before anything is loaded: a refused state leaves this peer as it was
+            raise StageError(f"donor state holds nan or inf in {', '.join(bad[:3])}")
         for name, extension in self.extensions.items():
             if state.get(name) is not None:  # e.g. DiLoCo's global params + outer momentum (local := global)
                 extension.load_state_dict(state[name])
-        bad = [name for name, t in _tensors_in(state) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise StageError(f"donor state holds nan or inf in {', '.join(bad[:3])}")
         self.module.load_state_dict(state["module"])  # the donor's own parameters, on top
         if self.optimizer is not None:
             own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
