@@ -54,11 +54,16 @@ class ModelSection:
     """Number of pipeline stages to cut the model into (ignored when ``layer_ranges`` is set)."""
     layer_ranges: tuple[tuple[int, int], ...] | None = None
     """Explicit ``[start, end)`` layer ranges, one per stage, covering every layer in order."""
+    pretrained: str | None = None
+    """A local Hugging Face model directory (``config.json`` + safetensors): the model is built from its
+    config (``factory`` and ``kwargs`` are then not used) and each peer reads only its stage's tensors."""
 
     def __post_init__(self) -> None:
         _check(":" in self.factory and all(self.factory.split(":", 1)), "model.factory",
                f"must look like 'package.module:function', got {self.factory!r}")
         _check(isinstance(self.kwargs, Mapping), "model.kwargs", "must be a table of keyword arguments")
+        _check(self.pretrained is None or (isinstance(self.pretrained, str) and self.pretrained.strip() != ""),
+               "model.pretrained", f"must be a local model directory, got {self.pretrained!r}")
         if self.layer_ranges is not None:
             ranges = tuple(tuple(r) for r in self.layer_ranges)
             object.__setattr__(self, "layer_ranges", ranges)

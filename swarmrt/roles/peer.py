@@ -29,15 +29,13 @@ import logging
 import random
 import time
 
-from torch import nn
 
 from swarmrt.checkpoint.checkpointer import Checkpointer
 from swarmrt.checkpoint.policy import training_config_hash
 from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.config import ConfigError, RunConfig
-from swarmrt.data import sample_input
 from swarmrt.discovery import dht as dht_records
-from swarmrt.models.build import build_layers, partition_hash, stage_ranges
+from swarmrt.models.build import build_stage, layers_before, partition_hash
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 from swarmrt.roles.organizer import Organizer
@@ -89,14 +87,13 @@ def say(message: str) -> None:
 # -- the parts ----------------------------------------------------------------------------------
 def build_stage_worker(config: RunConfig, stage: int, options: PeerOptions) -> tuple[StageWorker, range, str]:
     """The stage's module and optimizer: ``(worker, its layer indices, the partition hash)``."""
-    layers = build_layers(config)
-    ranges = stage_ranges(config, layers)
-    start, end = ranges[stage]
-    worker = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
-                         infer_input_spec(layers[:start], sample_input(config.data)),
+    before, sample = layers_before(config, stage)  # shapes only: the stage alone gets real weights
+    module = build_stage(config, stage)
+    start, end = len(before), len(before) + len(module)
+    worker = StageWorker(module, config, stage, infer_input_spec(before, sample),
                          compute_delay_s=options.compute_delay_s, slowdown=options.slowdown,
                          ledger_path=options.ledger)
-    return worker, range(start, end), partition_hash(config, ranges)
+    return worker, range(start, end), partition_hash(config)
 
 
 async def download_state(worker: StageWorker, client: StageClient, run_id: str,

@@ -33,12 +33,10 @@ import time
 from typing import Callable
 
 import grpc
-from torch import nn
 
 from swarmrt.config import RunConfig
-from swarmrt.data import sample_input
 from swarmrt.discovery.records import StageRecord
-from swarmrt.models.build import build_layers, stage_ranges
+from swarmrt.models.build import build_stage, layers_before
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker, infer_input_spec
 from swarmrt.wire.proto import swarmrt_pb2 as pb
@@ -160,11 +158,10 @@ class InProcessSwarm:
         workers, servicers, records = {}, {}, []
         for stage in range(config.num_stages):
             for j in range(peers_per_stage):
-                layers = build_layers(config)
-                start, end = stage_ranges(config, layers)[stage]
+                before, sample = layers_before(config, stage)
                 peer = f"s{stage}p{j}"
-                workers[peer] = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
-                                            infer_input_spec(layers[:start], sample_input(config.data)))
+                workers[peer] = StageWorker(build_stage(config, stage), config, stage,
+                                            infer_input_spec(before, sample))
                 servicers[peer] = StageServicer(workers[peer], config.run.id, peer,
                                                 config.network.max_tensor_mb << 20)
                 servicers[peer].state = "serving"
