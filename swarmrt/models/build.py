@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from swarmrt.config import ConfigError, RunConfig
+from swarmrt.pipeline.worker import InputSpec, InputSpecs, infer_input_spec
 from swarmrt.models.partition import balanced_ranges, validate_ranges
-from swarmrt.models.layers import as_layers, can_skip, layer_costs
+from swarmrt.models.layers import TiedEnds, as_layers, can_skip, layer_costs
 from swarmrt.models.materialize import CannotMaterialize, materialize, parameters_on_meta
 
 
@@ -52,8 +53,20 @@ def _cut(model: nn.Module) -> list[nn.Module]:
         raise ConfigError(f"model.factory: {e}") from None
 
 
-def _materialized(config: RunConfig, stage: int | None, device: torch.device | str = "cpu") -> tuple[nn.Module, list[nn.Module], list[tuple[int, int]]]:
-    """``(model, layers, ranges)`` with real weights only in ``stage``'s layers (all of them when None).
+def _stage_indices(ranges: list[tuple[int, int]], stage: int, num_layers: int, tied: bool) -> list[int]:
+    """The layer numbers stage ``stage`` holds: its range, with the head moved to stage 0 when ``tied``."""
+    start, end = ranges[stage]
+    indices = list(range(start, end))
+    if tied and stage == len(ranges) - 1:
+        indices.remove(num_layers - 1)
+    if tied and stage == 0:
+        indices.append(num_layers - 1)
+    return indices
+
+
+def _materialized(config: RunConfig, stage: int | None, device: torch.device | str = "cpu"):
+    """``(model, layers, ranges, tied, indices)`` with real weights only in the layers ``indices``
+    that ``stage`` holds (all layers when None).
 
     The model is built with its parameters on the meta device and only the wanted layers are
     materialized (:mod:`swarmrt.models.materialize`): seeded per layer, or read from
@@ -64,19 +77,19 @@ def _materialized(config: RunConfig, stage: int | None, device: torch.device | s
         model = _call_factory(config)
     layers = _cut(model)
     ranges = stage_ranges(config, layers)
-    check_ties(model, layers, ranges)
-    start, end = (0, len(layers)) if stage is None else ranges[stage]
+    tied = tie_plan(config, model, layers, ranges)
+    indices = list(range(len(layers))) if stage is None else _stage_indices(ranges, stage, len(layers), tied)
     load = None
     if config.model.pretrained is not None:
         from swarmrt.models.hf import load_pretrained
 
         load = functools.partial(load_pretrained, config.model.pretrained, model)
     try:
-        materialize(model, layers[start:end], range(start, end), config.run.seed, device, load)
+        materialize(model, [layers[i] for i in indices], indices, config.run.seed, device, load)
     except CannotMaterialize:
         model = _call_factory(config).to(device)
         layers = _cut(model)
-    return model, layers, ranges
+    return model, layers, ranges, tied, indices
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -90,16 +103,22 @@ def build_layers(config: RunConfig) -> list[nn.Module]:
     return _materialized(config, None)[1]
 
 
-def shape_layers(config: RunConfig) -> list[nn.Module]:
-    """The layers on the meta device: shapes and dtypes, no memory, no init (a factory that cannot
-    build on meta is built for real)."""
+def _shapes(config: RunConfig) -> tuple[nn.Module, list[nn.Module]]:
+    """The model and its layers on the meta device: shapes and dtypes, no memory, no init (a factory
+    that cannot build on meta is built for real)."""
     try:
         with torch.device("meta"):
-            return _cut(_call_factory(config))
+            model = _call_factory(config)
     except ConfigError:
         raise
     except Exception:  # a factory or layer that does not build on meta
-        return build_layers(config)
+        model = build_model(config)
+    return model, _cut(model)
+
+
+def shape_layers(config: RunConfig) -> list[nn.Module]:
+    """:func:`_shapes`' layers."""
+    return _shapes(config)[1]
 
 
 def stage_ranges(config: RunConfig, layers: list[nn.Module]) -> list[tuple[int, int]]:
@@ -111,35 +130,61 @@ def stage_ranges(config: RunConfig, layers: list[nn.Module]) -> list[tuple[int, 
         raise ConfigError(f"model: {e}") from None
 
 
-def check_ties(model: nn.Module, layers: list[nn.Module], ranges: list[tuple[int, int]]) -> None:
-    """Raise a :class:`ConfigError` when a parameter is shared by layers of two stages (tied weights,
-    e.g. GPT-2's or Llama-3.2's embedding and head): each stage would train its own copy, and the
-    run would silently train a different model than the user's."""
+def tie_plan(config: RunConfig, model: nn.Module, layers: list[nn.Module], ranges: list[tuple[int, int]]) -> bool:
+    """Whether the head runs on stage 0 to keep weights tied (:class:`~swarmrt.models.layers.TiedEnds`).
+
+    True when some parameter is shared by layers of two stages and every such sharing is between
+    stage 0's layers and the last layer (a language model's tied embedding and head). Any other
+    sharing across stages is a :class:`ConfigError` naming the weight: each stage would train its own
+    copy, and the run would silently train a different model than the user's.
+    """
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
-    where: dict[int, set[int]] = {}
-    for stage, (start, end) in enumerate(ranges):
-        for layer in layers[start:end]:
-            for param in layer.parameters():
-                where.setdefault(id(param), set()).add(stage)
-    for pid, stages in where.items():
-        if len(stages) > 1:
-            tied = " = ".join(names.get(pid, ["<unnamed>"]))
+    users: dict[int, set[int]] = {}
+    for index, layer in enumerate(layers):
+        for param in layer.parameters():
+            users.setdefault(id(param), set()).add(index)
+    stage_of = {i: s for s, (start, end) in enumerate(ranges) for i in range(start, end)}
+    last, first_end = len(layers) - 1, ranges[0][1]
+    tied = False
+    for pid, indices in users.items():
+        if len({stage_of[i] for i in indices}) < 2:
+            continue
+        weight = " = ".join(names.get(pid, ["<unnamed>"]))
+        if not all(i < first_end or i == last for i in indices):
             raise ConfigError(
-                f"model: the weight {tied} is shared (tied) between stages {sorted(stages)}; each stage would "
-                "train its own copy and the run would not train your model. Untie it in the model's config "
-                "(e.g. tie_word_embeddings=False), or set model.layer_ranges so one stage holds every layer "
-                "that uses it")
+                f"model: the weight {weight} is shared by layers {sorted(indices)} on stages "
+                f"{sorted({stage_of[i] for i in indices})}; only weights shared by stage 0 and the last layer (a tied "
+                "embedding and head) can be kept tied. Untie it, or set model.layer_ranges so one stage holds "
+                "every layer that uses it")
+        tied = True
+    if tied:
+        if config.data.kind != "text":
+            raise ConfigError(f"model: the first and last layers share weights (tied), which swarmrt keeps tied by "
+                              f"running the head on stage 0; that needs token ids as input (data.kind = 'text'), "
+                              f"not {config.data.kind!r}")
+        if ranges[-1][1] - ranges[-1][0] < 2:
+            raise ConfigError(f"model: the head shares weights with stage 0 and runs there, which would leave the "
+                              f"last stage (layers {ranges[-1][0]}..{last}) empty; give it more layers")
+    return tied
 
 
-def build_stage(config: RunConfig, stage: int, device: torch.device | str = "cpu") -> nn.Sequential:
-    """The ``nn.Sequential`` of the layers that stage ``stage`` serves; only they get real weights."""
+def tied_ends(config: RunConfig) -> bool:
+    """Whether a microbatch of this run ends on stage 0 (its head is tied to stage 0's embedding)."""
+    model, layers = _shapes(config)
+    return tie_plan(config, model, layers, stage_ranges(config, layers))
+
+
+def build_stage(config: RunConfig, stage: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The module of the layers that stage ``stage`` serves (an ``nn.Sequential``, or a
+    :class:`~swarmrt.models.layers.TiedEnds` for stage 0 of a tied model); only they get real weights."""
     if not 0 <= stage < config.num_stages:
         raise ConfigError(f"stage {stage} does not exist: the run has stages 0..{config.num_stages - 1}")
-    _, layers, ranges = _materialized(config, stage, device)
-    start, end = ranges[stage]
-    return nn.Sequential(*layers[start:end])
+    _, layers, ranges, tied, indices = _materialized(config, stage, device)
+    if tied and stage == 0:
+        return TiedEnds(nn.Sequential(*[layers[i] for i in indices[:-1]]), layers[indices[-1]])
+    return nn.Sequential(*[layers[i] for i in indices])
 
 
 def partition_hash(config: RunConfig, ranges: list[tuple[int, int]] | None = None) -> str:
@@ -164,7 +209,7 @@ def skip_compatibility(config: RunConfig) -> tuple[bool, str]:
     if config.num_stages < 3:
         return False, (f"skipping needs at least 3 stages (the first and last are never skipped), "
                        f"the model has {config.num_stages}")
-    layers, sample = _runnable(config)
+    _, layers, sample = _runnable(config)
     try:
         return can_skip(layers, stage_ranges(config, layers), sample)
     except Exception:  # a layer that does not run on meta: check on real tensors
@@ -172,21 +217,26 @@ def skip_compatibility(config: RunConfig) -> tuple[bool, str]:
         return can_skip(layers, stage_ranges(config, layers), sample_input(config.data))
 
 
-def _runnable(config: RunConfig) -> tuple[list[nn.Module], torch.Tensor]:
-    """:func:`shape_layers` and a one-sample input on the same device (meta, unless the model did not build there)."""
+def _runnable(config: RunConfig) -> tuple[nn.Module, list[nn.Module], torch.Tensor]:
+    """:func:`_shapes` and a one-sample input on the same device (meta, unless the model did not build there)."""
     from swarmrt.data import sample_input
 
-    layers = shape_layers(config)
+    model, layers = _shapes(config)
     on_meta = any(p.is_meta for layer in layers for p in layer.parameters())
     sample = sample_input(config.data)
-    return layers, sample.to("meta") if on_meta else sample
+    return model, layers, sample.to("meta") if on_meta else sample
 
 
-def layers_before(config: RunConfig, stage: int) -> tuple[list[nn.Module], torch.Tensor]:
-    """The layers before ``stage`` (shapes only where the model builds on meta) and a one-sample input
-    for them: what :func:`swarmrt.pipeline.worker.infer_input_spec` needs to learn the stage's input."""
-    layers, sample = _runnable(config)
-    return layers[:stage_ranges(config, layers)[stage][0]], sample
+def stage_input_spec(config: RunConfig, stage: int) -> InputSpec | InputSpecs:
+    """What stage ``stage`` takes, learnt by running a one-sample input through the layers before it
+    (on the meta device where the model builds there). Stage 0 of a tied model also takes the hidden
+    states its head runs on."""
+    model, layers, sample = _runnable(config)
+    ranges = stage_ranges(config, layers)
+    spec = infer_input_spec(layers[:ranges[stage][0]], sample)
+    if stage == 0 and tie_plan(config, model, layers, ranges):
+        return InputSpecs((spec, infer_input_spec(layers[:-1], sample)))
+    return spec
 
 
 def check_skip(config: RunConfig) -> None:

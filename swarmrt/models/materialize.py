@@ -131,11 +131,13 @@ def materialize(root: nn.Module, layers: Sequence[nn.Module], indices: Sequence[
     done: set[int] = set()
     with torch.no_grad():
         for layer, index in zip(layers, indices):
-            fresh = [m for m in _post_order(layer)
-                     if any(p is not None and id(p) not in done for p in m._parameters.values())]
-            if not fresh:
+            params = list(layer.parameters())
+            if not params or all(id(p) in done for p in params):
                 continue
+            kept = [(p, p.detach().clone()) for p in params if id(p) in done]  # shared with an earlier layer
             torch.manual_seed(layer_seed(seed, index))
-            for module in fresh:
+            for module in _post_order(layer):
                 init(module)
-            done.update(id(p) for m in fresh for p in m._parameters.values() if p is not None)
+            for param, value in kept:
+                param.copy_(value)
+            done.update(id(p) for p in params)

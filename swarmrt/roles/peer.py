@@ -35,9 +35,9 @@ from swarmrt.checkpoint.policy import training_config_hash
 from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.config import ConfigError, RunConfig
 from swarmrt.discovery import dht as dht_records
-from swarmrt.models.build import build_stage, layers_before, partition_hash
+from swarmrt.models.build import build_stage, partition_hash, shape_layers, stage_input_spec, stage_ranges
 from swarmrt.pipeline.service import StageServicer
-from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.pipeline.worker import StageWorker
 from swarmrt.roles.organizer import Organizer
 from swarmrt.roles.proc import install_stop_handlers, write_atomically
 from swarmrt.routing.rebalance import Move
@@ -87,12 +87,11 @@ def say(message: str) -> None:
 # -- the parts ----------------------------------------------------------------------------------
 def build_stage_worker(config: RunConfig, stage: int, options: PeerOptions) -> tuple[StageWorker, range, str]:
     """The stage's module and optimizer: ``(worker, its layer indices, the partition hash)``."""
-    before, sample = layers_before(config, stage)  # shapes only: the stage alone gets real weights
-    module = build_stage(config, stage)
-    start, end = len(before), len(before) + len(module)
-    worker = StageWorker(module, config, stage, infer_input_spec(before, sample),
+    module = build_stage(config, stage)  # only the stage's layers get real weights
+    worker = StageWorker(module, config, stage, stage_input_spec(config, stage),
                          compute_delay_s=options.compute_delay_s, slowdown=options.slowdown,
                          ledger_path=options.ledger)
+    start, end = stage_ranges(config, shape_layers(config))[stage]
     return worker, range(start, end), partition_hash(config)
 
 

@@ -36,9 +36,9 @@ import grpc
 
 from swarmrt.config import RunConfig
 from swarmrt.discovery.records import StageRecord
-from swarmrt.models.build import build_stage, layers_before
+from swarmrt.models.build import build_stage, stage_input_spec
 from swarmrt.pipeline.service import StageServicer
-from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.pipeline.worker import StageWorker
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 
 
@@ -158,10 +158,8 @@ class InProcessSwarm:
         workers, servicers, records = {}, {}, []
         for stage in range(config.num_stages):
             for j in range(peers_per_stage):
-                before, sample = layers_before(config, stage)
                 peer = f"s{stage}p{j}"
-                workers[peer] = StageWorker(build_stage(config, stage), config, stage,
-                                            infer_input_spec(before, sample))
+                workers[peer] = StageWorker(build_stage(config, stage), config, stage, stage_input_spec(config, stage))
                 servicers[peer] = StageServicer(workers[peer], config.run.id, peer,
                                                 config.network.max_tensor_mb << 20)
                 servicers[peer].state = "serving"
