@@ -17,6 +17,7 @@ import time
 
 from swarmrt.config import ConfigError, load_config
 from swarmrt.checkpoint.store import CheckpointError
+from swarmrt.cli.export import add_export_parser
 from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
 
 EXIT_USAGE = 2
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_eval_parser(sub)
+    add_export_parser(sub)
     add_plan_parser(sub)
     add_simulate_parser(sub)
     return parser

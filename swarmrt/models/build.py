@@ -64,7 +64,7 @@ def _stage_indices(ranges: list[tuple[int, int]], stage: int, num_layers: int, t
     return indices
 
 
-def _materialized(config: RunConfig, stage: int | None, device: torch.device | str = "cpu"):
+def materialized(config: RunConfig, stage: int | None, device: torch.device | str = "cpu"):
     """``(model, layers, ranges, tied, indices)`` with real weights only in the layers ``indices``
     that ``stage`` holds (all layers when None).
 
@@ -95,12 +95,12 @@ def _materialized(config: RunConfig, stage: int | None, device: torch.device | s
 def build_model(config: RunConfig) -> nn.Module:
     """The user's own model (what the factory returns) holding the run's initial weights: the same
     weights, layer by layer, as every stage peer materializes for its stage."""
-    return _materialized(config, None)[0]
+    return materialized(config, None)[0]
 
 
 def build_layers(config: RunConfig) -> list[nn.Module]:
     """:func:`build_model` cut into its flat list of layers."""
-    return _materialized(config, None)[1]
+    return materialized(config, None)[1]
 
 
 def _shapes(config: RunConfig) -> tuple[nn.Module, list[nn.Module]]:
@@ -181,7 +181,13 @@ def build_stage(config: RunConfig, stage: int, device: torch.device | str = "cpu
     :class:`~swarmrt.models.layers.TiedEnds` for stage 0 of a tied model); only they get real weights."""
     if not 0 <= stage < config.num_stages:
         raise ConfigError(f"stage {stage} does not exist: the run has stages 0..{config.num_stages - 1}")
-    _, layers, ranges, tied, indices = _materialized(config, stage, device)
+    _, layers, ranges, tied, _ = materialized(config, stage, device)
+    return stage_module(layers, ranges, tied, stage)
+
+
+def stage_module(layers: list[nn.Module], ranges: list[tuple[int, int]], tied: bool, stage: int) -> nn.Module:
+    """The module stage ``stage`` serves, over ``layers`` (no copy: it shares their parameters)."""
+    indices = _stage_indices(ranges, stage, len(layers), tied)
     if tied and stage == 0:
         return TiedEnds(nn.Sequential(*[layers[i] for i in indices[:-1]]), layers[indices[-1]])
     return nn.Sequential(*[layers[i] for i in indices])

@@ -15,7 +15,7 @@ import torch
 from swarmrt.config import ConfigError, config_from_dict
 from swarmrt.data import Batches
 from swarmrt.models.build import build_model, build_stage, shape_layers, stage_ranges
-from swarmrt.models.layers import TiedEnds
+from swarmrt.models.layers import TiedEnds, as_layers
 from swarmrt.roles.trainer import Trainer
 from swarmrt.testing.inprocess import InProcessSwarm
 
@@ -78,7 +78,7 @@ def config(factory: str, tie: bool, stages: int = 3, **extra):
 def test_each_stage_materializes_its_layers_with_the_runs_seeded_init():
     cfg = config("llama", tie=False)
     whole = build_model(cfg)
-    reference = torch.nn.Sequential(*__import__("swarmrt.models.layers", fromlist=["as_layers"]).as_layers(whole))
+    reference = torch.nn.Sequential(*as_layers(whole))
     full = reference.state_dict()
     layers, offset = shape_layers(cfg), 0
     for stage, (start, end) in enumerate(stage_ranges(cfg, layers)):
@@ -175,8 +175,7 @@ def test_weights_that_cannot_be_kept_tied_are_a_clear_error():
     with pytest.raises(ConfigError, match=r"blocks.0.weight = blocks.2.weight is shared by layers \[1, 3\]"):
         build_stage(cfg, 0)
     with pytest.raises(ConfigError, match="last stage .* empty"):
-        build_stage(config("gpt2", tie=True, model_ranges=None) if False else
-                    config_from_dict({**config("gpt2", tie=True).to_dict(),
+        build_stage(config_from_dict({**config("gpt2", tie=True).to_dict(),
                                       "model": {"factory": "tests.unit.test_models:gpt2", "kwargs": {"tie": True},
                                                 "layer_ranges": [[0, 2], [2, 4], [4, 5]]}}), 0)
 
@@ -198,26 +197,82 @@ def own_forward_losses(cfg, steps):
     return losses, model
 
 
-@pytest.mark.parametrize("factory,tie", [("llama", False), ("llama", True), ("qwen2", True), ("qwen2", False),
-                                         ("mistral", False), ("mistral", True), ("gpt2", True), ("gpt2", False)])
-def test_the_swarm_trains_the_users_own_model(factory, tie):
-    cfg, steps = config(factory, tie), 4
+def train_in_process(cfg, steps, after=None):
+    """Train ``steps`` steps through one in-process peer per stage; the losses, and ``after(swarm, trainer)``."""
     swarm = InProcessSwarm.build(cfg, peers_per_stage=1)
     try:
         trainer = Trainer(cfg, dht=None, client=swarm.client, trainer_id="t")
         trainer.view_peers(swarm.records)
-        assert trainer.tied == tie
 
         async def go():
-            return [await trainer.train_step(step) for step in range(steps)]
+            losses = [await trainer.train_step(step) for step in range(steps)]
+            return losses, (await after(swarm, trainer) if after else None)
 
-        swarm_losses = asyncio.run(go())
+        return asyncio.run(go())
     finally:
         swarm.close()
+
+
+@pytest.mark.parametrize("factory,tie", [("llama", False), ("llama", True), ("qwen2", True), ("qwen2", False),
+                                         ("mistral", False), ("mistral", True), ("gpt2", True), ("gpt2", False)])
+def test_the_swarm_trains_the_users_own_model(factory, tie):
+    cfg, steps = config(factory, tie), 4
+
+    async def inspect(swarm, trainer):
+        assert trainer.tied == tie
+        return swarm.workers["s0p0"].module
+
+    swarm_losses, served = train_in_process(cfg, steps, inspect)
     reference, model = own_forward_losses(cfg, steps)
     assert reference[-1] < reference[0] - 0.05  # it trains: the comparison is not between two constants
     assert swarm_losses == pytest.approx(reference, abs=1e-4)
     if tie:  # the one embedding/head weight moved exactly as the user's tied weight did
-        served = swarm.workers["s0p0"].module
         assert served.head.head.weight is served.body[0].embed.weight
         assert torch.allclose(served.body[0].embed.weight, model.get_input_embeddings().weight, atol=1e-5)
+
+
+# -- export ---------------------------------------------------------------------------------------
+def test_export_merges_the_stage_checkpoints_into_the_users_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from swarmrt.checkpoint.policy import training_config_hash
+    from swarmrt.checkpoint.store import save_checkpoint
+    from swarmrt.cli.main import main
+    from swarmrt.models.build import partition_hash
+
+    cfg = config("qwen2", True)
+
+    async def checkpoint_and_evaluate(swarm, trainer):
+        for peer, worker in swarm.workers.items():
+            save_checkpoint(tmp_path / "ckpt", cfg.run.id, worker.stage, worker.version, worker.state_bytes(),
+                            config_hash=training_config_hash(cfg), partition_hash=partition_hash(cfg), writer=peer)
+        return await trainer.evaluate(batches=1)
+
+    _, held_out = train_in_process(cfg, 2, checkpoint_and_evaluate)
+    (tmp_path / "run.toml").write_text(
+        '[run]\nid = "models"\nseed = 5\n[model]\nfactory = "tests.unit.test_models:qwen2"\nstages = 3\n'
+        '[model.kwargs]\ntie = true\n[data]\nseq_len = 16\nbatch_size = 8\nmicrobatch_size = 4\n'
+        '[optimizer]\nname = "sgd"\nlr = 0.5\nsamples_per_step = 8\n')
+    assert main(["export", "--config", str(tmp_path / "run.toml"), "--checkpoints", str(tmp_path / "ckpt"),
+                 "--out", str(tmp_path / "hf")]) == 0
+    assert '"step": 2' in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    x, y = Batches(cfg.data, cfg.run.seed, 0).eval_batch(cfg.data.batch_size, index=0)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+    assert loss == pytest.approx(held_out["loss"], abs=1e-5)
+    fresh = own_forward_losses(cfg, 0)[1]  # the untrained model: export really wrote the trained weights
+    with torch.no_grad():
+        untrained = fresh(input_ids=x).logits
+    assert not torch.allclose(untrained, logits, atol=1e-3)
+
+
+def test_export_without_every_stage_checkpointed_says_which_is_missing(tmp_path, capsys):
+    from swarmrt.cli.main import main
+
+    (tmp_path / "run.toml").write_text('[model]\nfactory = "tests.unit.test_models:gpt2"\nstages = 2\n')
+    assert main(["export", "--config", str(tmp_path / "run.toml"), "--checkpoints", str(tmp_path),
+                 "--out", str(tmp_path / "hf")]) == 2
+    assert "no checkpoint of stage 0" in capsys.readouterr().err
