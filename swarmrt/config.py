@@ -97,9 +97,36 @@ class DataSection:
     """Samples per optimizer step of the trainer."""
     microbatch_size: int = 4
     """Samples per microbatch; each microbatch takes its own route."""
+    tokenizer: str | None = None
+    """A local tokenizer directory (its ``tokenizer.json``): ``path`` (a ``.txt`` or ``.jsonl`` file, or a
+    directory of them) is tokenized with it instead of read as bytes (text)."""
+    text_field: str = "text"
+    """The field of each ``.jsonl`` record that holds its text."""
+    factory: str | None = None
+    """``package.module:function`` called as ``function(data_section, seed, stream, **factory_kwargs)``; it
+    returns a batch source: ``batch(step) -> (inputs, targets)``, a pure function of the step (the trainer
+    saves its step as the data position, so resuming needs nothing else), and optionally
+    ``eval_batch(n, index)`` for held-out batches. ``kind`` still says what the inputs are (token ids
+    ``[B, T]`` for text, ``[B, features]`` floats for regression)."""
+    factory_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments passed to ``factory``."""
+    loss: str | None = None
+    """``package.module:function`` called as ``function(output, targets)``; returns one loss per sample
+    (shape ``[B]``). Default: cross-entropy per token averaged per sample (text), or MSE (regression)."""
 
     def __post_init__(self) -> None:
         _check(self.kind in ("text", "regression"), "data.kind", f"must be 'text' or 'regression', got {self.kind!r}")
+        for name in ("factory", "loss"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and ":" in value and all(value.split(":", 1))),
+                   f"data.{name}", f"must look like 'package.module:function', got {value!r}")
+        _check(isinstance(self.factory_kwargs, Mapping), "data.factory_kwargs", "must be a table of keyword arguments")
+        _check(self.tokenizer is None or (isinstance(self.tokenizer, str) and self.tokenizer.strip() != ""),
+               "data.tokenizer", f"must be a local tokenizer directory, got {self.tokenizer!r}")
+        _check(self.tokenizer is None or (self.path is not None and self.kind == "text"), "data.tokenizer",
+               "needs data.path (the files to tokenize) and data.kind = 'text'")
+        _check(isinstance(self.text_field, str) and self.text_field != "", "data.text_field",
+               f"must be a field name, got {self.text_field!r}")
         for name in ("max_bytes", "seq_len", "features", "targets", "batch_size", "microbatch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"data.{name}", f"must be an integer >= 1, got {value!r}")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 
 import torch
 from torch import nn
 
 from swarmrt.config import ConfigError, RunConfig
+from swarmrt.imports import resolve
 from swarmrt.pipeline.worker import InputSpec, InputSpecs, infer_input_spec
 from swarmrt.models.partition import balanced_ranges, validate_ranges
 from swarmrt.models.layers import TiedEnds, as_layers, can_skip, layer_costs
@@ -18,15 +18,7 @@ from swarmrt.models.materialize import CannotMaterialize, materialize, parameter
 
 def resolve_factory(spec: str):
     """Import ``package.module:function``; a clear :class:`ConfigError` when it is not there."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"model.factory: cannot import module {module_name!r}: {e}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"model.factory: {module_name!r} has no callable {attr!r}")
-    return factory
+    return resolve(spec, "model.factory")
 
 
 def _call_factory(config: RunConfig) -> nn.Module:
