@@ -58,7 +58,14 @@ class ModelSection:
     """A local Hugging Face model directory (``config.json`` + safetensors): the model is built from its
     config (``factory`` and ``kwargs`` are then not used) and each peer reads only its stage's tensors."""
 
+    precision: str = "fp32"
+    """Compute precision of the stage peers: ``fp32``, or ``bf16``/``fp16`` autocast with fp32 master weights
+    and optimizer state; activations and their gradients cross the wire in this precision. ``fp16`` has no
+    loss scaling: prefer ``bf16``."""
+
     def __post_init__(self) -> None:
+        _check(self.precision in ("fp32", "bf16", "fp16"), "model.precision",
+               f"must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         _check(":" in self.factory and all(self.factory.split(":", 1)), "model.factory",
                f"must look like 'package.module:function', got {self.factory!r}")
         _check(isinstance(self.kwargs, Mapping), "model.kwargs", "must be a table of keyword arguments")

@@ -71,7 +71,7 @@ def cmd_peer(args) -> int:
     options = PeerOptions(initial_peers=tuple(args.initial_peers), stage=args.stage, port=args.port,
                           grace_s=args.grace, ready_file=args.ready_file, ledger=args.ledger,
                           compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume,
-                          net_rules=net_rules)
+                          net_rules=net_rules, device=args.device)
     return run(serve_peer(config, options))
 
 
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the stage's newest checkpoint ([checkpoint] location) even if other peers serve it")
     p.add_argument("--net-rules", metavar="FILE", help="emulated links and RPC faults (JSON, re-read when it "
                    "changes; default: $SWARMRT_NET_RULES; see swarmrt.wire.emulation)")
+    p.add_argument("--device", help="torch device to compute on, e.g. cuda:1 or cpu (default: cuda when present)")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("train", help="feed data and drive microbatches through the swarm", epilog=NO_PEERS_EPILOG)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 
@@ -13,6 +14,7 @@ from swarmrt.imports import resolve
 from swarmrt.pipeline.worker import InputSpec, InputSpecs, infer_input_spec
 from swarmrt.models.partition import balanced_ranges, validate_ranges
 from swarmrt.models.layers import TiedEnds, as_layers, can_skip, layer_costs
+from swarmrt.models.precision import default_device, place, wire_dtype
 from swarmrt.models.materialize import CannotMaterialize, materialize, parameters_on_meta
 
 
@@ -56,7 +58,7 @@ def _stage_indices(ranges: list[tuple[int, int]], stage: int, num_layers: int, t
     return indices
 
 
-def materialized(config: RunConfig, stage: int | None, device: torch.device | str = "cpu"):
+def materialized(config: RunConfig, stage: int | None):
     """``(model, layers, ranges, tied, indices)`` with real weights only in the layers ``indices``
     that ``stage`` holds (all layers when None).
 
@@ -77,9 +79,9 @@ def materialized(config: RunConfig, stage: int | None, device: torch.device | st
 
         load = functools.partial(load_pretrained, config.model.pretrained, model)
     try:
-        materialize(model, [layers[i] for i in indices], indices, config.run.seed, device, load)
+        materialize(model, [layers[i] for i in indices], indices, config.run.seed, "cpu", load)
     except CannotMaterialize:
-        model = _call_factory(config).to(device)
+        model = _call_factory(config)
         layers = _cut(model)
     return model, layers, ranges, tied, indices
 
@@ -168,13 +170,17 @@ def tied_ends(config: RunConfig) -> bool:
     return tie_plan(config, model, layers, stage_ranges(config, layers))
 
 
-def build_stage(config: RunConfig, stage: int, device: torch.device | str = "cpu") -> nn.Module:
+def build_stage(config: RunConfig, stage: int, device: torch.device | str | None = None) -> nn.Module:
     """The module of the layers that stage ``stage`` serves (an ``nn.Sequential``, or a
-    :class:`~swarmrt.models.layers.TiedEnds` for stage 0 of a tied model); only they get real weights."""
+    :class:`~swarmrt.models.layers.TiedEnds` for stage 0 of a tied model); only they get real weights.
+
+    The weights are made on the CPU (the same on every device) and then the module is placed on
+    ``device`` (default: CUDA when present) in ``model.precision`` (:func:`swarmrt.models.precision.place`).
+    """
     if not 0 <= stage < config.num_stages:
         raise ConfigError(f"stage {stage} does not exist: the run has stages 0..{config.num_stages - 1}")
-    _, layers, ranges, tied, _ = materialized(config, stage, device)
-    return stage_module(layers, ranges, tied, stage)
+    _, layers, ranges, tied, _ = materialized(config, stage)
+    return place(stage_module(layers, ranges, tied, stage), device or default_device(), config.model.precision)
 
 
 def stage_module(layers: list[nn.Module], ranges: list[tuple[int, int]], tied: bool, stage: int) -> nn.Module:
@@ -231,10 +237,11 @@ def stage_input_spec(config: RunConfig, stage: int) -> InputSpec | InputSpecs:
     states its head runs on."""
     model, layers, sample = _runnable(config)
     ranges = stage_ranges(config, layers)
-    spec = infer_input_spec(layers[:ranges[stage][0]], sample)
+    specs = [infer_input_spec(layers[:ranges[stage][0]], sample)]
     if stage == 0 and tie_plan(config, model, layers, ranges):
-        return InputSpecs((spec, infer_input_spec(layers[:-1], sample)))
-    return spec
+        specs.append(infer_input_spec(layers[:-1], sample))
+    specs = [dataclasses.replace(s, dtype=wire_dtype(config.model.precision, s.dtype)) for s in specs]
+    return specs[0] if len(specs) == 1 else InputSpecs(tuple(specs))
 
 
 def check_skip(config: RunConfig) -> None:

@@ -29,6 +29,8 @@ import logging
 import random
 import time
 
+import torch
+
 
 from swarmrt.checkpoint.checkpointer import Checkpointer
 from swarmrt.checkpoint.policy import training_config_hash
@@ -70,6 +72,8 @@ class PeerOptions:
     """Load the stage's newest checkpoint even if other peers serve the stage (fail if none)."""
     net_rules: str | None = None
     """Emulated links and RPC faults (``swarmrt.wire.emulation``), re-read when the file changes."""
+    device: str | None = None
+    """Torch device the stage computes on (``--device``); None: CUDA when present, else the CPU."""
 
     def check(self, config: RunConfig) -> None:
         """Raise :class:`ConfigError` naming the flag when these options cannot serve ``config``."""
@@ -77,6 +81,13 @@ class PeerOptions:
             raise ConfigError(f"--stage {self.stage}: the run has stages 0..{config.num_stages - 1}")
         if self.resume and not config.checkpoint.enabled:
             raise ConfigError("--resume needs [checkpoint] location in the run config")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as e:
+                raise ConfigError(f"--device {self.device}: {e}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: this machine has no CUDA device")
 
 
 def say(message: str) -> None:
@@ -87,7 +98,7 @@ def say(message: str) -> None:
 # -- the parts ----------------------------------------------------------------------------------
 def build_stage_worker(config: RunConfig, stage: int, options: PeerOptions) -> tuple[StageWorker, range, str]:
     """The stage's module and optimizer: ``(worker, its layer indices, the partition hash)``."""
-    module = build_stage(config, stage)  # only the stage's layers get real weights
+    module = build_stage(config, stage, options.device)  # only the stage's layers get real weights
     worker = StageWorker(module, config, stage, stage_input_spec(config, stage),
                          compute_delay_s=options.compute_delay_s, slowdown=options.slowdown,
                          ledger_path=options.ledger)

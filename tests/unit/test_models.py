@@ -276,3 +276,42 @@ def test_export_without_every_stage_checkpointed_says_which_is_missing(tmp_path,
     assert main(["export", "--config", str(tmp_path / "run.toml"), "--checkpoints", str(tmp_path),
                  "--out", str(tmp_path / "hf")]) == 2
     assert "no checkpoint of stage 0" in capsys.readouterr().err
+
+
+# -- device and precision -------------------------------------------------------------------------
+@pytest.mark.parametrize("precision,dtype,tol", [("bf16", torch.bfloat16, 0.03), ("fp16", torch.float16, 0.01)])
+def test_mixed_precision_keeps_fp32_master_weights_and_sends_the_compute_dtype(precision, dtype, tol):
+    cfg = config_from_dict({**config("llama", tie=True).to_dict(),
+                            "model": {"factory": "tests.unit.test_models:llama", "kwargs": {"tie": True},
+                                      "stages": 3, "precision": precision},
+                            "optimizer": {"name": "adamw", "lr": 1e-2, "samples_per_step": 8}})
+
+    async def inspect(swarm, trainer):
+        x = Batches(cfg.data, cfg.run.seed, 0).batch(0)[0][:2]
+        hidden = swarm.workers["s0p0"].forward("probe", x, keep_context=False)
+        logits = swarm.workers["s2p0"].forward("probe", hidden, keep_context=False)
+        return hidden, logits, swarm.workers
+
+    losses, (hidden, logits, workers) = train_in_process(cfg, 3, inspect)
+    assert hidden.dtype == dtype and logits.dtype == dtype  # what crosses the wire
+    for worker in workers.values():
+        assert all(p.dtype == torch.float32 for p in worker.params)  # master weights
+        state = worker.optimizer.state_dict()["state"]
+        assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    fp32 = config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "precision": "fp32"}})
+    reference = train_in_process(fp32, 3)[0]
+    assert losses == pytest.approx(reference, abs=tol)
+    assert losses != reference  # it really computed in the lower precision
+
+
+def test_a_wire_input_in_another_dtype_is_refused():
+    from swarmrt.pipeline.worker import StageError, StageWorker
+    from swarmrt.models.build import stage_input_spec
+
+    cfg = config_from_dict({**config("gpt2", tie=False).to_dict(),
+                            "model": {"factory": "tests.unit.test_models:gpt2", "kwargs": {"tie": False},
+                                      "stages": 3, "precision": "bf16"}})
+    worker = StageWorker(build_stage(cfg, 1), cfg, 1, stage_input_spec(cfg, 1))
+    with pytest.raises(StageError, match="dtype float32 but this stage takes bfloat16"):
+        worker.forward("m", torch.zeros(1, 4, 32), keep_context=False)
+    assert worker.forward("m", torch.zeros(1, 4, 32, dtype=torch.bfloat16), keep_context=False).dtype == torch.bfloat16
