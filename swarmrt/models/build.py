@@ -192,13 +192,16 @@ def stage_module(layers: list[nn.Module], ranges: list[tuple[int, int]], tied: b
 
 
 def partition_hash(config: RunConfig, ranges: list[tuple[int, int]] | None = None) -> str:
-    """Short hash of what each stage holds (factory, kwargs, layer ranges): checkpoints check it.
-    Pass ``ranges`` when they are already known, to avoid building the model again."""
+    """Short hash of what each stage holds (factory, kwargs, layer ranges, a tied head on stage 0):
+    checkpoints check it. Builds the model on the meta device (shapes only)."""
+    model, layers = _shapes(config)
     if ranges is None:
-        ranges = stage_ranges(config, shape_layers(config))
+        ranges = stage_ranges(config, layers)
     what = (config.model.factory, sorted(dict(config.model.kwargs).items()), [tuple(r) for r in ranges])
     if config.model.pretrained is not None:
         what += (config.model.pretrained,)
+    if tie_plan(config, model, layers, ranges):
+        what += ("tied head on stage 0",)
     return hashlib.sha256(repr(what).encode()).hexdigest()[:12]
 
 
