@@ -146,6 +146,18 @@ def test_a_stage_reads_only_its_tensors_from_a_pretrained_directory(tmp_path, mo
         layer = int(index) + start - 1  # layer 0 is the embedding
         assert torch.equal(value, state[f"model.layers.{layer}.{rest.removeprefix('layer.')}"]), key
     assert len(set(read)) == len(read) == len(list(stage.parameters()))
+    whole = build_model(cfg)  # every stage together: the directory's model, weight for weight
+    assert all(torch.equal(value, state[key]) for key, value in whole.state_dict().items())
+
+
+def test_a_tied_pretrained_model_reads_its_one_matrix_for_embedding_and_head(tmp_path):
+    source = qwen2(tie=True)
+    source.save_pretrained(tmp_path / "hf")
+    cfg = config_from_dict({"model": {"pretrained": str(tmp_path / "hf"), "stages": 3},
+                            "data": {"seq_len": 16, "batch_size": 8, "microbatch_size": 4}})
+    first = build_stage(cfg, 0)
+    assert isinstance(first, TiedEnds) and first.head.head.weight is first.body[0].embed.weight
+    assert torch.equal(first.head.head.weight, source.get_input_embeddings().weight)
 
 
 def test_a_pretrained_directory_without_the_tensor_is_a_clear_error(tmp_path):
@@ -184,7 +196,8 @@ def test_weights_that_cannot_be_kept_tied_are_a_clear_error():
 def own_forward_losses(cfg, steps):
     """The user's model, with the run's initial weights, trained through its own forward."""
     model = build_model(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
+    kind = torch.optim.SGD if cfg.optimizer.name == "sgd" else torch.optim.AdamW
+    opt = kind(model.parameters(), lr=cfg.optimizer.lr)
     batches, losses = Batches(cfg.data, cfg.run.seed, 0), []
     for step in range(steps):
         x, y = batches.batch(step)
@@ -216,7 +229,7 @@ def train_in_process(cfg, steps, after=None):
 @pytest.mark.parametrize("factory,tie", [("llama", False), ("llama", True), ("qwen2", True), ("qwen2", False),
                                          ("mistral", False), ("mistral", True), ("gpt2", True), ("gpt2", False)])
 def test_the_swarm_trains_the_users_own_model(factory, tie):
-    cfg, steps = config(factory, tie), 4
+    cfg, steps = config(factory, tie), 3
 
     async def inspect(swarm, trainer):
         assert trainer.tied == tie
@@ -298,8 +311,7 @@ def test_mixed_precision_keeps_fp32_master_weights_and_sends_the_compute_dtype(p
         assert all(p.dtype == torch.float32 for p in worker.params)  # master weights
         state = worker.optimizer.state_dict()["state"]
         assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
-    fp32 = config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "precision": "fp32"}})
-    reference = train_in_process(fp32, 3)[0]
+    reference = own_forward_losses(cfg, 3)[0]  # the user's model in fp32
     assert losses == pytest.approx(reference, abs=tol)
     assert losses != reference  # it really computed in the lower precision
 
