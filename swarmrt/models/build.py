@@ -15,7 +15,7 @@ from swarmrt.pipeline.worker import InputSpec, InputSpecs, infer_input_spec
 from swarmrt.models.partition import balanced_ranges, validate_ranges
 from swarmrt.models.layers import TiedEnds, as_layers, can_skip, layer_costs
 from swarmrt.models.precision import default_device, place, wire_dtype
-from swarmrt.models.materialize import CannotMaterialize, materialize, parameters_on_meta
+from swarmrt.models.materialize import CannotMaterialize, check_materializable, materialize, parameters_on_meta
 
 
 def resolve_factory(spec: str):
@@ -79,10 +79,11 @@ def materialized(config: RunConfig, stage: int | None):
 
         load = functools.partial(load_pretrained, config.model.pretrained, model)
     try:
-        materialize(model, [layers[i] for i in indices], indices, config.run.seed, "cpu", load)
+        check_materializable(model, layers)  # all of them: every stage, and the whole model, decide alike
     except CannotMaterialize:
         model = _call_factory(config)
-        layers = _cut(model)
+        return model, _cut(model), ranges, tied, indices
+    materialize(model, [layers[i] for i in indices], indices, config.run.seed, "cpu", load)
     return model, layers, ranges, tied, indices
 
 

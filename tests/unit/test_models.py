@@ -98,6 +98,33 @@ def test_each_stage_materializes_its_layers_with_the_runs_seeded_init():
     assert torch.equal(whole.model.norm.weight, torch.ones(32))
 
 
+class Scale(torch.nn.Module):
+    """Owns a parameter and has no reset_parameters(): cannot be initialised from the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def custom():
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), Scale(), torch.nn.Linear(8, 1))
+
+
+def test_a_model_that_cannot_be_initialised_from_meta_is_built_for_real_alike_everywhere():
+    cfg = config_from_dict({"run": {"seed": 4}, "model": {"factory": "tests.unit.test_models:custom", "stages": 3},
+                            "data": {"kind": "regression", "features": 8}})
+    torch.manual_seed(4)
+    users = custom()  # the factory's own init, as before materialization existed
+    whole = build_model(cfg)
+    for stage in range(3):
+        for key, value in build_stage(cfg, stage).state_dict().items():
+            assert torch.equal(value, users[stage].state_dict()[key.split(".", 1)[1]])
+            assert torch.equal(value, whole[stage].state_dict()[key.split(".", 1)[1]])
+
+
 def test_gpt2_keeps_its_scaled_residual_init():
     model = build_model(config("gpt2", tie=False))
     std = 0.02 / (2 * 3) ** 0.5
