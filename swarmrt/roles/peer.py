@@ -31,7 +31,6 @@ import time
 
 import torch
 
-
 from swarmrt.checkpoint.checkpointer import Checkpointer
 from swarmrt.checkpoint.policy import training_config_hash
 from swarmrt.checkpoint.store import CheckpointError
