@@ -54,11 +54,23 @@ class ModelSection:
     """Number of pipeline stages to cut the model into (ignored when ``layer_ranges`` is set)."""
     layer_ranges: tuple[tuple[int, int], ...] | None = None
     """Explicit ``[start, end)`` layer ranges, one per stage, covering every layer in order."""
+    pretrained: str | None = None
+    """A local Hugging Face model directory (``config.json`` + safetensors): the model is built from its
+    config (``factory`` and ``kwargs`` are then not used) and each peer reads only its stage's tensors."""
+
+    precision: str = "fp32"
+    """Compute precision of the stage peers: ``fp32``, or ``bf16``/``fp16`` autocast with fp32 master weights
+    and optimizer state; activations and their gradients cross the wire in this precision. ``fp16`` has no
+    loss scaling: prefer ``bf16``."""
 
     def __post_init__(self) -> None:
+        _check(self.precision in ("fp32", "bf16", "fp16"), "model.precision",
+               f"must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         _check(":" in self.factory and all(self.factory.split(":", 1)), "model.factory",
                f"must look like 'package.module:function', got {self.factory!r}")
         _check(isinstance(self.kwargs, Mapping), "model.kwargs", "must be a table of keyword arguments")
+        _check(self.pretrained is None or (isinstance(self.pretrained, str) and self.pretrained.strip() != ""),
+               "model.pretrained", f"must be a local model directory, got {self.pretrained!r}")
         if self.layer_ranges is not None:
             ranges = tuple(tuple(r) for r in self.layer_ranges)
             object.__setattr__(self, "layer_ranges", ranges)
@@ -92,9 +104,36 @@ class DataSection:
     """Samples per optimizer step of the trainer."""
     microbatch_size: int = 4
     """Samples per microbatch; each microbatch takes its own route."""
+    tokenizer: str | None = None
+    """A local tokenizer directory (its ``tokenizer.json``): ``path`` (a ``.txt`` or ``.jsonl`` file, or a
+    directory of them) is tokenized with it instead of read as bytes (text)."""
+    text_field: str = "text"
+    """The field of each ``.jsonl`` record that holds its text."""
+    factory: str | None = None
+    """``package.module:function`` called as ``function(data_section, seed, stream, **factory_kwargs)``; it
+    returns a batch source: ``batch(step) -> (inputs, targets)``, a pure function of the step (the trainer
+    saves its step as the data position, so resuming needs nothing else), and optionally
+    ``eval_batch(n, index)`` for held-out batches. ``kind`` still says what the inputs are (token ids
+    ``[B, T]`` for text, ``[B, features]`` floats for regression)."""
+    factory_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments passed to ``factory``."""
+    loss: str | None = None
+    """``package.module:function`` called as ``function(output, targets)``; returns one loss per sample
+    (shape ``[B]``). Default: cross-entropy per token averaged per sample (text), or MSE (regression)."""
 
     def __post_init__(self) -> None:
         _check(self.kind in ("text", "regression"), "data.kind", f"must be 'text' or 'regression', got {self.kind!r}")
+        for name in ("factory", "loss"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and ":" in value and all(value.split(":", 1))),
+                   f"data.{name}", f"must look like 'package.module:function', got {value!r}")
+        _check(isinstance(self.factory_kwargs, Mapping), "data.factory_kwargs", "must be a table of keyword arguments")
+        _check(self.tokenizer is None or (isinstance(self.tokenizer, str) and self.tokenizer.strip() != ""),
+               "data.tokenizer", f"must be a local tokenizer directory, got {self.tokenizer!r}")
+        _check(self.tokenizer is None or (self.path is not None and self.kind == "text"), "data.tokenizer",
+               "needs data.path (the files to tokenize) and data.kind = 'text'")
+        _check(isinstance(self.text_field, str) and self.text_field != "", "data.text_field",
+               f"must be a field name, got {self.text_field!r}")
         for name in ("max_bytes", "seq_len", "features", "targets", "batch_size", "microbatch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"data.{name}", f"must be an integer >= 1, got {value!r}")

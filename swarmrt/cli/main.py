@@ -20,6 +20,7 @@ from swarmrt.auth.credential import ENV_VAR as TOKEN_VAR
 from swarmrt.config import ConfigError, load_config
 from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.discovery.reachability import NetworkError
+from swarmrt.cli.export import add_export_parser
 from swarmrt.sim.cli import add_plan_parser, add_simulate_parser
 
 EXIT_USAGE = 2
@@ -151,7 +152,7 @@ def cmd_peer(args) -> int:
     options = PeerOptions(initial_peers=tuple(args.initial_peers), stage=args.stage, port=args.port,
                           grace_s=args.grace, ready_file=args.ready_file, ledger=args.ledger,
                           compute_delay_s=args.compute_delay, slowdown=args.slowdown, resume=args.resume,
-                          net_rules=net_rules)
+                          net_rules=net_rules, device=args.device)
     options.check(config)  # a bad flag is named before a missing join token
     return run(serve_peer(config, dataclasses.replace(options, join_token=_token(args))))
 
@@ -247,7 +248,6 @@ def cmd_eval(args) -> int:
     from swarmrt import auth
     from swarmrt.models.build import skip_compatibility
     from swarmrt.discovery.dht import start_dht, stop_dht
-    from swarmrt.roles.proc import run
     from swarmrt.roles.trainer import Trainer, parse_stage_subset
     from swarmrt.wire.p2p import routed_client
 
@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the stage's newest checkpoint ([checkpoint] location) even if other peers serve it")
     p.add_argument("--net-rules", metavar="FILE", help="emulated links and RPC faults (JSON, re-read when it "
                    "changes; default: $SWARMRT_NET_RULES; see swarmrt.wire.emulation)")
+    p.add_argument("--device", help="torch device to compute on, e.g. cuda:1 or cpu (default: cuda when present)")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("train", help="feed data and drive microbatches through the swarm", epilog=NO_PEERS_EPILOG)
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_eval_parser(sub)
+    add_export_parser(sub)
     add_plan_parser(sub)
     add_simulate_parser(sub)
     return parser

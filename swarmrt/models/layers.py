@@ -13,9 +13,10 @@ Supported without changing the model's code:
 Each decoder block becomes one layer that recomputes its rotary position
 embeddings locally, so only the hidden states cross the network. Causal
 masking relies on SDPA's ``is_causal`` path (no attention mask is sent).
-Weights tied between the embedding and the head are untied when they land on
-different stages (each stage holds its own copy); the factories in
-:mod:`swarmrt.models.examples` build untied models.
+Weights tied between the embedding and the head stay tied: when they would land
+on different stages, the head runs on stage 0 (:class:`TiedEnds`), so a
+microbatch starts and ends on a stage-0 peer and the one weight gets both
+gradients, as in the unsplit model (:func:`swarmrt.models.build.tied_ends`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ class _Head(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
+
+
+class TiedEnds(nn.Module):
+    """Stage 0 of a model whose head shares weights with its first layers (tied embeddings): token
+    ids run the stage's own layers (``body``), hidden states run the head. The worker counts a
+    microbatch's samples once, on the token-id pass (:meth:`counts_samples`)."""
+
+    def __init__(self, body: nn.Sequential, head: nn.Module):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) if x.is_floating_point() else self.body(x)
+
+    def __len__(self) -> int:
+        return len(self.body) + 1
+
+    def counts_samples(self, x: torch.Tensor) -> bool:
+        """Whether a backward with input ``x`` counts its samples (the head's pass of a microbatch does not)."""
+        return not x.is_floating_point()
 
 
 def as_layers(model: nn.Module) -> list[nn.Module]:

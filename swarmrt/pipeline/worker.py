@@ -83,6 +83,18 @@ class InputSpec:
             raise StageError(f"{what}: contains NaN or Inf")
 
 
+@dataclasses.dataclass(frozen=True)
+class InputSpecs:
+    """A stage that takes one of several inputs, told apart by dtype (stage 0 of a model with tied
+    ends takes token ids and, for its head, hidden states)."""
+
+    specs: tuple[InputSpec, ...]
+
+    def check(self, x: torch.Tensor, what: str) -> None:
+        spec = next((s for s in self.specs if s.dtype == x.dtype), self.specs[0])
+        spec.check(x, what)
+
+
 def infer_input_spec(layers_before: list[nn.Module], sample: torch.Tensor) -> InputSpec:
     """Run a one-sample input through the earlier layers to learn this stage's input spec."""
     x = sample
@@ -144,7 +156,7 @@ def _tensors_in(value: Any, name: str = "state") -> list[tuple[str, torch.Tensor
 
 
 class StageWorker:
-    def __init__(self, module: nn.Module, config: RunConfig, stage: int, spec: InputSpec,
+    def __init__(self, module: nn.Module, config: RunConfig, stage: int, spec: InputSpec | InputSpecs,
                  clock: Callable[[], float] = time.monotonic, compute_delay_s: float = 0.0,
                  slowdown: float = 1.0, ledger_path: str | None = None):
         self.module = module
@@ -279,6 +291,8 @@ class StageWorker:
         if deadline is not None and self.clock() > deadline:
             raise DeadlineExpired(f"microbatch {microbatch_id}: deadline passed before applying; not applied")
         stepped = False
+        counts = getattr(self.module, "counts_samples", None)  # models.layers.TiedEnds: the head's pass does not
+        counted = samples if counts is None or counts(x_in) else 0
         if microbatch_id not in self.applied:
             for p, g in zip(self.params, param_grads):
                 if g is None:
@@ -291,12 +305,12 @@ class StageWorker:
             while len(self.applied) > 100_000:
                 self.applied.popitem(last=False)
             with self._lock:
-                self.samples_pending += samples
-                self.samples_applied += samples
-                self.microbatches_applied += 1
+                self.samples_pending += counted
+                self.samples_applied += counted
+                self.microbatches_applied += 1 if counted else 0
             if self._ledger is not None:
                 self._ledger.write(f"{self.stage} {microbatch_id}\n")
-            if self.samples_pending >= self.config.optimizer.samples_per_step:
+            if counted and self.samples_pending >= self.config.optimizer.samples_per_step:
                 self._step()
                 stepped = True
         self._observe(samples, forward_s + (self.clock() - started))

@@ -31,41 +31,12 @@ from typing import Iterable
 import grpc
 import torch
 
-from swarmrt.config import ConfigError, RunConfig
+from swarmrt.config import RunConfig
 from swarmrt.discovery.records import StageRecord
 from swarmrt.routing.verify import BadReply, OutputScale, ThroughputMeter, check_reply, judge, rms, should_check
 from swarmrt.wire.tensors import BadTensor, Framed
 
 logger = logging.getLogger("swarmrt.trainer")
-
-
-def stage_output_specs(config: RunConfig) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    """Per stage: the dtype of its output and its shape after the batch dimensions (``[B]`` for
-    regression, ``[B, T]`` for text), learnt by running a one-sample input through the model built on
-    the meta device (shapes only; a model that cannot be built there is built for real)."""
-    from swarmrt.data import sample_input
-    from swarmrt.models.build import build_layers, stage_ranges
-
-    sample = sample_input(config.data)
-    batch_dims = 2 if sample.dtype == torch.long else 1
-
-    def run(device: str | None):
-        with torch.device(device) if device else torch.device("cpu"):
-            layers = build_layers(config)
-        x, specs = sample.to(device or "cpu"), []
-        with torch.no_grad():
-            for start, end in stage_ranges(config, layers):
-                for layer in layers[start:end]:
-                    x = layer(x)
-                specs.append((x.dtype, tuple(x.shape[batch_dims:])))
-        return specs
-
-    try:
-        return run("meta")
-    except ConfigError:
-        raise
-    except Exception:  # a factory or layer that does not run on meta
-        return run(None)
 
 
 @dataclasses.dataclass
@@ -88,7 +59,9 @@ class ReplyChecks:
         the swarm, bans, accounting, clock and random generator)."""
         self.config = config
         self.trainer = trainer
-        self.specs = stage_output_specs(config)
+        from swarmrt.models.build import output_specs  # torch model code: only when a trainer starts
+
+        self.specs, self.head_spec = output_specs(config)
         self.batch_dims = 2 if config.data.kind == "text" else 1
         self.meter = ThroughputMeter()
         self.scale = OutputScale()
@@ -96,9 +69,10 @@ class ReplyChecks:
         self.max_bytes = config.network.max_tensor_mb << 20
 
     # -- replies ---------------------------------------------------------------------------
-    def output_spec(self, stage: int, x: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
-        """The shape and dtype stage ``stage``'s output must have for input ``x``."""
-        dtype, trailing = self.specs[stage]
+    def output_spec(self, stage: int, x: torch.Tensor, head: bool = False) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and dtype stage ``stage``'s output (``head``: the tied head's, on stage 0) must
+        have for input ``x``."""
+        dtype, trailing = self.head_spec if head else self.specs[stage]
         return tuple(x.shape[:self.batch_dims]) + trailing, dtype
 
     def decode(self, response: Framed, field: str, what: str, shape: tuple[int, ...],

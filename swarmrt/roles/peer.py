@@ -29,7 +29,7 @@ import logging
 import random
 import time
 
-from torch import nn
+import torch
 
 from swarmrt import auth
 from swarmrt.auth.token import JoinToken
@@ -37,11 +37,10 @@ from swarmrt.checkpoint.checkpointer import Checkpointer
 from swarmrt.checkpoint.policy import training_config_hash
 from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.config import ConfigError, RunConfig
-from swarmrt.data import sample_input
 from swarmrt.discovery import dht as dht_records
-from swarmrt.models.build import build_layers, partition_hash, stage_ranges
+from swarmrt.models.build import build_stage, partition_hash, shape_layers, stage_input_spec, stage_ranges
 from swarmrt.pipeline.service import StageServicer
-from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.pipeline.worker import StageWorker
 from swarmrt.roles.organizer import Organizer
 from swarmrt.roles.proc import install_stop_handlers, write_atomically
 from swarmrt.roles.reach import PeerNetwork
@@ -78,6 +77,8 @@ class PeerOptions:
     """Emulated links and RPC faults (``swarmrt.wire.emulation``), re-read when the file changes."""
     join_token: JoinToken | None = None
     """The run's join token (``swarmrt.auth``); None: an open run (in-process tests)."""
+    device: str | None = None
+    """Torch device the stage computes on (``--device``); None: CUDA when present, else the CPU."""
 
     def check(self, config: RunConfig) -> None:
         """Raise :class:`ConfigError` naming the flag when these options cannot serve ``config``."""
@@ -85,6 +86,13 @@ class PeerOptions:
             raise ConfigError(f"--stage {self.stage}: the run has stages 0..{config.num_stages - 1}")
         if self.resume and not config.checkpoint.enabled:
             raise ConfigError("--resume needs [checkpoint] location in the run config")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as e:
+                raise ConfigError(f"--device {self.device}: {e}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: this machine has no CUDA device")
 
 
 def say(message: str) -> None:
@@ -95,14 +103,12 @@ def say(message: str) -> None:
 # -- the parts ----------------------------------------------------------------------------------
 def build_stage_worker(config: RunConfig, stage: int, options: PeerOptions) -> tuple[StageWorker, range, str]:
     """The stage's module and optimizer: ``(worker, its layer indices, the partition hash)``."""
-    layers = build_layers(config)
-    ranges = stage_ranges(config, layers)
-    start, end = ranges[stage]
-    worker = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
-                         infer_input_spec(layers[:start], sample_input(config.data)),
+    module = build_stage(config, stage, options.device)  # only the stage's layers get real weights
+    worker = StageWorker(module, config, stage, stage_input_spec(config, stage),
                          compute_delay_s=options.compute_delay_s, slowdown=options.slowdown,
                          ledger_path=options.ledger)
-    return worker, range(start, end), partition_hash(config, ranges)
+    start, end = stage_ranges(config, shape_layers(config))[stage]
+    return worker, range(start, end), partition_hash(config)
 
 
 async def download_state(worker: StageWorker, client: StageClient, run_id: str,

@@ -67,6 +67,8 @@ logger = logging.getLogger("swarmrt.trainer")
 
 T = TypeVar("T")
 
+HEAD = "/head"
+"""Suffix of the microbatch key of a tied head's pass on stage 0."""
 HEAL_FACTOR = 3.0
 """A stage the swarm could fill (peers move or join there, or could) but that stays empty fails the run
 after this many ``network.no_peers_timeout_s``."""
@@ -157,6 +159,8 @@ class _Hop:
     stage: int
     peer: dht_records.StageRecord
     input: torch.Tensor
+    head: bool = False
+    """Stage 0's head pass of a model with tied ends (its own microbatch key, its input's gradient wanted)."""
 
 
 def parse_stage_subset(text: str | None, num_stages: int) -> tuple[tuple[int, ...] | None, str]:
@@ -211,6 +215,10 @@ class Trainer:
             from swarmrt.models.build import check_skip
 
             check_skip(config)
+        from swarmrt.models.build import tied_ends
+
+        self.tied = tied_ends(config)
+        """The head shares stage 0's weights and runs there: a microbatch starts and ends on stage 0's peer."""
         self.routing = LiveRouting(config, plan_window=plan_window if config.routing.plan_ahead else None)
         """The training route source: SWARM's wiring, or the skip scheduler when ``skip_ratio > 0``."""
         self._route_ids = itertools.count()
@@ -433,8 +441,11 @@ class Trainer:
         routes.observe_hop(peer_id, self.clock() - started)
         self.checks.observe_forward(peer_id, int(x.shape[0]), self.clock() - started)
         try:
-            out = self.checks.decode(response, "output", f"stage {stage} output", *self.checks.output_spec(stage, x))
-            await self.checks.verify(stage, peer, mb_id, x, out)
+            head = mb_id.endswith(HEAD)
+            out = self.checks.decode(response, "output", f"stage {stage} {'head ' if head else ''}output",
+                                     *self.checks.output_spec(stage, x, head))
+            if not head:  # checked work compares a stage's outputs; the head's are another kind
+                await self.checks.verify(stage, peer, mb_id, x, out)
         except BadReply as e:
             self.checks.ban(peer, str(e))
             raise
@@ -488,11 +499,12 @@ class Trainer:
 
     async def _backward_hop(self, hop: _Hop, mb_id: str, grad: torch.Tensor, samples: int) -> torch.Tensor | None:
         net, tried = self.config.network, set()
-        need_grad_input = hop.stage > 0
+        need_grad_input = hop.stage > 0 or hop.head
         peer, attach_input = hop.peer, False
         deadline = self.clock() + net.no_peers_timeout_s
         while True:
-            request = Framed(pb.BackwardRequest(run_id=self.config.run.id, stage=hop.stage, microbatch_id=mb_id,
+            request = Framed(pb.BackwardRequest(run_id=self.config.run.id, stage=hop.stage,
+                                                microbatch_id=mb_id + HEAD if hop.head else mb_id,
                                                 samples=samples, grad_codec=self.config.compression.gradients,
                                                 need_grad_input=need_grad_input,
                                                 deadline_unix=time.time() + net.backward_timeout_s)
@@ -505,7 +517,8 @@ class Trainer:
                                                                                     net.backward_timeout_s))
                 grad_input = None if not need_grad_input else self.checks.decode(
                     response, "grad_input", f"stage {hop.stage} grad_input", tuple(hop.input.shape), hop.input.dtype)
-                self.accounting.record_backward(mb_id, hop.stage)
+                if not hop.head:  # the head's pass on stage 0 is not one of the route's stages
+                    self.accounting.record_backward(mb_id, hop.stage)
                 hop.peer = peer  # the peer whose grad_input goes on (blamed if the next hop refuses it)
                 return grad_input
             except BadReply as e:  # its sender is banned; another peer of the stage recomputes and applies
@@ -551,6 +564,15 @@ class Trainer:
                     self.accounting.forward_restarts += 1
                 logger.warning("microbatch %s: %s; restarting it on a new route", mb_id, e)
                 continue
+            if self.tied:  # the tied head: back to the stage-0 peer that embedded this microbatch
+                try:
+                    peer, out = await self._forward_on(routes, hops[0].peer.peer_id, 0, mb_id + HEAD, h, train)
+                except (grpc.aio.AioRpcError, _PeerGone) as e:
+                    routes.aborted(route)
+                    logger.warning("microbatch %s: head on stage 0 failed (%s); restarting it", mb_id, e)
+                    continue
+                hops.append(_Hop(0, peer, h, head=True))
+                h = out
             if not train:
                 routes.finished(route)
                 return float(loss_sum(self.config.data, h, y))

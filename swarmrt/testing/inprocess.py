@@ -34,14 +34,12 @@ import dataclasses
 from typing import Callable
 
 import grpc
-from torch import nn
 
 from swarmrt.config import RunConfig
-from swarmrt.data import sample_input
 from swarmrt.discovery.records import StageRecord
-from swarmrt.models.build import build_layers, stage_ranges
+from swarmrt.models.build import build_stage, stage_input_spec
 from swarmrt.pipeline.service import StageServicer
-from swarmrt.pipeline.worker import StageWorker, infer_input_spec
+from swarmrt.pipeline.worker import StageWorker
 from swarmrt.wire.context import CallContext, rpc_error
 from swarmrt.wire.tensors import BadTensor, Framed, read_frames, to_frames
 
@@ -168,11 +166,8 @@ class InProcessSwarm:
         workers, servicers, records = {}, {}, []
         for stage in range(config.num_stages):
             for j in range(peers_per_stage):
-                layers = build_layers(config)
-                start, end = stage_ranges(config, layers)[stage]
                 peer = f"s{stage}p{j}"
-                workers[peer] = StageWorker(nn.Sequential(*layers[start:end]), config, stage,
-                                            infer_input_spec(layers[:start], sample_input(config.data)))
+                workers[peer] = StageWorker(build_stage(config, stage), config, stage, stage_input_spec(config, stage))
                 servicers[peer] = StageServicer(workers[peer], config.run.id, peer,
                                                 config.network.max_tensor_mb << 20)
                 servicers[peer].state = "serving"
