@@ -90,6 +90,11 @@ class InputSpecs:
 
     specs: tuple[InputSpec, ...]
 
+    @property
+    def batch_dims(self) -> int:
+        """The batch dimensions, the same for every input (the batch's, and the sequence's for text)."""
+        return self.specs[0].batch_dims
+
     def check(self, x: torch.Tensor, what: str) -> None:
         spec = next((s for s in self.specs if s.dtype == x.dtype), self.specs[0])
         spec.check(x, what)

@@ -71,7 +71,9 @@ def config(factory: str, tie: bool, stages: int = 3, **extra):
         "run": {"id": "models", "seed": 5},
         "model": {"factory": f"tests.unit.test_models:{factory}", "kwargs": {"tie": tie}, "stages": stages},
         "data": {"seq_len": 16, "batch_size": 8, "microbatch_size": 4},
-        "optimizer": {"name": "sgd", "lr": 0.5, "samples_per_step": 8}, **extra})
+        # exact parity with the user's own model: no clipping, no lossy activation codec
+        "optimizer": {"name": "sgd", "lr": 0.5, "samples_per_step": 8, "max_grad_norm": float("inf")},
+        "compression": {"activations": "none", "gradients": "none"}, **extra})
 
 
 # -- materialization ------------------------------------------------------------------------------
@@ -292,7 +294,8 @@ def test_export_merges_the_stage_checkpoints_into_the_users_model(tmp_path, caps
     (tmp_path / "run.toml").write_text(
         '[run]\nid = "models"\nseed = 5\n[model]\nfactory = "tests.unit.test_models:qwen2"\nstages = 3\n'
         '[model.kwargs]\ntie = true\n[data]\nseq_len = 16\nbatch_size = 8\nmicrobatch_size = 4\n'
-        '[optimizer]\nname = "sgd"\nlr = 0.5\nsamples_per_step = 8\n')
+        '[optimizer]\nname = "sgd"\nlr = 0.5\nsamples_per_step = 8\nmax_grad_norm = inf\n'
+        '[compression]\nactivations = "none"\ngradients = "none"\n')
     assert main(["export", "--config", str(tmp_path / "run.toml"), "--checkpoints", str(tmp_path / "ckpt"),
                  "--out", str(tmp_path / "hf")]) == 0
     assert '"step": 2' in capsys.readouterr().out
@@ -324,7 +327,8 @@ def test_mixed_precision_keeps_fp32_master_weights_and_sends_the_compute_dtype(p
     cfg = config_from_dict({**config("llama", tie=True).to_dict(),
                             "model": {"factory": "tests.unit.test_models:llama", "kwargs": {"tie": True},
                                       "stages": 3, "precision": precision},
-                            "optimizer": {"name": "adamw", "lr": 1e-2, "samples_per_step": 8}})
+                            "optimizer": {"name": "adamw", "lr": 1e-2, "samples_per_step": 8,
+                                          "max_grad_norm": float("inf")}})
 
     async def inspect(swarm, trainer):
         x = Batches(cfg.data, cfg.run.seed, 0).batch(0)[0][:2]
