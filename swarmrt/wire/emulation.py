@@ -63,6 +63,7 @@ from google.protobuf.message import Message
 from swarmrt.config import ConfigError
 from swarmrt.wire.byzantine import parse_lies, reply_lie, tamper
 from swarmrt.wire.proto import swarmrt_pb2 as pb
+from swarmrt.wire.tensors import Framed, read_frames, to_frames
 
 logger = logging.getLogger(__name__)
 
@@ -499,6 +500,10 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
                         yield m
 
                 outgoing = [m async for m in inner_streams(replay(), context)]
+                lie = reply_lie(rules.lies, method)
+                if lie is not None and outgoing:
+                    outgoing = await _tamper_frames(outgoing, method, lie)
+                    self._event(rules, fault=lie.id, kind="byzantine", method=method, mode=lie.mode, caller=caller)
                 await self._hold(rules, caller, "out", sum(map(len, outgoing)))
                 for m in outgoing:
                     yield m
@@ -511,6 +516,17 @@ class EmulationInterceptor(grpc.aio.ServerInterceptor):
         spec = rules.link_for(caller)
         if spec is not None:
             await asyncio.sleep(self._link(caller, direction, spec).delay(nbytes, self.clock()))
+
+
+async def _tamper_frames(outgoing: list, method: str, lie) -> list[bytes]:
+    """A data-plane reply (header, then chunks) with the lie told in its tensor, framed again."""
+    async def frames():
+        for m in outgoing:
+            yield bytes(m)
+
+    kind = pb.ForwardResponse if method == "Forward" else pb.BackwardResponse
+    reply = tamper((await read_frames(frames(), kind, f"{method} reply")).to_message(), lie)
+    return [bytes(m) for m in to_frames(Framed.from_message(reply))]
 
 
 class _NodeName:
