@@ -483,13 +483,16 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfi
 
 
 def load_config(path: str | pathlib.Path) -> RunConfig:
-    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run config."""
+    """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``: what ``LocalSwarm``
+    writes; it keeps ``inf``, as in ``optimizer.max_grad_norm = inf``) run config."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text()
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
             import yaml
 
             raw = yaml.safe_load(text) or {}

@@ -149,8 +149,8 @@ class LocalSwarm:
         """``launcher(role name)``: argv prefix for that role, e.g. ``ip netns exec NS`` (it must exec, not fork)."""
         self.bootstrap_args = list(bootstrap_args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.config_path = self.workdir / "run.yaml"
-        self.config_path.write_text(json.dumps(self.config.to_dict(), indent=1))  # JSON is valid YAML
+        self.config_path = self.workdir / "run.json"
+        self.config_path.write_text(json.dumps(self.config.to_dict(), indent=1))  # JSON: keeps inf
         self.roles: list[Role] = []
         self.maddr: str | None = None
         self._counter = 0
