@@ -10,6 +10,7 @@ import pytest
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarmrt.localswarm.swarm import _wait_for
 from swarmrt import auth
 from swarmrt.auth.dht_auth import MemberAuthorizer, OwnerSignatureValidator
 from swarmrt.auth.token import issue_token, load_or_create_run_key
@@ -19,7 +20,6 @@ from swarmrt.discovery.records import StageRecord, owner_subkey, stage_key
 from swarmrt.roles.trainer import Trainer
 from swarmrt.testing import LocalSwarm, assert_no_leftovers, read_intruder_report, start_intruder
 from swarmrt.wire.client import StageClient
-from swarmrt.wire.proto import swarmrt_pb2 as pb
 
 from .conftest import FAST
 
@@ -41,15 +41,6 @@ def member(swarm):
     dht = dht_io.start_dht([swarm.maddr], client_mode=True, **auth.dht_kwargs(swarm.member_token(), RUN))
     yield dht
     dht_io.stop_dht(dht)
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-    return value
 
 
 async def _call(client: StageClient, address: str, method: str):
@@ -95,7 +86,7 @@ def test_an_intruder_gets_no_traffic_and_its_records_are_rejected(swarm, member)
     intruder = start_intruder(swarm, calls=[p.address for p in peers], victims=[p.peer_id for p in peers],
                               interval_s=0.5)
     report_path = swarm.workdir / "intruder.json"
-    _wait(lambda: (read_intruder_report(report_path) or {}).get("rounds", 0) >= 1, 60, "the intruder's first round")
+    _wait_for(lambda: (read_intruder_report(report_path) or {}).get("rounds", 0) >= 1, 60, "the intruder's first round")
 
     async def train():  # a trainer in this process (a member), while the intruder keeps trying
         client = StageClient(8, credentials=auth.call_credentials(swarm.member_token()))
@@ -106,7 +97,7 @@ def test_an_intruder_gets_no_traffic_and_its_records_are_rejected(swarm, member)
 
     summary = asyncio.run(train())
     rounds = read_intruder_report(report_path)["rounds"]
-    _wait(lambda: read_intruder_report(report_path)["rounds"] > rounds, 30, "an intruder round after training")
+    _wait_for(lambda: read_intruder_report(report_path)["rounds"] > rounds, 30, "an intruder round after training")
     swarm.stop_role(intruder)
     report = read_intruder_report(report_path)
 
@@ -154,6 +145,6 @@ def test_a_members_forged_records_are_refused_by_the_other_nodes(swarm, member):
         # each refused for its own reason by the swarm's nodes (logged once per reason by each node)
         reasons = ["no owner", "wrong owner", "bad schema", "expiry too far", "a plain value"]
         logs = lambda: "".join(r.log.read_text() for r in swarm.roles if r.name.startswith(("bootstrap", "peer")))
-        _wait(lambda: all(f"refused a DHT record (stage): {x}" in logs() for x in reasons), 30, "the refusals' logs")
+        _wait_for(lambda: all(f"refused a DHT record (stage): {x}" in logs() for x in reasons), 30, "the refusals' logs")
     finally:
         dht_io.stop_dht(forger)

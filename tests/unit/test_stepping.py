@@ -18,25 +18,32 @@ pytestmark = pytest.mark.timeout(120)
 def test_steps_overlap_by_at_most_staleness_and_are_reported_in_order():
     async def go(staleness):
         release = {s: asyncio.Event() for s in range(5)}
-        started, reported = [], []
+        started, done, reported = [], [], []
+        changed = asyncio.Condition()
+
+        async def note(log, s):
+            log.append(s)
+            async with changed:
+                changed.notify_all()
 
         async def step(s):
-            started.append(s)
+            await note(started, s)
             await release[s].wait()
+            await note(done, s)
             return float(s)
 
         async def finished(s, loss):
             reported.append((s, loss))
 
-        async def settle():  # let every ready task run (no timing: the loop is idle afterwards)
-            for _ in range(10):
-                await asyncio.sleep(0)
+        async def until(predicate):
+            async with changed:
+                await asyncio.wait_for(changed.wait_for(predicate), timeout=10)
 
         runner = asyncio.ensure_future(run_steps(step, 0, 5, staleness, finished))
-        await settle()
+        await until(lambda: len(started) == staleness + 1)
         at_first = list(started)
         release[1].set()  # a later step finishing first is held until the oldest is reported
-        await settle()
+        await until(lambda: 1 in done or 1 not in started)  # step 1 returned, if it was running
         held = list(reported)
         for s in (0, 2, 3, 4):
             release[s].set()
