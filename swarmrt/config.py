@@ -244,6 +244,11 @@ class NetworkSection:
     """Calls a stage peer serves at once; gRPC refuses more with RESOURCE_EXHAUSTED."""
     max_state_mb: int = 16384
     """Largest stage state (MiB) a joiner downloads from a peer (GetState)."""
+    chain_hops: bool = False
+    """Peer-to-peer hops: each peer sends its output (forward) or input gradient (backward) straight to
+    the next peer of the route, so activations cross the trainer's link once per microbatch instead of
+    twice per hop (``swarmrt.pipeline.chain``). Off: the trainer relays every hop, measures every peer
+    and can check their work. Cannot be combined with ``verify_fraction`` > 0."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_s", "record_ttl_s", "forward_timeout_s", "backward_timeout_s", "ban_s",
@@ -258,6 +263,10 @@ class NetworkSection:
             _check(isinstance(value, int) and value >= 1, f"network.{name}", f"must be an integer >= 1, got {value!r}")
         _check(isinstance(self.verify_fraction, (int, float)) and 0 <= self.verify_fraction <= 1,
                "network.verify_fraction", f"must be in [0, 1], got {self.verify_fraction!r}")
+        _check(isinstance(self.chain_hops, bool), "network.chain_hops", f"must be true or false, got {self.chain_hops!r}")
+        _check(not (self.chain_hops and self.verify_fraction > 0), "network.chain_hops",
+               "cannot be combined with network.verify_fraction > 0: checked work compares each stage's output, "
+               "which a chained route does not bring back to the trainer")
         for name in ("verify_tolerance", "bad_reply_ban_s"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), f"network.{name}",

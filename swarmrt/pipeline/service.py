@@ -17,6 +17,9 @@ peer keeps serving the others:
 - backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
 - deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
 - the peer is draining, or its weights are not finite (it serves nothing more): UNAVAILABLE
+- a chained request (peer-to-peer hops, :mod:`swarmrt.pipeline.chain`) whose next hop is not a serving
+  peer of that stage in the run's DHT, or whose route cannot be one: INVALID_ARGUMENT, before any compute.
+  A chained call whose later hop fails is not an error: the reply says where the chain broke.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Callable
 
 import grpc
 
+from swarmrt.pipeline.chain import HEAD, Relay
 from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker, Unhealthy
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
@@ -60,6 +64,8 @@ class StageServicer(pb_grpc.StageServicer):
         self.state = "joining"
         self.idle = asyncio.Event()
         self.idle.set()
+        self.relay: Relay | None = None
+        """How this peer passes chained work on (peer-to-peer hops); None: it refuses chained requests."""
 
     def _check_target(self, run_id: str, stage: int) -> None:
         if run_id != self.run_id:
@@ -67,26 +73,55 @@ class StageServicer(pb_grpc.StageServicer):
         if stage != self.worker.stage:
             raise StageError(f"stage {stage} is not served here (this peer serves stage {self.worker.stage})")
 
-    async def _call(self, context: grpc.aio.ServicerContext, fn, *args):
+    async def _run(self, fn, *args):
+        """``fn(*args)`` on the compute thread, counted in flight (the drain waits for it)."""
         self.inflight += 1
         self.idle.clear()
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        except (StageError, BadTensor) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ContextMissing as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except DeadlineExpired as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        except Unhealthy as e:  # non-finite weights: serve nothing, callers go elsewhere
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except (IndexError, RuntimeError) as e:  # e.g. token id out of the vocabulary
-            logger.warning("stage %s: request failed: %s", self.worker.stage, e)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
         finally:
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn, *args):
+        try:
+            return await self._run(fn, *args)
+        except Exception as e:
+            status = self._status(e)
+            if status is None:
+                raise
+            await context.abort(*status)
+
+    def _status(self, e: Exception) -> tuple[grpc.StatusCode, str] | None:
+        """The gRPC status a failed call answers with (None: not one of ours; it propagates)."""
+        if isinstance(e, (StageError, BadTensor)):
+            return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        if isinstance(e, ContextMissing):
+            return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        if isinstance(e, DeadlineExpired):
+            return grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+        if isinstance(e, Unhealthy):  # non-finite weights: serve nothing, callers go elsewhere
+            return grpc.StatusCode.UNAVAILABLE, str(e)
+        if isinstance(e, (IndexError, RuntimeError)):  # e.g. token id out of the vocabulary
+            logger.warning("stage %s: request failed: %s", self.worker.stage, e)
+            return grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}"
+        return None
+
+    async def _next_hop(self, request: Framed, context: grpc.aio.ServicerContext) -> str | None:
+        """A chained request's next address (None: not chained), or refused before any compute."""
+        if not len(request.next):
+            return None
+        try:
+            if self.relay is None:
+                raise StageError("this peer does not pass work on to other peers (no peer-to-peer hops here)")
+            self.relay.check_route(request.next, "next")
+            return await self.relay.resolve(request.next[0], self.run_id)
+        except StageError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def _done(self, **fields) -> pb.HopDone:
+        return pb.HopDone(stage=self.worker.stage, peer_id=self.peer_id, model_version=self.worker.version, **fields)
 
     def _check_length(self, msg: pb.Tensor, what: str) -> None:
         """Refuse a sequence longer than ``network.max_sequence_length`` before decoding it."""
@@ -103,16 +138,20 @@ class StageServicer(pb_grpc.StageServicer):
         """Forward ``request`` (its tensors beside it); the response, framed the same way."""
         if self.state == "leaving":
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")
+        address = await self._next_hop(request, context)
 
         def run() -> Framed:
             self._check_target(request.run_id, request.stage)
             self._check_length(request.input, "input")
             x = request.tensor("input", "input", self.max_tensor_bytes)
             out = self.worker.forward(request.microbatch_id, x, request.keep_context)
-            return Framed(pb.ForwardResponse(model_version=self.worker.version)).attach(
+            return Framed(pb.ForwardResponse(model_version=self.worker.version, done=[self._done()])).attach(
                 "output", out, request.output_codec or "none")
 
-        return await self._call(context, run)
+        response = await self._call(context, run)
+        if address is None:
+            return response
+        return await self.relay.forward_on(request, response, address, response.done[0], context.time_remaining())
 
     async def backward_framed(self, request: Framed, context: grpc.aio.ServicerContext) -> Framed:
         """Backward ``request`` (its tensors beside it); the response, framed the same way."""
@@ -121,20 +160,58 @@ class StageServicer(pb_grpc.StageServicer):
             stale_at = self.clock() + (request.deadline_unix + STALE_ALLOWANCE_S - self.wall_clock())
             deadline = stale_at if deadline is None else min(deadline, stale_at)
 
-        def run() -> Framed:
+        address = await self._next_hop(request, context)
+
+        def gradients():
             self._check_target(request.run_id, request.stage)
             self._check_length(request.grad_output, "grad_output")
             self._check_length(request.input, "input")
             grad = request.tensor("grad_output", "grad_output", self.max_tensor_bytes)
             x = request.tensor("input", "input", self.max_tensor_bytes) if request.HasField("input") else None
-            grad_input, stepped = self.worker.backward(request.microbatch_id, grad, x, request.samples,
-                                                       request.need_grad_input, deadline)
-            response = Framed(pb.BackwardResponse(model_version=self.worker.version, stepped=stepped))
-            if grad_input is not None:
-                response.attach("grad_input", grad_input, request.grad_codec or "none")
-            return response
+            pending = self.worker.gradients(request.microbatch_id, grad, x, request.need_grad_input or bool(address))
+            if address is not None and pending.grad_input is None:
+                raise StageError("next: this hop has no input gradient to pass on (its input is token ids)")
+            return pending
 
-        return await self._call(context, run)
+        def respond(stepped: bool, done: list) -> Framed:
+            return Framed(pb.BackwardResponse(model_version=self.worker.version, stepped=stepped, done=done))
+
+        if address is None:
+            def run() -> Framed:
+                pending = gradients()
+                stepped = self.worker.apply(pending, deadline)
+                response = respond(stepped, [self._done(stepped=stepped)])
+                if pending.grad_input is not None and request.need_grad_input:
+                    response.attach("grad_input", pending.grad_input, request.grad_codec or "none")
+                return response
+
+            return await self._call(context, run)
+        head = request.microbatch_id.endswith(HEAD)  # a tied head's gradient must join its microbatch's step
+
+        def gradients_and_head():  # on this same peer, so it applies first (a dead peer applies nothing anyway)
+            pending = gradients()
+            return pending, (self.worker.apply(pending, deadline) if head else None)
+
+        pending, stepped = await self._call(context, gradients_and_head)
+        grad_input = Framed(pb.BackwardResponse()).attach("grad_input", pending.grad_input, request.grad_codec or "none")
+        below, broken, given = await self.relay.backward_on(request, grad_input, address, context.time_remaining())
+        try:  # only now, so a peer that dies while the hops below run has applied nothing
+            if stepped is None:
+                stepped = await self._run(self.worker.apply, pending, deadline)
+        except Exception as e:
+            status = self._status(e)
+            if status is None:
+                raise
+            # the hops below applied; this one must be redone, from the gradient it was given
+            response = respond(False, below)
+            response.message.broken.CopyFrom(pb.ChainBreak(stage=self.worker.stage, peer_id=self.peer_id,
+                                                           code=status[0].name, details=status[1]))
+            return response.pass_through("grad_input", request, "grad_output")
+        response = respond(stepped, [self._done(stepped=stepped), *below])
+        if broken is None:
+            return response
+        response.message.broken.CopyFrom(broken)
+        return response.pass_through("grad_input", given, "grad_input")
 
     # -- unary RPCs: payloads inline -------------------------------------------------------------
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:

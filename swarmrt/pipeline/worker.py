@@ -139,6 +139,21 @@ class StageExtension(Protocol):
         """The worker is closing."""
 
 
+@dataclasses.dataclass
+class PendingBackward:
+    """A microbatch's gradients, computed and checked but not applied yet (:meth:`StageWorker.gradients`)."""
+
+    microbatch_id: str
+    grad_input: torch.Tensor | None
+    param_grads: tuple
+    samples: int
+    """Rows of the input (what the throughput figure counts)."""
+    counted: int
+    """Samples this microbatch adds to the step (0 for a tied head's pass)."""
+    seconds: float
+    """Compute time of its forward (when kept) and backward."""
+
+
 _STATE_KEYS = frozenset({"stage", "module", "optimizer", "version", "samples_applied"})
 
 
@@ -255,7 +270,14 @@ class StageWorker:
         :class:`NonFiniteGradients` (nothing applied) when the parameter gradients are not finite.
 
         ``samples`` (what the caller claims) is ignored: the microbatch counts as many samples as
-        its input has rows."""
+        its input has rows. The two halves, :meth:`gradients` then :meth:`apply`, can be called apart
+        (a chained backward applies only after the next peer answered)."""
+        pending = self.gradients(microbatch_id, grad_output, x, need_grad_input)
+        return pending.grad_input, self.apply(pending, deadline)
+
+    def gradients(self, microbatch_id: str, grad_output: torch.Tensor, x: torch.Tensor | None,
+                  need_grad_input: bool) -> "PendingBackward":
+        """The first half of :meth:`backward`: this microbatch's gradients, checked, nothing applied yet."""
         if self.broken:
             raise Unhealthy(self.broken)
         if not torch.isfinite(grad_output).all():
@@ -293,13 +315,22 @@ class StageWorker:
             raise NonFiniteGradients(f"microbatch {microbatch_id}: parameter gradients are not finite "
                                      f"(grad_output max |g| {float(grad_output.abs().max()):.3g}); dropped, not applied")
         self._delay(started)
+        counts = getattr(self.module, "counts_samples", None)  # models.layers.TiedEnds: the head's pass does not
+        return PendingBackward(microbatch_id, None if grad_input is None else grad_input.detach(), param_grads,
+                               samples, samples if counts is None or counts(x_in) else 0,
+                               forward_s + (self.clock() - started))
+
+    def apply(self, pending: "PendingBackward", deadline: float | None) -> bool:
+        """The second half of :meth:`backward`: add ``pending``'s gradients to the accumulators unless
+        ``deadline`` has passed (:class:`DeadlineExpired`, nothing applied) or this microbatch was applied
+        here before (nothing applied again); step when enough samples are in. True when it stepped."""
+        microbatch_id = pending.microbatch_id
         if deadline is not None and self.clock() > deadline:
             raise DeadlineExpired(f"microbatch {microbatch_id}: deadline passed before applying; not applied")
         stepped = False
-        counts = getattr(self.module, "counts_samples", None)  # models.layers.TiedEnds: the head's pass does not
-        counted = samples if counts is None or counts(x_in) else 0
+        counted = pending.counted
         if microbatch_id not in self.applied:
-            for p, g in zip(self.params, param_grads):
+            for p, g in zip(self.params, pending.param_grads):
                 if g is None:
                     continue
                 if p.grad is None:
@@ -318,8 +349,8 @@ class StageWorker:
             if counted and self.samples_pending >= self.config.optimizer.samples_per_step:
                 self._step()
                 stepped = True
-        self._observe(samples, forward_s + (self.clock() - started))
-        return (grad_input.detach() if grad_input is not None else None), stepped
+        self._observe(pending.samples, pending.seconds)
+        return stepped
 
     def _step(self) -> None:
         scale = 1.0 / self.samples_pending

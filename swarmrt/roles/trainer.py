@@ -61,14 +61,14 @@ from swarmrt.sim.live_plan import plan_window
 from swarmrt.roles.stepping import run_steps
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
 from swarmrt.roles.checks import ReplyChecks
+from swarmrt.roles.chaining import Chaining, PeerGone as _PeerGone
 from swarmrt.routing.verify import BadReply
+from swarmrt.pipeline.chain import HEAD
 
 logger = logging.getLogger("swarmrt.trainer")
 
 T = TypeVar("T")
 
-HEAD = "/head"
-"""Suffix of the microbatch key of a tied head's pass on stage 0."""
 HEAL_FACTOR = 3.0
 """A stage the swarm could fill (peers move or join there, or could) but that stays empty fails the run
 after this many ``network.no_peers_timeout_s``."""
@@ -102,10 +102,6 @@ async def gather_all(coros):
 
 class HopFailed(RuntimeError):
     """One hop failed on every peer it was tried on."""
-
-
-class _PeerGone(RuntimeError):
-    """The peer a route names is no longer in the trainer's view of the swarm."""
 
 
 @dataclasses.dataclass
@@ -158,7 +154,8 @@ class Accounting:
 class _Hop:
     stage: int
     peer: dht_records.StageRecord
-    input: torch.Tensor
+    input: torch.Tensor | None
+    """What the hop was given (None: a chained hop's, which the trainer never saw; recomputed if needed)."""
     head: bool = False
     """Stage 0's head pass of a model with tied ends (its own microbatch key, its input's gradient wanted)."""
 
@@ -227,6 +224,9 @@ class Trainer:
         self.batches = Batches(config.data, config.run.seed, stream)
         self.checks = ReplyChecks(config, self)
         """Reply checks, checked work and the throughput this trainer measured (:mod:`swarmrt.roles.checks`)."""
+        self.chaining = Chaining(self)
+        """Peer-to-peer hops (``network.chain_hops``; :mod:`swarmrt.roles.chaining`)."""
+        self.logger = logger
         self.peers_changed = asyncio.Event()
         self.status = ""
         self.waiting = asyncio.Event()
@@ -457,47 +457,63 @@ class Trainer:
         the last stage's output. :class:`HopFailed` (the route aborted): restart the forward."""
         net, hops, failed, failures = self.config.network, [], set(), 0
         h, position, chosen_now = x, 0, True
+        chained = self.chaining.enabled
         try:
             while position < len(route.hops):
-                if not chosen_now:  # SWARM: this hop's peer is drawn now that its input is ready
+                if not chosen_now and not chained:  # SWARM: this hop's peer is drawn now that its input is ready
                     routes.set_own_load(self.inflight)  # the view and bans change only by sync
                     route, _ = routes.repick(route, position, failed, self.clock(), self.rng)
                 chosen_now = False
                 stage, peer_id = route.hops[position]
                 try:
-                    peer, out = await self._forward_on(routes, peer_id, stage, mb_id, h, keep_context)
+                    if chained:  # the rest of the route, peer to peer (and the tied head at its end)
+                        head = (hops[0].peer.peer_id if hops else route.hops[0][1]) if self.tied else None
+                        served, h, broken = await self.chaining.forward(route, position, mb_id, h, keep_context, head)
+                        hops.extend(served)
+                        position += sum(1 for hop in served if not hop.head)
+                        if broken is None:
+                            continue
+                        stage, peer_id, what = broken.stage, broken.peer_id, f"{broken.code}: {broken.details}"
+                    else:
+                        peer, out = await self._forward_on(routes, peer_id, stage, mb_id, h, keep_context)
+                        hops.append(_Hop(stage, peer, h))
+                        h, position = out, position + 1
+                        continue
                 except (grpc.aio.AioRpcError, _PeerGone, BadReply) as e:
                     what = e.code() if isinstance(e, grpc.aio.AioRpcError) else e
-                    self.accounting.hop_retries += 1
-                    failed.add(peer_id)
-                    failures += 1
-                    if failures >= net.max_retries:
-                        raise HopFailed(f"{failures} forward hops failed (last: stage {stage} on {peer_id}: "
-                                        f"{what})") from None
-                    if position == 0:  # nothing done yet: a new route, from another origin if there is one
-                        routes.aborted(route)
-                        route = await self._start_route(routes, stages, avoid=failed)
-                        why = f"new route from {route.origin}"
-                    else:
-                        now = self.clock()
-                        self._sync(routes, now)
-                        new, why = routes.replan(route, position, failed, now, self.rng)
-                        if new is None:
-                            raise HopFailed(f"forward of stage {stage} on {peer_id} failed ({what}); {why}") from None
-                        self.accounting.replans += 1
-                        route = new
-                    logger.info("microbatch %s: forward of stage %d on %s failed (%s); %s", mb_id, stage,
-                                peer_id, what, why)
-                    chosen_now = True
-                    continue
-                hops.append(_Hop(stage, peer, h))
-                h, position = out, position + 1
+                self.accounting.hop_retries += 1
+                failed.add(peer_id)
+                failures += 1
+                if failures >= net.max_retries:
+                    raise HopFailed(f"{failures} forward hops failed (last: stage {stage} on {peer_id}: "
+                                    f"{what})") from None
+                if position >= len(route.hops):  # only the chained head failed: run_microbatch runs it
+                    break
+                if position == 0:  # nothing done yet: a new route, from another origin if there is one
+                    routes.aborted(route)
+                    route = await self._start_route(routes, stages, avoid=failed)
+                    why = f"new route from {route.origin}"
+                else:
+                    now = self.clock()
+                    self._sync(routes, now)
+                    new, why = routes.replan(route, position, failed, now, self.rng)
+                    if new is None:
+                        raise HopFailed(f"forward of stage {stage} on {peer_id} failed ({what}); {why}") from None
+                    self.accounting.replans += 1
+                    route = new
+                logger.info("microbatch %s: forward of stage %d on %s failed (%s); %s", mb_id, stage,
+                            peer_id, what, why)
+                chosen_now = True
         except BaseException:
             routes.aborted(route)
             raise
         return route, hops, h
 
-    async def _backward_hop(self, hop: _Hop, mb_id: str, grad: torch.Tensor, samples: int) -> torch.Tensor | None:
+    async def _backward_hop(self, hop: _Hop, mb_id: str, grad: torch.Tensor, samples: int,
+                            again: bool = False) -> torch.Tensor | None:
+        """Backward of one hop, retried (with its input) on other peers of the stage until one applies it;
+        its grad_input. ``again``: the hop's peer applied it already (a chained backward said so): ask that
+        peer alone, for its grad_input (it never applies a microbatch twice); nothing is counted."""
         net, tried = self.config.network, set()
         need_grad_input = hop.stage > 0 or hop.head
         peer, attach_input = hop.peer, False
@@ -517,12 +533,14 @@ class Trainer:
                                                                                     net.backward_timeout_s))
                 grad_input = None if not need_grad_input else self.checks.decode(
                     response, "grad_input", f"stage {hop.stage} grad_input", tuple(hop.input.shape), hop.input.dtype)
-                if not hop.head:  # the head's pass on stage 0 is not one of the route's stages
+                if not hop.head and not again:  # the head's pass on stage 0 is not one of the route's stages
                     self.accounting.record_backward(mb_id, hop.stage)
                 hop.peer = peer  # the peer whose grad_input goes on (blamed if the next hop refuses it)
                 return grad_input
             except BadReply as e:  # its sender is banned; another peer of the stage recomputes and applies
                 self.checks.ban(peer, str(e))
+                if again:
+                    raise HopFailed(f"backward of stage {hop.stage} for {mb_id}: {e}") from None
                 self.accounting.hop_retries += 1
                 tried.add(peer.peer_id)
                 attach_input = True
@@ -533,6 +551,9 @@ class Trainer:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION and not attach_input:
                     attach_input = True  # context evicted: same peer recomputes from the input
                     continue
+                if again:  # another peer would apply it a second time
+                    raise HopFailed(f"backward of stage {hop.stage} for {mb_id} on {peer.peer_id}, which applied "
+                                    f"it, failed: {e.code()} {e.details()}") from None
                 if self.clock() > deadline:
                     raise HopFailed(f"backward of stage {hop.stage} for {mb_id} kept failing: {e.code()} {e.details()}")
                 logger.info("backward %s stage %d on %s failed (%s); retrying elsewhere", mb_id, hop.stage,
@@ -564,7 +585,7 @@ class Trainer:
                     self.accounting.forward_restarts += 1
                 logger.warning("microbatch %s: %s; restarting it on a new route", mb_id, e)
                 continue
-            if self.tied:  # the tied head: back to the stage-0 peer that embedded this microbatch
+            if self.tied and not hops[-1].head:  # the tied head: back to the stage-0 peer that embedded it
                 try:
                     peer, out = await self._forward_on(routes, hops[0].peer.peer_id, 0, mb_id + HEAD, h, train)
                 except (grpc.aio.AioRpcError, _PeerGone) as e:
@@ -580,7 +601,12 @@ class Trainer:
             with torch.enable_grad():
                 loss = loss_sum(self.config.data, output, y)
                 (grad,) = torch.autograd.grad(loss, output)
-            self.accounting.expect(mb_id, [hop.stage for hop in hops])
+            self.accounting.expect(mb_id, [hop.stage for hop in hops if not hop.head])
+            if self.chaining.enabled:
+                await self.chaining.backward(hops, mb_id, grad, samples=x.shape[0])
+                routes.finished(route)
+                self.accounting.applied += 1
+                return float(loss.detach())
             for i, hop in enumerate(reversed(hops)):
                 try:
                     grad = await self._backward_hop(hop, mb_id, grad, samples=x.shape[0])

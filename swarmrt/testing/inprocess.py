@@ -38,6 +38,7 @@ import grpc
 from swarmrt.config import RunConfig
 from swarmrt.discovery.records import StageRecord
 from swarmrt.models.build import build_stage, stage_input_spec
+from swarmrt.pipeline.chain import Relay
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker
 from swarmrt.wire.context import CallContext, rpc_error
@@ -174,7 +175,16 @@ class InProcessSwarm:
                 rate = throughput(stage, j) if throughput else 100.0
                 records.append(StageRecord(peer_id=peer, stage=stage, address=peer, throughput=rate, load=0,
                                            version=0, state="serving", heartbeat=0.0))
-        return cls(workers, servicers, records, InProcessClient(servicers))
+        swarm = cls(workers, servicers, records, InProcessClient(servicers))
+        relay = Relay(swarm, swarm.client, config.num_stages)  # peer-to-peer hops go through the same client
+        for servicer in servicers.values():
+            servicer.relay = relay
+        return swarm
+
+    async def address(self, stage: int, peer_id: str) -> str | None:
+        """The :class:`~swarmrt.pipeline.chain.Directory` the peers chain through: :attr:`records`."""
+        return next((r.address for r in self.records if r.peer_id == peer_id and r.stage == stage
+                     and r.state == "serving"), None)
 
     def close(self) -> None:
         for servicer in self.servicers.values():

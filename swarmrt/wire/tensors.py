@@ -143,6 +143,13 @@ class Framed:
         self.payloads[field] = payload
         return self
 
+    def pass_through(self, field: str, source: "Framed", source_field: str) -> "Framed":
+        """Set tensor ``field`` to ``source``'s ``source_field`` as it is (header and encoded bytes, not
+        decoded again: a chaining peer passes a tensor on); returns self."""
+        getattr(self.message, field).CopyFrom(getattr(source.message, source_field))
+        self.payloads[field] = source.payloads.get(source_field, memoryview(b""))
+        return self
+
     def tensor(self, field: str, what: str | None = None, max_bytes: int | None = None) -> torch.Tensor:
         """Decode and check tensor field ``field`` (:class:`BadTensor` when it is missing or malformed)."""
         return unpack(getattr(self.message, field), self.payloads.get(field, b""), what or field, max_bytes)

@@ -204,11 +204,22 @@ def test_a_bad_reply_bans_its_sender_and_the_hop_is_retried_elsewhere(swarms, ho
     assert losses[-1] < losses[0]
 
 
+def lie_in_grad_input(worker, value: float) -> None:
+    """``worker`` answers every backward with a grad_input full of ``value`` (its own gradients stay honest)."""
+    real = worker.gradients
+
+    def lying(*args, **kwargs):
+        pending = real(*args, **kwargs)
+        pending.grad_input = torch.full_like(pending.grad_input, value)
+        return pending
+
+    worker.gradients = lying
+
+
 def test_a_bad_grad_input_bans_its_sender_and_another_peer_applies(swarms):
     config, swarm, trainer = make(swarms, peers_per_stage=2, verify_fraction=0.0)
     worker = swarm.workers["s2p1"]
-    real = worker.backward
-    worker.backward = lambda *a, **k: (lambda g, s: (torch.full_like(g, float("nan")), s))(*real(*a, **k))
+    lie_in_grad_input(worker, float("nan"))
     train(trainer, 4)
     acc = trainer.accounting
     assert acc.applied == 4 * config.data.microbatches_per_step and acc.incomplete() == [] and acc.duplicates == 0
@@ -313,8 +324,7 @@ def test_byzantine_rules_parse_and_rewrite_replies():
 def test_a_finite_grad_input_that_overflows_the_stage_before_is_blamed_on_its_sender(swarms):
     config, swarm, trainer = make(swarms, peers_per_stage=2, verify_fraction=0.0)
     worker = swarm.workers["s2p1"]
-    real = worker.backward
-    worker.backward = lambda *a, **k: (lambda g, s: (torch.full_like(g, 3e38), s))(*real(*a, **k))
+    lie_in_grad_input(worker, 3e38)
     losses = train(trainer, 4)  # does not crash
     assert list(trainer.bans.bad) == ["s2p1"] and "refused by stage 1" in trainer.bans.bad["s2p1"][1]
     assert trainer.accounting.duplicates == 0 and len(trainer.accounting.incomplete()) == 1

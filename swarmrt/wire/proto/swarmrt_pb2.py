@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rswarmrt.proto\x12\x07swarmrt\"Q\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04meta\x18\x05 \x01(\x0c\"\xa9\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x1e\n\x05input\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x14\n\x0ckeep_context\x18\x05 \x01(\x08\x12\x14\n\x0coutput_codec\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x03(\x03\"`\n\x0f\x46orwardResponse\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x15\n\rpayload_bytes\x18\x03 \x03(\x03\"\xf9\x01\n\x0f\x42\x61\x63kwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12$\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x1e\n\x05input\x18\x05 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x0f\n\x07samples\x18\x06 \x01(\x05\x12\x12\n\ngrad_codec\x18\x07 \x01(\t\x12\x17\n\x0fneed_grad_input\x18\x08 \x01(\x08\x12\x15\n\rdeadline_unix\x18\t \x01(\x01\x12\x15\n\rpayload_bytes\x18\n \x03(\x03\"v\n\x10\x42\x61\x63kwardResponse\x12#\n\ngrad_input\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07stepped\x18\x03 \x01(\x08\x12\x15\n\rpayload_bytes\x18\x04 \x03(\x03\"\r\n\x0bInfoRequest\"\xbd\x01\n\x0cInfoResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x0c\n\x04load\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x17\n\x0fsamples_applied\x18\x07 \x01(\x03\x12\x1c\n\x14microbatches_applied\x18\x08 \x01(\x03\x12\r\n\x05state\x18\t \x01(\t\"-\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\"/\n\nStateChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x32\xf5\x01\n\x05Stage\x12<\n\x07\x46orward\x12\x17.swarmrt.ForwardRequest\x1a\x18.swarmrt.ForwardResponse\x12?\n\x08\x42\x61\x63kward\x12\x18.swarmrt.BackwardRequest\x1a\x19.swarmrt.BackwardResponse\x12\x33\n\x04Info\x12\x14.swarmrt.InfoRequest\x1a\x15.swarmrt.InfoResponse\x12\x38\n\x08GetState\x12\x15.swarmrt.StateRequest\x1a\x13.swarmrt.StateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rswarmrt.proto\x12\x07swarmrt\"Q\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04meta\x18\x05 \x01(\x0c\"\xca\x01\n\x0e\x46orwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x1e\n\x05input\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x14\n\x0ckeep_context\x18\x05 \x01(\x08\x12\x14\n\x0coutput_codec\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x03(\x03\x12\x1f\n\x04next\x18\x08 \x03(\x0b\x32\x11.swarmrt.ChainHop\"Q\n\x08\x43hainHop\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x0c\n\x04head\x18\x03 \x01(\x08\x12\x17\n\x0fneed_grad_input\x18\x04 \x01(\x08\"Q\n\x07HopDone\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x0f\n\x07stepped\x18\x04 \x01(\x08\"K\n\nChainBreak\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\"\xa5\x01\n\x0f\x46orwardResponse\x12\x1f\n\x06output\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x15\n\rpayload_bytes\x18\x03 \x03(\x03\x12\x1e\n\x04\x64one\x18\x04 \x03(\x0b\x32\x10.swarmrt.HopDone\x12#\n\x06\x62roken\x18\x05 \x01(\x0b\x32\x13.swarmrt.ChainBreak\"\x9a\x02\n\x0f\x42\x61\x63kwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12$\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x1e\n\x05input\x18\x05 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x0f\n\x07samples\x18\x06 \x01(\x05\x12\x12\n\ngrad_codec\x18\x07 \x01(\t\x12\x17\n\x0fneed_grad_input\x18\x08 \x01(\x08\x12\x15\n\rdeadline_unix\x18\t \x01(\x01\x12\x15\n\rpayload_bytes\x18\n \x03(\x03\x12\x1f\n\x04next\x18\x0b \x03(\x0b\x32\x11.swarmrt.ChainHop\"\xbb\x01\n\x10\x42\x61\x63kwardResponse\x12#\n\ngrad_input\x18\x01 \x01(\x0b\x32\x0f.swarmrt.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0f\n\x07stepped\x18\x03 \x01(\x08\x12\x15\n\rpayload_bytes\x18\x04 \x03(\x03\x12\x1e\n\x04\x64one\x18\x05 \x03(\x0b\x32\x10.swarmrt.HopDone\x12#\n\x06\x62roken\x18\x06 \x01(\x0b\x32\x13.swarmrt.ChainBreak\"\r\n\x0bInfoRequest\"\xbd\x01\n\x0cInfoResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x0c\n\x04load\x18\x05 \x01(\x05\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x17\n\x0fsamples_applied\x18\x07 \x01(\x03\x12\x1c\n\x14microbatches_applied\x18\x08 \x01(\x03\x12\r\n\x05state\x18\t \x01(\t\"-\n\x0cStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\"/\n\nStateChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x32\xf5\x01\n\x05Stage\x12<\n\x07\x46orward\x12\x17.swarmrt.ForwardRequest\x1a\x18.swarmrt.ForwardResponse\x12?\n\x08\x42\x61\x63kward\x12\x18.swarmrt.BackwardRequest\x1a\x19.swarmrt.BackwardResponse\x12\x33\n\x04Info\x12\x14.swarmrt.InfoRequest\x1a\x15.swarmrt.InfoResponse\x12\x38\n\x08GetState\x12\x15.swarmrt.StateRequest\x1a\x13.swarmrt.StateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=26
   _globals['_TENSOR']._serialized_end=107
   _globals['_FORWARDREQUEST']._serialized_start=110
-  _globals['_FORWARDREQUEST']._serialized_end=279
-  _globals['_FORWARDRESPONSE']._serialized_start=281
-  _globals['_FORWARDRESPONSE']._serialized_end=377
-  _globals['_BACKWARDREQUEST']._serialized_start=380
-  _globals['_BACKWARDREQUEST']._serialized_end=629
-  _globals['_BACKWARDRESPONSE']._serialized_start=631
-  _globals['_BACKWARDRESPONSE']._serialized_end=749
-  _globals['_INFOREQUEST']._serialized_start=751
-  _globals['_INFOREQUEST']._serialized_end=764
-  _globals['_INFORESPONSE']._serialized_start=767
-  _globals['_INFORESPONSE']._serialized_end=956
-  _globals['_STATEREQUEST']._serialized_start=958
-  _globals['_STATEREQUEST']._serialized_end=1003
-  _globals['_STATECHUNK']._serialized_start=1005
-  _globals['_STATECHUNK']._serialized_end=1052
-  _globals['_STAGE']._serialized_start=1055
-  _globals['_STAGE']._serialized_end=1300
+  _globals['_FORWARDREQUEST']._serialized_end=312
+  _globals['_CHAINHOP']._serialized_start=314
+  _globals['_CHAINHOP']._serialized_end=395
+  _globals['_HOPDONE']._serialized_start=397
+  _globals['_HOPDONE']._serialized_end=478
+  _globals['_CHAINBREAK']._serialized_start=480
+  _globals['_CHAINBREAK']._serialized_end=555
+  _globals['_FORWARDRESPONSE']._serialized_start=558
+  _globals['_FORWARDRESPONSE']._serialized_end=723
+  _globals['_BACKWARDREQUEST']._serialized_start=726
+  _globals['_BACKWARDREQUEST']._serialized_end=1008
+  _globals['_BACKWARDRESPONSE']._serialized_start=1011
+  _globals['_BACKWARDRESPONSE']._serialized_end=1198
+  _globals['_INFOREQUEST']._serialized_start=1200
+  _globals['_INFOREQUEST']._serialized_end=1213
+  _globals['_INFORESPONSE']._serialized_start=1216
+  _globals['_INFORESPONSE']._serialized_end=1405
+  _globals['_STATEREQUEST']._serialized_start=1407
+  _globals['_STATEREQUEST']._serialized_end=1452
+  _globals['_STATECHUNK']._serialized_start=1454
+  _globals['_STATECHUNK']._serialized_end=1501
+  _globals['_STAGE']._serialized_start=1504
+  _globals['_STAGE']._serialized_end=1749
 # @@protoc_insertion_point(module_scope)
