@@ -96,6 +96,8 @@ class Relay:
                                         keep_context=request.keep_context, output_codec=request.output_codec,
                                         next=request.next[1:]))
         down.pass_through("input", response, "output")
+        if request.HasField("target"):  # for the last hop's loss
+            down.pass_through("target", request, "target")
         try:
             reply = await self._call(self.client.forward, address, down, time_left, hop)
         except _Broken as e:

@@ -144,9 +144,15 @@ class StageServicer(pb_grpc.StageServicer):
             self._check_target(request.run_id, request.stage)
             self._check_length(request.input, "input")
             x = request.tensor("input", "input", self.max_tensor_bytes)
+            response = Framed(pb.ForwardResponse(model_version=self.worker.version, done=[self._done()]))
+            if request.HasField("target") and address is None:  # the route's last hop: the loss, here
+                self._check_length(request.target, "target")
+                target = request.tensor("target", "target", self.max_tensor_bytes)
+                response.message.loss = self.worker.forward_loss(request.microbatch_id, x, target, request.keep_context)
+                response.message.has_loss = True
+                return response
             out = self.worker.forward(request.microbatch_id, x, request.keep_context)
-            return Framed(pb.ForwardResponse(model_version=self.worker.version, done=[self._done()])).attach(
-                "output", out, request.output_codec or "none")
+            return response.attach("output", out, request.output_codec or "none")
 
         response = await self._call(context, run)
         if address is None:
@@ -166,7 +172,7 @@ class StageServicer(pb_grpc.StageServicer):
             self._check_target(request.run_id, request.stage)
             self._check_length(request.grad_output, "grad_output")
             self._check_length(request.input, "input")
-            grad = request.tensor("grad_output", "grad_output", self.max_tensor_bytes)
+            grad = None if request.from_loss else request.tensor("grad_output", "grad_output", self.max_tensor_bytes)
             x = request.tensor("input", "input", self.max_tensor_bytes) if request.HasField("input") else None
             pending = self.worker.gradients(request.microbatch_id, grad, x, request.need_grad_input or bool(address))
             if address is not None and pending.grad_input is None:
@@ -206,7 +212,7 @@ class StageServicer(pb_grpc.StageServicer):
             response = respond(False, below)
             response.message.broken.CopyFrom(pb.ChainBreak(stage=self.worker.stage, peer_id=self.peer_id,
                                                            code=status[0].name, details=status[1]))
-            return response.pass_through("grad_input", request, "grad_output")
+            return response if request.from_loss else response.pass_through("grad_input", request, "grad_output")
         response = respond(stepped, [self._done(stepped=stepped), *below])
         if broken is None:
             return response

@@ -118,6 +118,8 @@ class _Context:
     nbytes: int
     forward_s: float
     epoch: int
+    loss_grad: torch.Tensor | None = None
+    """The gradient of the loss this peer computed from the output (the last hop of a chained route)."""
 
 
 class StageExtension(Protocol):
@@ -264,6 +266,28 @@ class StageWorker:
             self._evict(self.clock())
         return out.detach()
 
+    def forward_loss(self, microbatch_id: str, x: torch.Tensor, target: torch.Tensor, keep_context: bool) -> float:
+        """Forward, then the loss against ``target`` here (the last hop of a chained route): the loss summed
+        over the microbatch's samples. With ``keep_context`` the loss's gradient is kept for the backward
+        (``gradients(..., grad_output=None)``). Bad labels (shape, dtype, NaN, ids out of the vocabulary)
+        are a :class:`StageError`."""
+        from swarmrt.data import loss_sum  # the run's loss, exactly as the trainer computes it
+
+        out = self.forward(microbatch_id, x, keep_context)
+        if target.shape[0] != out.shape[0]:
+            raise StageError(f"target: {target.shape[0]} samples for an output of {out.shape[0]}")
+        if target.is_floating_point() and not torch.isfinite(target).all():
+            raise StageError("target: contains NaN or Inf")
+        output = out.requires_grad_(keep_context)
+        with torch.enable_grad():
+            loss = loss_sum(self.config.data, output, target)
+            if not torch.isfinite(loss):
+                raise StageError(f"target: the loss is not finite ({float(loss)})")
+            kept = self.contexts.get(microbatch_id) if keep_context else None
+            if kept is not None:  # (an over-full context store may have evicted it already: recomputed then)
+                (kept.loss_grad,) = torch.autograd.grad(loss, output)
+        return float(loss.detach())
+
     def backward(self, microbatch_id: str, grad_output: torch.Tensor, x: torch.Tensor | None, samples: int | None,
                  need_grad_input: bool, deadline: float | None) -> tuple[torch.Tensor | None, bool]:
         """Returns ``(grad_input, stepped)``. Raises DeadlineExpired without applying anything, and
@@ -275,11 +299,17 @@ class StageWorker:
         pending = self.gradients(microbatch_id, grad_output, x, need_grad_input)
         return pending.grad_input, self.apply(pending, deadline)
 
-    def gradients(self, microbatch_id: str, grad_output: torch.Tensor, x: torch.Tensor | None,
+    def gradients(self, microbatch_id: str, grad_output: torch.Tensor | None, x: torch.Tensor | None,
                   need_grad_input: bool) -> "PendingBackward":
-        """The first half of :meth:`backward`: this microbatch's gradients, checked, nothing applied yet."""
+        """The first half of :meth:`backward`: this microbatch's gradients, checked, nothing applied yet.
+        ``grad_output`` None: the gradient of the loss :meth:`forward_loss` kept."""
         if self.broken:
             raise Unhealthy(self.broken)
+        if grad_output is None:
+            kept = self.contexts.get(microbatch_id)
+            if kept is None or kept.loss_grad is None:
+                raise ContextMissing(f"no kept loss gradient for microbatch {microbatch_id}")
+            grad_output = kept.loss_grad
         if not torch.isfinite(grad_output).all():
             raise StageError("grad_output: contains NaN or Inf")
         started = self.clock()

@@ -27,26 +27,43 @@ output is blamed on the peer the chain's reply says produced it.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-from typing import TYPE_CHECKING
-
 import grpc
 import torch
 
+from swarmrt.discovery.records import StageRecord
 from swarmrt.pipeline.chain import HEAD
 from swarmrt.routing.verify import BadReply
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import Framed
 
-if TYPE_CHECKING:
-    from swarmrt.roles.trainer import Trainer, _Hop
+
+@dataclasses.dataclass
+class Hop:
+    """One hop a microbatch's forward went through: the stage, the peer that served it, what it was given."""
+
+    stage: int
+    peer: StageRecord
+    input: torch.Tensor | None
+    """What the hop was given (None: a chained hop's, which the trainer never saw; recomputed if needed)."""
+    head: bool = False
+    """Stage 0's head pass of a model with tied ends (its own microbatch key, its input's gradient wanted)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerLoss:
+    """The loss (summed over the microbatch's samples) that a chained route's last hop computed."""
+
+    value: float
 
 
 class PeerGone(RuntimeError):
     """A peer a route names is no longer in the trainer's view of the swarm."""
 
 
-def _need_grad_input(hop: "_Hop") -> bool:
+def _need_grad_input(hop: Hop) -> bool:
     return hop.stage > 0 or hop.head
 
 
@@ -55,7 +72,9 @@ def _key(mb_id: str, head: bool) -> str:
 
 
 class Chaining:
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer):
+        """``trainer``: the :class:`~swarmrt.roles.trainer.Trainer` it chains for (its client, view of the
+        swarm, checks, bans and accounting, and its relayed backward hop)."""
         self.trainer = trainer
         self.config = trainer.config
         self.enabled = trainer.config.network.chain_hops
@@ -68,13 +87,13 @@ class Chaining:
 
     # -- forward -------------------------------------------------------------------------------
     async def forward(self, route, position: int, mb_id: str, x: torch.Tensor, keep_context: bool,
-                      head_peer: str | None) -> tuple[list["_Hop"], torch.Tensor, pb.ChainBreak | None]:
+                      head_peer: str | None, target: torch.Tensor
+                      ) -> tuple[list[Hop], "torch.Tensor | PeerLoss", pb.ChainBreak | None]:
         """Forward ``x`` along ``route`` from ``position`` to its end (then a tied head on ``head_peer``),
-        peer to peer. Returns the hops served (only the first one's input is known here), the output of
-        the last one, and where the chain broke (None: it did not). Raises what a relayed hop raises when
-        the first peer fails (its gRPC error, :class:`PeerGone`, :class:`BadReply`)."""
-        from swarmrt.roles.trainer import _Hop
-
+        peer to peer; the last hop computes the loss against ``target``. Returns the hops served (only the
+        first one's input is known here), the loss (:class:`PeerLoss`) or, when the chain broke, the output
+        of the last hop served, and where it broke (None: it did not). Raises what a relayed hop raises
+        when the first peer fails (its gRPC error, :class:`PeerGone`, :class:`BadReply`)."""
         t, net = self.trainer, self.config.network
         wanted = [(s, p, False) for s, p in route.hops[position:]]
         if head_peer is not None:
@@ -84,6 +103,7 @@ class Chaining:
         request = t._forward_request(wanted[0][0], _key(mb_id, wanted[0][2]), x, keep_context)
         request.message.next.extend(pb.ChainHop(stage=s, peer_id=p, head=h, need_grad_input=True)
                                     for s, p, h in wanted[1:])
+        request.attach("target", target)
         response = await t._with_peer(first, lambda: t.client.forward(first.address, request,
                                                                       net.forward_timeout_s * len(wanted)))
         done = [(d.stage, d.peer_id) for d in response.done]
@@ -91,7 +111,7 @@ class Chaining:
         served = len(done)
         fits = 1 <= served <= len(wanted) and all(d == w[:2] for d, w in zip(done, wanted))
         if fits and broken is None:
-            fits = served == len(wanted)
+            fits = served == len(wanted) and response.has_loss
         elif fits:
             fits = served < len(wanted) and (broken.stage, broken.peer_id) == wanted[served][:2]
         if not fits:
@@ -101,18 +121,25 @@ class Chaining:
         stage, _, head = wanted[served - 1]
         producer = records[served - 1]
         try:
-            out = t.checks.decode(response, "output", f"stage {stage} {'head ' if head else ''}output (chained)",
-                                  *t.checks.output_spec(stage, x, head))
+            if broken is None:
+                if not math.isfinite(response.loss):
+                    raise BadReply(f"stage {stage} {'head ' if head else ''}loss (chained): {response.loss}")
+                out = PeerLoss(response.loss)
+            else:
+                out = t.checks.decode(response, "output", f"stage {stage} {'head ' if head else ''}output (chained)",
+                                      *t.checks.output_spec(stage, x, head))
         except BadReply as e:
             t.checks.ban(producer, str(e))
             raise
-        hops = [_Hop(s, r, x if i == 0 else None, head=h) for i, ((s, _, h), r) in enumerate(zip(wanted, records))]
+        hops = [Hop(s, r, x if i == 0 else None, head=h) for i, ((s, _, h), r) in enumerate(zip(wanted, records))]
         return hops[:served], out, broken
 
     # -- backward ------------------------------------------------------------------------------
-    async def backward(self, hops: list["_Hop"], mb_id: str, grad: torch.Tensor, samples: int) -> None:
-        """Backward along ``hops`` (forward order) from the loss gradient ``grad``, peer to peer; then
-        the relayed fallback for whatever the chain did not apply (see the module docstring)."""
+    async def backward(self, hops: list[Hop], mb_id: str, grad: torch.Tensor | None, samples: int,
+                       target: torch.Tensor) -> None:
+        """Backward along ``hops`` (forward order) from the loss gradient ``grad`` (None: the one the last
+        hop kept when it computed the loss), peer to peer; then the relayed fallback for whatever the chain
+        did not apply (see the module docstring)."""
         t, net = self.trainer, self.config.network
         chain = list(reversed(hops))
         top = chain[0]
@@ -120,9 +147,11 @@ class Chaining:
         request = Framed(pb.BackwardRequest(
             run_id=self.config.run.id, stage=top.stage, microbatch_id=_key(mb_id, top.head), samples=samples,
             grad_codec=self.config.compression.gradients, need_grad_input=_need_grad_input(top),
-            deadline_unix=time.time() + timeout,
+            deadline_unix=time.time() + timeout, from_loss=grad is None,
             next=[pb.ChainHop(stage=h.stage, peer_id=h.peer.peer_id, head=h.head, need_grad_input=_need_grad_input(h))
-                  for h in chain[1:]])).attach("grad_output", grad, self.config.compression.gradients)
+                  for h in chain[1:]]))
+        if grad is not None:
+            request.attach("grad_output", grad, self.config.compression.gradients)
         applied: set[int] = set()  # indices into ``chain``
         resume: tuple[int, torch.Tensor] | None = None
         try:
@@ -140,6 +169,8 @@ class Chaining:
             return
         start, g = resume if resume is not None else (0, grad)
         await self._recompute_inputs(hops, len(hops) - 1 - start, mb_id)
+        if g is None:  # the loss's gradient stayed on the last peer: recompute it here
+            g = await self._loss_gradient(hops[-1], mb_id, target)
         for i in range(start, len(chain)):
             if all(j in applied for j in range(i, len(chain))):
                 return  # everything below applied already
@@ -151,7 +182,7 @@ class Chaining:
                 t.checks.ban(chain[i - 1].peer, f"its grad_input was refused by stage {chain[i].stage}: {e}")
                 return  # dropped from here on (partially applied)
 
-    def _read_backward(self, response: Framed, chain: list["_Hop"], x: torch.Tensor
+    def _read_backward(self, response: Framed, chain: list[Hop], x: torch.Tensor
                        ) -> tuple[set[int], tuple[int, torch.Tensor] | None]:
         """The hops (indices into ``chain``) a chained backward's reply says applied, in chain order, and
         where to go on from (the broken hop and the gradient it was to be given); :class:`BadReply` when
@@ -182,25 +213,35 @@ class Chaining:
         return applied, (index, t.checks.decode(response, "grad_input", f"gradient for stage {hop.stage}", shape,
                                                 dtype))
 
-    async def _recompute_inputs(self, hops: list["_Hop"], upto: int, mb_id: str) -> None:
+    async def _loss_gradient(self, last: Hop, mb_id: str, target: torch.Tensor) -> torch.Tensor:
+        """The loss's gradient at ``last``'s output: its forward again (no context kept), the loss here."""
+        from swarmrt.data import loss_sum
+
+        output = (await self._forward_again(last, mb_id)).requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(loss_sum(self.config.data, output, target), output)
+        return grad
+
+    async def _forward_again(self, hop: Hop, mb_id: str) -> torch.Tensor:
+        """``hop``'s output for its (known) input, keeping no context: on its own peer first, else another
+        peer of its stage."""
+        t, net = self.trainer, self.config.network
+        peer, tried = hop.peer, set()
+        for _ in range(net.max_retries):
+            request = t._forward_request(hop.stage, _key(mb_id, hop.head), hop.input, False)
+            try:
+                response = await t._with_peer(peer, lambda: t.client.forward(peer.address, request,
+                                                                             net.forward_timeout_s))
+                return t.checks.decode(response, "output", f"stage {hop.stage} output (recomputed)",
+                                       *t.checks.output_spec(hop.stage, hop.input, hop.head))
+            except (grpc.aio.AioRpcError, BadReply):
+                tried.add(peer.peer_id)
+                peer = await t._peer_for(hop.stage, tried)
+        raise RuntimeError(f"microbatch {mb_id}: could not recompute the output of stage {hop.stage}")
+
+    async def _recompute_inputs(self, hops: list[Hop], upto: int, mb_id: str) -> None:
         """Give ``hops[1..upto]`` their inputs where the trainer never saw them (chained forwards): forwards
         that keep no context, on the hop's own peer first, else another peer of its stage."""
-        t, net = self.trainer, self.config.network
         for i in range(1, upto + 1):
-            if hops[i].input is not None:
-                continue
-            before, tried = hops[i - 1], set()
-            peer = before.peer
-            for _ in range(net.max_retries):
-                request = t._forward_request(before.stage, _key(mb_id, before.head), before.input, False)
-                try:
-                    response = await t._with_peer(peer, lambda: t.client.forward(peer.address, request,
-                                                                                 net.forward_timeout_s))
-                    hops[i].input = t.checks.decode(response, "output", f"stage {before.stage} output (recomputed)",
-                                                    *t.checks.output_spec(before.stage, before.input, before.head))
-                    break
-                except (grpc.aio.AioRpcError, BadReply):
-                    tried.add(peer.peer_id)
-                    peer = await t._peer_for(before.stage, tried)
-            else:
-                raise RuntimeError(f"microbatch {mb_id}: could not recompute the input of stage {hops[i].stage}")
+            if hops[i].input is None:
+                hops[i].input = await self._forward_again(hops[i - 1], mb_id)

@@ -61,7 +61,7 @@ from swarmrt.sim.live_plan import plan_window
 from swarmrt.roles.stepping import run_steps
 from swarmrt.routing.rebalance import JOINING, MOVING, can_serve_everything
 from swarmrt.roles.checks import ReplyChecks
-from swarmrt.roles.chaining import Chaining, PeerGone as _PeerGone
+from swarmrt.roles.chaining import Chaining, Hop as _Hop, PeerGone as _PeerGone, PeerLoss
 from swarmrt.routing.verify import BadReply
 from swarmrt.pipeline.chain import HEAD
 
@@ -148,16 +148,6 @@ class Accounting:
         for stages in self.expected_stages.values():
             hist[str(len(stages))] = hist.get(str(len(stages)), 0) + 1
         return dict(sorted(hist.items()))
-
-
-@dataclasses.dataclass
-class _Hop:
-    stage: int
-    peer: dht_records.StageRecord
-    input: torch.Tensor | None
-    """What the hop was given (None: a chained hop's, which the trainer never saw; recomputed if needed)."""
-    head: bool = False
-    """Stage 0's head pass of a model with tied ends (its own microbatch key, its input's gradient wanted)."""
 
 
 def parse_stage_subset(text: str | None, num_stages: int) -> tuple[tuple[int, ...] | None, str]:
@@ -452,7 +442,7 @@ class Trainer:
         return peer, out
 
     async def _forward(self, routes: LiveRouting, route: Route, mb_id: str, x: torch.Tensor, keep_context: bool,
-                       stages: Sequence[int] | None) -> tuple[Route, list[_Hop], torch.Tensor]:
+                       stages: Sequence[int] | None, y: torch.Tensor) -> tuple[Route, list[_Hop], torch.Tensor | PeerLoss]:
         """Forward ``x`` along ``route``, re-planning around failed hops; the route taken, its hops and
         the last stage's output. :class:`HopFailed` (the route aborted): restart the forward."""
         net, hops, failed, failures = self.config.network, [], set(), 0
@@ -468,7 +458,8 @@ class Trainer:
                 try:
                     if chained:  # the rest of the route, peer to peer (and the tied head at its end)
                         head = (hops[0].peer.peer_id if hops else route.hops[0][1]) if self.tied else None
-                        served, h, broken = await self.chaining.forward(route, position, mb_id, h, keep_context, head)
+                        served, h, broken = await self.chaining.forward(route, position, mb_id, h, keep_context, head,
+                                                                        y)
                         hops.extend(served)
                         position += sum(1 for hop in served if not hop.head)
                         if broken is None:
@@ -579,7 +570,7 @@ class Trainer:
             mb_id = f"{key}:{attempt}"
             route = await self._start_route(routes, stages)
             try:
-                route, hops, h = await self._forward(routes, route, mb_id, x, keep_context=train, stages=stages)
+                route, hops, h = await self._forward(routes, route, mb_id, x, keep_context=train, stages=stages, y=y)
             except HopFailed as e:
                 if train:
                     self.accounting.forward_restarts += 1
@@ -596,14 +587,17 @@ class Trainer:
                 h = out
             if not train:
                 routes.finished(route)
-                return float(loss_sum(self.config.data, h, y))
-            output = h.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = loss_sum(self.config.data, output, y)
-                (grad,) = torch.autograd.grad(loss, output)
+                return h.value if isinstance(h, PeerLoss) else float(loss_sum(self.config.data, h, y))
+            if isinstance(h, PeerLoss):  # computed by the route's last peer, which keeps its gradient
+                loss, grad = torch.tensor(h.value), None
+            else:
+                output = h.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    loss = loss_sum(self.config.data, output, y)
+                    (grad,) = torch.autograd.grad(loss, output)
             self.accounting.expect(mb_id, [hop.stage for hop in hops if not hop.head])
             if self.chaining.enabled:
-                await self.chaining.backward(hops, mb_id, grad, samples=x.shape[0])
+                await self.chaining.backward(hops, mb_id, grad, x.shape[0], y)
                 routes.finished(route)
                 self.accounting.applied += 1
                 return float(loss.detach())

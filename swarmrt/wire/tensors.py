@@ -36,7 +36,7 @@ MAX_HEADER_BYTES = 1 << 20
 """A receiver refuses a header (the first message of a stream) larger than this."""
 
 TENSOR_FIELDS: dict[str, tuple[str, ...]] = {
-    "ForwardRequest": ("input",),
+    "ForwardRequest": ("input", "target"),
     "BackwardRequest": ("grad_output", "input"),
     "ForwardResponse": ("output",),
     "BackwardResponse": ("grad_input",),
