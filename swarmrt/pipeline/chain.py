@@ -14,9 +14,11 @@ A peer computes its part, then calls the next peer itself and answers its caller
   on a break, ``grad_input`` is the gradient the failed hop was to be given.
 
 Who may be called: a peer forwards only to a peer that the run's DHT says serves that stage now
-(:class:`Directory`); the request names peer ids, never addresses. A route that names anything else
-is refused before any compute (INVALID_ARGUMENT naming the hop). The callee checks its input exactly
-as it checks a trainer's (dtype, shape, finiteness, sequence length), so a peer gains nothing by
+(:class:`Directory`); the request names peer ids, never addresses. A hop the DHT does not vouch for
+is never called: the chain is reported broken there (NOT_FOUND, naming the hop; a trainer whose view
+is a heartbeat old re-plans around it). A route that cannot be one of this run (too long, a stage out
+of range) is refused before any compute (INVALID_ARGUMENT). The callee checks its input exactly as it
+checks a trainer's (dtype, shape, finiteness, sequence length), so a peer gains nothing by
 chaining that it could not send directly.
 
 Deadlines: a peer gives the next hop what is left of its own deadline minus :data:`RESERVE_S`, so it
@@ -78,16 +80,17 @@ class Relay:
                 raise StageError(f"{what}[{i}]: peer id must be 1..128 characters")
 
     async def resolve(self, hop: pb.ChainHop, run_id: str) -> str:
-        """The next hop's address, from the directory; :class:`StageError` when the DHT does not vouch for it."""
+        """The next hop's address, from the directory; :class:`_Broken` (the hop is never called) when the
+        run's DHT does not vouch for it."""
         address = await self.directory.address(hop.stage, hop.peer_id)
         if address is None:
-            raise StageError(f"next hop: peer {hop.peer_id} does not serve stage {hop.stage} of run {run_id!r} "
-                             "(the run's DHT does not vouch for it); refused")
+            raise _Broken(_break(hop, grpc.StatusCode.NOT_FOUND,
+                                 f"peer {hop.peer_id} does not serve stage {hop.stage} of run {run_id!r} (the run's "
+                                 "DHT does not vouch for it); not called"))
         return address
 
     # -- forward -----------------------------------------------------------------------------
-    async def forward_on(self, request: Framed, response: Framed, address: str, own: pb.HopDone,
-                         time_left: float | None) -> Framed:
+    async def forward_on(self, request: Framed, response: Framed, own: pb.HopDone, time_left: float | None) -> Framed:
         """Send this peer's ``response`` output on as the next hop's input (its bytes passed through,
         not decoded again); what the chain answered, this hop first in ``done``."""
         hop = request.next[0]
@@ -99,14 +102,14 @@ class Relay:
         if request.HasField("target"):  # for the last hop's loss
             down.pass_through("target", request, "target")
         try:
-            reply = await self._call(self.client.forward, address, down, time_left, hop)
+            reply = await self._call(self.client.forward, request.run_id, down, time_left, hop)
         except _Broken as e:
             return _answer(response, [own], e.broken)
         return _answer(reply, [own, *reply.done], reply.broken if reply.HasField("broken") else None,
                        model_version=own.model_version)
 
     # -- backward ----------------------------------------------------------------------------
-    async def backward_on(self, request: Framed, grad_input: Framed, address: str,
+    async def backward_on(self, request: Framed, grad_input: Framed,
                           time_left: float | None) -> tuple[list[pb.HopDone], pb.ChainBreak | None, Framed | None]:
         """Send ``grad_input`` (a BackwardResponse framing this peer's input gradient) on to the next hop.
         Returns the hops below that applied, where the chain broke (None: it did not), and the framed
@@ -120,15 +123,16 @@ class Relay:
         if time_left is not None:
             down.message.deadline_unix = time.time() + max(0.0, time_left - RESERVE_S)
         try:
-            reply = await self._call(self.client.backward, address, down, time_left, hop)
+            reply = await self._call(self.client.backward, request.run_id, down, time_left, hop)
         except _Broken as e:
             return [], e.broken, grad_input
         if reply.HasField("broken"):
             return list(reply.done), reply.broken, reply
         return list(reply.done), None, None
 
-    async def _call(self, method: Callable[..., Awaitable[Framed]], address: str, request: Framed,
+    async def _call(self, method: Callable[..., Awaitable[Framed]], run_id: str, request: Framed,
                     time_left: float | None, hop: pb.ChainHop) -> Framed:
+        address = await self.resolve(hop, run_id)
         timeout = 60.0 if time_left is None else time_left - RESERVE_S
         if timeout < MIN_HOP_TIMEOUT_S:
             raise _Broken(_break(hop, grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to call it"))

@@ -17,9 +17,10 @@ peer keeps serving the others:
 - backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
 - deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
 - the peer is draining, or its weights are not finite (it serves nothing more): UNAVAILABLE
-- a chained request (peer-to-peer hops, :mod:`swarmrt.pipeline.chain`) whose next hop is not a serving
-  peer of that stage in the run's DHT, or whose route cannot be one: INVALID_ARGUMENT, before any compute.
-  A chained call whose later hop fails is not an error: the reply says where the chain broke.
+- a chained request (peer-to-peer hops, :mod:`swarmrt.pipeline.chain`) whose route cannot be one of
+  this run, or to a peer that passes nothing on: INVALID_ARGUMENT, before any compute. A chained call
+  whose later hop fails, or names a peer the run's DHT does not vouch for (never called), is not an
+  error: the reply says where the chain broke.
 """
 
 from __future__ import annotations
@@ -108,17 +109,18 @@ class StageServicer(pb_grpc.StageServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}"
         return None
 
-    async def _next_hop(self, request: Framed, context: grpc.aio.ServicerContext) -> str | None:
-        """A chained request's next address (None: not chained), or refused before any compute."""
+    async def _chained(self, request: Framed, context: grpc.aio.ServicerContext) -> bool:
+        """Whether ``request`` is chained (its route goes on); refused before any compute when this peer
+        passes nothing on or the route cannot be one of this run."""
         if not len(request.next):
-            return None
+            return False
         try:
             if self.relay is None:
                 raise StageError("this peer does not pass work on to other peers (no peer-to-peer hops here)")
             self.relay.check_route(request.next, "next")
-            return await self.relay.resolve(request.next[0], self.run_id)
         except StageError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return True
 
     def _done(self, **fields) -> pb.HopDone:
         return pb.HopDone(stage=self.worker.stage, peer_id=self.peer_id, model_version=self.worker.version, **fields)
@@ -138,14 +140,14 @@ class StageServicer(pb_grpc.StageServicer):
         """Forward ``request`` (its tensors beside it); the response, framed the same way."""
         if self.state == "leaving":
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"peer {self.peer_id} is leaving")
-        address = await self._next_hop(request, context)
+        chained = await self._chained(request, context)
 
         def run() -> Framed:
             self._check_target(request.run_id, request.stage)
             self._check_length(request.input, "input")
             x = request.tensor("input", "input", self.max_tensor_bytes)
             response = Framed(pb.ForwardResponse(model_version=self.worker.version, done=[self._done()]))
-            if request.HasField("target") and address is None:  # the route's last hop: the loss, here
+            if request.HasField("target") and not chained:  # the route's last hop: the loss, here
                 self._check_length(request.target, "target")
                 target = request.tensor("target", "target", self.max_tensor_bytes)
                 response.message.loss = self.worker.forward_loss(request.microbatch_id, x, target, request.keep_context)
@@ -155,9 +157,9 @@ class StageServicer(pb_grpc.StageServicer):
             return response.attach("output", out, request.output_codec or "none")
 
         response = await self._call(context, run)
-        if address is None:
+        if not chained:
             return response
-        return await self.relay.forward_on(request, response, address, response.done[0], context.time_remaining())
+        return await self.relay.forward_on(request, response, response.done[0], context.time_remaining())
 
     async def backward_framed(self, request: Framed, context: grpc.aio.ServicerContext) -> Framed:
         """Backward ``request`` (its tensors beside it); the response, framed the same way."""
@@ -166,7 +168,7 @@ class StageServicer(pb_grpc.StageServicer):
             stale_at = self.clock() + (request.deadline_unix + STALE_ALLOWANCE_S - self.wall_clock())
             deadline = stale_at if deadline is None else min(deadline, stale_at)
 
-        address = await self._next_hop(request, context)
+        chained = await self._chained(request, context)
 
         def gradients():
             self._check_target(request.run_id, request.stage)
@@ -174,15 +176,15 @@ class StageServicer(pb_grpc.StageServicer):
             self._check_length(request.input, "input")
             grad = None if request.from_loss else request.tensor("grad_output", "grad_output", self.max_tensor_bytes)
             x = request.tensor("input", "input", self.max_tensor_bytes) if request.HasField("input") else None
-            pending = self.worker.gradients(request.microbatch_id, grad, x, request.need_grad_input or bool(address))
-            if address is not None and pending.grad_input is None:
+            pending = self.worker.gradients(request.microbatch_id, grad, x, request.need_grad_input or chained)
+            if chained and pending.grad_input is None:
                 raise StageError("next: this hop has no input gradient to pass on (its input is token ids)")
             return pending
 
         def respond(stepped: bool, done: list) -> Framed:
             return Framed(pb.BackwardResponse(model_version=self.worker.version, stepped=stepped, done=done))
 
-        if address is None:
+        if not chained:
             def run() -> Framed:
                 pending = gradients()
                 stepped = self.worker.apply(pending, deadline)
@@ -200,7 +202,7 @@ class StageServicer(pb_grpc.StageServicer):
 
         pending, stepped = await self._call(context, gradients_and_head)
         grad_input = Framed(pb.BackwardResponse()).attach("grad_input", pending.grad_input, request.grad_codec or "none")
-        below, broken, given = await self.relay.backward_on(request, grad_input, address, context.time_remaining())
+        below, broken, given = await self.relay.backward_on(request, grad_input, context.time_remaining())
         try:  # only now, so a peer that dies while the hops below run has applied nothing
             if stepped is None:
                 stepped = await self._run(self.worker.apply, pending, deadline)

@@ -132,6 +132,7 @@ class Chaining:
             t.checks.ban(producer, str(e))
             raise
         hops = [Hop(s, r, x if i == 0 else None, head=h) for i, ((s, _, h), r) in enumerate(zip(wanted, records))]
+        t.accounting.chained_hops += served - 1
         return hops[:served], out, broken
 
     # -- backward ------------------------------------------------------------------------------

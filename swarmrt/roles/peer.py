@@ -39,6 +39,7 @@ from swarmrt.checkpoint.store import CheckpointError
 from swarmrt.config import ConfigError, RunConfig
 from swarmrt.discovery import dht as dht_records
 from swarmrt.models.build import build_stage, partition_hash, shape_layers, stage_input_spec, stage_ranges
+from swarmrt.pipeline.chain import DhtDirectory, Relay
 from swarmrt.pipeline.service import StageServicer
 from swarmrt.pipeline.worker import StageWorker
 from swarmrt.roles.organizer import Organizer
@@ -46,7 +47,7 @@ from swarmrt.roles.proc import install_stop_handlers, write_atomically
 from swarmrt.roles.reach import PeerNetwork
 from swarmrt.routing.rebalance import Move
 from swarmrt.wire.client import StageClient
-from swarmrt.wire.emulation import server_interceptors
+from swarmrt.wire.emulation import client_interceptors, rules_path, server_interceptors
 from swarmrt.wire.p2p import P2PStageClient, RoutedClient
 from swarmrt.wire.server import start_server
 
@@ -276,6 +277,23 @@ class Peer:
         self.announcer: StageAnnouncer | None = None
         self.organizer = Organizer(dht, config, self.peer_id, pinned=options.stage is not None,
                                    rng=random.Random(self.peer_id))
+        self._relay: Relay | None = None
+
+    def relay(self) -> Relay:
+        """How this peer passes chained work on (peer-to-peer hops): the run's DHT says who serves what, and
+        a client with this peer's own credential (and, under emulation, its node name) calls them."""
+        if self._relay is None:
+            config, options, net = self.config, self.options, self.config.network
+            credentials = auth.call_credentials(options.join_token)
+            client = StageClient(net.max_tensor_mb, interceptors=client_interceptors(rules_path(options.net_rules)),
+                                 credentials=credentials)
+            if self.network is not None:  # the next peer may serve over libp2p only
+                client = RoutedClient(client, P2PStageClient(self.network.p2p, net.max_tensor_mb,
+                                                             credentials=credentials))
+            directory = DhtDirectory(lambda stage: dht_records.read_stage(self.dht, config.run.id, stage, 5.0),
+                                     fresh_s=net.heartbeat_s)
+            self._relay = Relay(directory, client, config.num_stages)
+        return self._relay
 
     async def join(self) -> None:
         """Pick the stage (announcing the intent, so concurrent joiners spread), then serve it."""
@@ -322,6 +340,7 @@ class Peer:
         self.stage = stage
         self.worker, layers, partition = build_stage_worker(config, self.stage, options)
         self.servicer = StageServicer(self.worker, config.run.id, self.peer_id, net.max_tensor_mb * 2**20)
+        self.servicer.relay = self.relay()
         self.start_outer_sync()
         if config.checkpoint.enabled:
             self.checkpoints = Checkpointer(config, self.worker, self.peer_id, partition, self.on_compute_thread)
@@ -386,6 +405,12 @@ class Peer:
                 await client.close()
         return note or "first peer of its stage: starts from the initial weights"
 
+    async def close_relay(self) -> None:
+        """Close the client chained work went out through (when the peer leaves for good)."""
+        if self._relay is not None:
+            await self._relay.client.close()
+            self._relay = None
+
     async def close(self) -> None:
         """Stop serving and free the stage (the DHT node is the caller's)."""
         self.organizer.arrived()
@@ -424,6 +449,7 @@ async def serve_peer(config: RunConfig, options: PeerOptions) -> int:
         return 0
     finally:
         await peer.close()
+        await peer.close_relay()
         await network.close()
         # the DHT child (forked with SIGTERM/SIGINT blocked) gets what is left of the grace period, 1..3 s
         left = 3.0 if stopping is None else options.grace_s - (time.monotonic() - stopping)

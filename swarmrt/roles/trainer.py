@@ -115,6 +115,8 @@ class Accounting:
     bans: int = 0
     replans: int = 0
     duplicates: int = 0
+    chained_hops: int = 0
+    """Forward hops one peer passed straight to the next (``network.chain_hops``)."""
     applied_stages: dict[str, set[int]] = dataclasses.field(default_factory=dict)
     expected_stages: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)
     """Stages each microbatch's backward must reach: all S, or the stages of its route."""
@@ -711,6 +713,6 @@ class Trainer:
                 "microbatches": acc.started, "applied": acc.applied, "duplicates": acc.duplicates,
                 "partially_applied": len(acc.incomplete()), "hop_retries": acc.hop_retries, "bans": acc.bans,
                 "forward_restarts": acc.forward_restarts, "peers": self.live_peers(),
-                "skip_ratio": self.config.routing.skip_ratio, "replans": acc.replans,
+                "skip_ratio": self.config.routing.skip_ratio, "replans": acc.replans, "chained_hops": acc.chained_hops,
                 "microbatches_per_stage": acc.per_stage(self.config.num_stages),
                 "stages_visited": acc.stages_visited(), **self.checks.summary()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 
 import grpc
 import pytest
@@ -200,19 +201,20 @@ def chained_forward(config, stage, next_hops):
 @pytest.mark.parametrize("hop,why", [
     (pb.ChainHop(stage=1, peer_id="intruder"), "peer intruder does not serve stage 1 .*DHT does not vouch"),
     (pb.ChainHop(stage=2, peer_id="s1p0"), "peer s1p0 does not serve stage 2"),
-    (pb.ChainHop(stage=7, peer_id="s1p0"), r"next\[0\]: stage 7 is not a stage of this run"),
 ])
-def test_a_next_hop_the_runs_dht_does_not_vouch_for_is_refused_before_any_compute(swarms, hop, why):
+def test_a_next_hop_the_runs_dht_does_not_vouch_for_is_never_called(swarms, hop, why):
     config, swarm, _ = make(swarms, MLP)
     servicer = swarm.servicers["s0p0"]
 
     async def call():
         return await servicer.forward_framed(chained_forward(config, 0, [hop]), FakeContext(5.0))
 
-    with pytest.raises(grpc.aio.AioRpcError, match=why) as e:
-        asyncio.run(call())
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert not swarm.workers["s0p0"].contexts  # nothing was computed for it
+    response = asyncio.run(call())
+    assert response.HasField("broken") and response.broken.code == "NOT_FOUND"
+    assert re.search(why, response.broken.details), response.broken.details
+    assert (response.broken.stage, response.broken.peer_id) == (hop.stage, hop.peer_id)
+    assert [(d.stage, d.peer_id) for d in response.done] == [(0, "s0p0")]  # its own output comes back
+    assert tuple(response.output.shape) == (4, 16)
     assert sum(len(c.forward) for c in swarm.client.calls.values()) == 0  # nobody was called
 
 
@@ -226,6 +228,9 @@ def test_a_route_longer_than_the_run_and_a_peer_without_a_relay_are_refused(swar
 
     with pytest.raises(grpc.aio.AioRpcError, match="4 later hops, a route of this run has at most 3"):
         asyncio.run(call(hops))
+    with pytest.raises(grpc.aio.AioRpcError, match=r"next\[0\]: stage 7 is not a stage of this run"):
+        asyncio.run(call([pb.ChainHop(stage=7, peer_id="s1p0")]))
+    assert not swarm.workers["s0p0"].contexts  # refused before any compute
     servicer.relay = None
     with pytest.raises(grpc.aio.AioRpcError, match="does not pass work on"):
         asyncio.run(call(hops[:1]))
