@@ -136,6 +136,32 @@ class InProcessClient:
         self.closed = True
 
 
+class CountingClient:
+    """A trainer's client that passes every call on to ``inner``, counting the calls and the bytes each
+    way (:attr:`Framed.nbytes <swarmrt.wire.tensors.Framed.nbytes>`): what crosses the trainer's own link."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: collections.Counter = collections.Counter()
+        self.bytes = 0
+
+    async def _count(self, method: str, address: str, request, timeout: float):
+        self.calls[method] += 1
+        self.bytes += request.nbytes
+        response = await getattr(self.inner, method)(address, request, timeout)
+        self.bytes += response.nbytes
+        return response
+
+    async def forward(self, address: str, request, timeout: float):
+        return await self._count("forward", address, request, timeout)
+
+    async def backward(self, address: str, request, timeout: float):
+        return await self._count("backward", address, request, timeout)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 async def _over_the_wire(framed: Framed) -> Framed:
     """``framed`` as the receiver reads it off the data plane: framed into bytes, then put back
     together with every check (:class:`~swarmrt.wire.tensors.BadTensor` on the way back in)."""

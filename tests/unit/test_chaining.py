@@ -9,7 +9,6 @@ its breaks and the trainer's fallback run the product code end to end, minus soc
 from __future__ import annotations
 
 import asyncio
-import collections
 import re
 
 import grpc
@@ -19,7 +18,7 @@ import torch
 from swarmrt.config import ConfigError, config_from_dict
 from swarmrt.pipeline.worker import DeadlineExpired
 from swarmrt.roles.trainer import Trainer
-from swarmrt.testing.inprocess import FakeContext, InProcessSwarm, rpc_error
+from swarmrt.testing.inprocess import CountingClient, FakeContext, InProcessSwarm, rpc_error
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import Framed
 from tests.unit.test_models import config as model_config, own_forward_losses
@@ -28,35 +27,20 @@ from tests.unit.test_trainer import LLAMA, MLP, assert_exactly_once, assert_matc
 pytestmark = pytest.mark.timeout(120)
 
 
-class Counting:
-    """The trainer's client: passes calls on, counting calls and bytes each way (the trainer's link)."""
+class Counting(CountingClient):
+    """The trainer's client (counting what crosses its link), whose replies can be lost on the way back."""
 
     def __init__(self, inner):
-        self.inner = inner
-        self.calls = collections.Counter()
-        self.bytes = 0
+        super().__init__(inner)
         self.fail_after: set[str] = set()
         """Addresses whose next backward runs on the peer but whose reply is lost (UNAVAILABLE)."""
 
-    async def forward(self, address, request, timeout):
-        self.calls["forward"] += 1
-        self.bytes += request.nbytes
-        response = await self.inner.forward(address, request, timeout)
-        self.bytes += response.nbytes
-        return response
-
     async def backward(self, address, request, timeout):
-        self.calls["backward"] += 1
-        self.bytes += request.nbytes
-        response = await self.inner.backward(address, request, timeout)
-        self.bytes += response.nbytes
+        response = await super().backward(address, request, timeout)
         if address in self.fail_after:
             self.fail_after.discard(address)
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the reply was lost")
         return response
-
-    async def close(self):
-        await self.inner.close()
 
 
 @pytest.fixture
@@ -123,7 +107,6 @@ def test_chaining_cuts_the_bytes_through_the_trainers_link_at_least_in_half(swar
         _, _, trainer = make(swarms, llama, chain=chain)
         train(trainer, 2)
         sent[chain] = trainer.client.bytes
-    print(sent)
     assert sent[True] * 2 <= sent[False], sent
 
 
