@@ -177,27 +177,41 @@ def hop_key(microbatch_id: str, hop: pb.ChainHop) -> str:
 
 
 class DhtDirectory:
-    """A :class:`Directory` over the run's DHT: each stage's records read at most every ``min_refresh_s``
-    (a request naming an unknown peer cannot make this peer hammer the DHT), kept ``fresh_s``."""
+    """A :class:`Directory` over the run's DHT. A peer it knows is answered from memory at once; a stage
+    last read more than ``fresh_s`` ago is re-read in the background (a chained call never waits for the
+    DHT for a peer it knows; one that has died or moved since fails or refuses, and the chain reports the
+    break). An unknown peer waits for a read, at most one per stage every ``min_refresh_s``, so requests
+    naming made-up peers cannot make this peer hammer the DHT."""
 
     def __init__(self, read_stage: Callable[[int], list], fresh_s: float, min_refresh_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic):
         self.read_stage, self.fresh_s, self.min_refresh_s, self.clock = read_stage, fresh_s, min_refresh_s, clock
         self._stages: dict[int, tuple[float, dict[str, str]]] = {}
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._reads: dict[int, asyncio.Task] = {}
 
     async def address(self, stage: int, peer_id: str) -> str | None:
         read_at, peers = self._stages.get(stage, (-float("inf"), {}))
         age = self.clock() - read_at
-        if peer_id in peers and age <= self.fresh_s:
+        if peer_id in peers:
+            if age > self.fresh_s:
+                self._read(stage)  # in the background
             return peers[peer_id]
         if age < self.min_refresh_s:
-            return peers.get(peer_id)
-        lock = self._locks.setdefault(stage, asyncio.Lock())
-        async with lock:
-            read_at, peers = self._stages.get(stage, (-float("inf"), {}))
-            if self.clock() - read_at >= self.min_refresh_s:
-                records = await asyncio.to_thread(self.read_stage, stage)
-                peers = {r.peer_id: r.address for r in records if r.state == "serving" and r.stage == stage}
-                self._stages[stage] = (self.clock(), peers)
-        return peers.get(peer_id)
+            return None
+        await asyncio.shield(self._read(stage))
+        return self._stages.get(stage, (0.0, {}))[1].get(peer_id)
+
+    def _read(self, stage: int) -> asyncio.Task:
+        task = self._reads.get(stage)
+        if task is None or task.done():
+            task = self._reads[stage] = asyncio.ensure_future(self._refresh(stage))
+        return task
+
+    async def _refresh(self, stage: int) -> None:
+        try:
+            records = await asyncio.to_thread(self.read_stage, stage)
+        except Exception:  # a failed read keeps what was known; the next lookup tries again
+            self._stages[stage] = (self.clock(), self._stages.get(stage, (0.0, {}))[1])
+            return
+        self._stages[stage] = (self.clock(), {r.peer_id: r.address for r in records
+                                              if r.state == "serving" and r.stage == stage})

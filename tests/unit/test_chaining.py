@@ -239,3 +239,38 @@ def test_a_first_peer_whose_reply_does_not_match_the_route_is_banned(swarms):
     assert "not the route it was given" in trainer.bans.bad["s0p0"][1]
     assert_exactly_once(trainer, 3 * config.data.microbatches_per_step, 3)
 
+
+
+# -- the peers' directory -----------------------------------------------------------------------
+def test_the_directory_answers_known_peers_at_once_and_reads_the_dht_at_most_every_half_second():
+    from swarmrt.discovery.records import StageRecord
+    from swarmrt.pipeline.chain import DhtDirectory
+
+    now, reads = [0.0], []
+    table = {1: [StageRecord(peer_id="a", stage=1, address="h:1", throughput=1.0, load=0, version=0,
+                             state="serving", heartbeat=0.0),
+                 StageRecord(peer_id="gone", stage=1, address="h:2", throughput=1.0, load=0, version=0,
+                             state="leaving", heartbeat=0.0)]}
+
+    def read_stage(stage):
+        reads.append((now[0], stage))
+        return table.get(stage, [])
+
+    directory = DhtDirectory(read_stage, fresh_s=1.0, min_refresh_s=0.5, clock=lambda: now[0])
+
+    async def scenario():
+        assert await directory.address(1, "a") == "h:1"  # a first lookup waits for one read
+        assert await directory.address(1, "gone") is None  # leaving: not vouched for
+        assert await directory.address(1, "made-up") is None
+        assert len(reads) == 1  # the unknown ones did not read again within 0.5 s
+        now[0] = 0.6
+        assert await directory.address(1, "made-up") is None
+        assert len(reads) == 2
+        assert await directory.address(2, "a") is None  # a peer of another stage is not one of this stage
+        now[0] = 5.0  # stale: answered from memory at once, re-read in the background
+        table[1] = []
+        assert await directory.address(1, "a") == "h:1"
+        await asyncio.gather(*directory._reads.values())
+        assert await directory.address(1, "a") is None  # the read saw it gone
+
+    asyncio.run(scenario())
