@@ -108,12 +108,12 @@ def geo_section(args) -> None:
             chained_config = pathlib.Path(tmp) / "chained.json"
             chained_config.write_text(json.dumps(_with(config, chain_hops=True).to_dict()))
             nodes = {role.name: PEER_NODES[role.stage] for role in swarm.peers()}
-            nodes.update({f"trainer{i}": node for i in range(1, 4)})
+            nodes.update({"trainer-relayed": node, "trainer-chained": node})
             swarm.emulate_network(scenario=SCENARIO, nodes=nodes, latency_scale=args.time_scale,
                                   bandwidth_scale=bandwidth_scale)
             medians = []
-            for extra in ([], ["--config", str(chained_config)]):
-                role = swarm.start_trainer(args.steps + 1, extra_args=extra)
+            for name, extra in (("trainer-relayed", []), ("trainer-chained", ["--config", str(chained_config)])):
+                role = swarm.start_trainer(args.steps + 1, extra_args=extra, name=name)
                 swarm.wait_trainer(role, timeout=1800)
                 medians.append(statistics.median(step_times(swarm.metrics(role))))
         where = scenario["nodes"][node]["location"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -74,16 +75,22 @@ class StageServicer(pb_grpc.StageServicer):
         if stage != self.worker.stage:
             raise StageError(f"stage {stage} is not served here (this peer serves stage {self.worker.stage})")
 
-    async def _run(self, fn, *args):
-        """``fn(*args)`` on the compute thread, counted in flight (the drain waits for it)."""
+    @contextlib.contextmanager
+    def _in_flight(self):
+        """Count a call in flight while it lasts (the drain waits until none is)."""
         self.inflight += 1
         self.idle.clear()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            yield
         finally:
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
+
+    async def _run(self, fn, *args):
+        """``fn(*args)`` on the compute thread, counted in flight."""
+        with self._in_flight():
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args):
         try:
@@ -159,7 +166,8 @@ class StageServicer(pb_grpc.StageServicer):
         response = await self._call(context, run)
         if not chained:
             return response
-        return await self.relay.forward_on(request, response, response.done[0], context.time_remaining())
+        with self._in_flight():  # a draining peer answers its chain before it leaves
+            return await self.relay.forward_on(request, response, response.done[0], context.time_remaining())
 
     async def backward_framed(self, request: Framed, context: grpc.aio.ServicerContext) -> Framed:
         """Backward ``request`` (its tensors beside it); the response, framed the same way."""
@@ -202,7 +210,8 @@ class StageServicer(pb_grpc.StageServicer):
 
         pending, stepped = await self._call(context, gradients_and_head)
         grad_input = Framed(pb.BackwardResponse()).attach("grad_input", pending.grad_input, request.grad_codec or "none")
-        below, broken, given = await self.relay.backward_on(request, grad_input, context.time_remaining())
+        with self._in_flight():  # a draining peer answers its chain (and applies) before it leaves
+            below, broken, given = await self.relay.backward_on(request, grad_input, context.time_remaining())
         try:  # only now, so a peer that dies while the hops below run has applied nothing
             if stepped is None:
                 stepped = await self._run(self.worker.apply, pending, deadline)
