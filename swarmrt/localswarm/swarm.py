@@ -416,7 +416,8 @@ class LocalSwarm:
         """Give the peers' links latency and bandwidth: ``link`` for every peer and caller,
         ``links`` per peer name ``{peer: {caller: link}}``, or a scenario file with ``nodes``
         mapping local names (peers, trainers) to its node ids (format: ``docs/scenarios.md``).
-        Trainers started later keep their names (``trainerN``), so map them in advance."""
+        Trainers started later are named ``trainerN``, N counting every role this swarm started (peers
+        included): to map a trainer in advance, start it with ``start_trainer(..., name=...)``."""
         from swarmrt.wire.emulation import scenario_links
 
         per_peer: dict[str, dict] = {}
