@@ -22,7 +22,7 @@ from swarmrt.testing.inprocess import CountingClient, FakeContext, InProcessSwar
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import Framed
 from tests.unit.test_models import config as model_config, own_forward_losses
-from tests.unit.test_trainer import LLAMA, MLP, assert_exactly_once, assert_matches_reference
+from tests.unit.test_trainer import LLAMA, MLP, assert_exactly_once, assert_matches_reference, swarms, train  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,14 +43,6 @@ class Counting(CountingClient):
         return response
 
 
-@pytest.fixture
-def swarms():
-    made = []
-    yield made
-    for swarm in made:
-        swarm.close()
-
-
 def make(swarms, raw, peers_per_stage=1, chain=True, **network):
     config = config_from_dict({**raw, "network": {**raw.get("network", {}), "chain_hops": chain, **network}})
     swarm = InProcessSwarm.build(config, peers_per_stage)
@@ -58,13 +50,6 @@ def make(swarms, raw, peers_per_stage=1, chain=True, **network):
     trainer = Trainer(config, dht=None, client=Counting(swarm.client), trainer_id="t")
     trainer.view_peers(swarm.records)
     return config, swarm, trainer
-
-
-def train(trainer, steps, start=0):
-    async def go():
-        return [await trainer.train_step(step) for step in range(start, start + steps)]
-
-    return asyncio.run(go())
 
 
 def applied_per_stage(swarm, stages):
