@@ -259,3 +259,27 @@ def test_the_directory_answers_known_peers_at_once_and_reads_the_dht_at_most_eve
         assert await directory.address(1, "a") is None  # the read saw it gone
 
     asyncio.run(scenario())
+
+
+def test_a_tied_chain_that_breaks_goes_on_from_the_break_exactly_once(swarms):
+    raw = {**model_config("qwen2", True).to_dict(), "network": {"chain_hops": True, "max_retries": 4,
+                                                                   "no_peers_timeout_s": 2.0}}
+    config, swarm, trainer = make(swarms, raw, peers_per_stage=2)
+    assert trainer.tied
+    swarm.client.kill("s2p0")  # routes through it break after stage 1
+    dropped = []
+    backward = swarm.client.backward
+
+    async def drop_first_stage1_backward(address, request, timeout):
+        if address.startswith("s1") and not dropped:  # a backward chain breaks below stage 2
+            dropped.append(address)
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "dropped")
+        return await backward(address, request, timeout)
+
+    swarm.client.backward = drop_first_stage1_backward
+    losses = train(trainer, 3)
+    n = 3 * config.data.microbatches_per_step
+    assert dropped and trainer.accounting.replans >= 1
+    assert_exactly_once(trainer, n, 3)
+    assert applied_per_stage(swarm, 3) == [n] * 3
+    assert losses[-1] < losses[0]
