@@ -47,6 +47,7 @@ PURE = {
     "swarmrt.sim.moves",
     "swarmrt.sim.repair",
     "swarmrt.sim.replay",
+    "swarmrt.sim.bounds",
     "swarmrt.sim.scoring",
     "swarmrt.sim.fleet",
     "swarmrt.local_sgd.config",
