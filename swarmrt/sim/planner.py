@@ -358,6 +358,7 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
                         [np.zeros(len(arr.ids), dtype=bool) for _ in range(n_lanes)],
                         np.asarray(arr.ids, dtype=np.int64) if integer_ids else arr.ids)
     shapes: dict[tuple[PeerId, int], list[_Chain]] = {}
+    rows: dict = {}
     for lane in range(n_lanes):
         for o in origins:
             if lane >= lanes[o]:
@@ -370,7 +371,7 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
             while todo:
                 if shape is None or not balance.allowed(shape.middle):
                     shape = _best_chain(sched, o, todo, balance, state, rng, mine if lanes_apart else (),
-                                        lane if lanes_apart else -1)
+                                        lane if lanes_apart else -1, rows)
                     if shape is None:
                         return None
                 balance.commit(shape.middle)
@@ -390,12 +391,16 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
 
 
 def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, state: Mapping[int, tuple],
-                rng: random.Random, mine: Sequence[tuple[int, PeerId]] = (), lane: int = -1) -> _Chain | None:
+                rng: random.Random, mine: Sequence[tuple[int, PeerId]] = (), lane: int = -1,
+                rows: dict | None = None) -> _Chain | None:
     """The cheapest allowed shape for ``n`` microbatches of ``origin`` (see :func:`_chain_plan`).
 
     ``state[stage]``: (arrays, peer -> index, visits so far, per-lane marks, the ids for ``transfer_row``).
+    ``rows`` caches ``transfer_row`` results by (source peer, stage) across calls of one construction
+    (links do not change while a plan is built).
     """
     links = sched.table.links
+    rows = {} if rows is None else rows
     sets = sched.stage_sets(rng)[0]
     sets = [c for c in sets if balance.allowed(c, n)] or [c for c in sets if balance.allowed(c)]
     if not sets:
@@ -403,6 +408,7 @@ def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, 
     best = None
     middle_quota = balance.window * sched.k / max(1, len(sched.rules.middle_stages))
     works: dict[int, np.ndarray] = {}
+    width = sched.config.beam_width
     for middle in sets:
         stages = middle + sched.tail()
         beams = [(0.0, (origin,))]
@@ -423,15 +429,22 @@ def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, 
                         work += np.where(marks[lane], arr.forward_s, 0.0)
                 works[stage] = work
             work = works[stage]
+            count = len(arr.ids)
+            k = min(width, count)
             grown = []
             for cost, peers in beams:
-                total = cost + links.transfer_row(peers[-1], ids) + work
-                k = min(sched.config.beam_width, len(arr.ids))
-                for i in np.argpartition(total, k - 1)[:k] if k < len(arr.ids) else range(len(arr.ids)):
-                    if np.isfinite(total[i]):
-                        grown.append((float(total[i]), rng.random(), peers + (arr.ids[i],)))
+                key = (peers[-1], stage)
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = links.transfer_row(peers[-1], ids)
+                total = cost + row + work
+                picks = np.argpartition(total, k - 1)[:k] if k < count else range(count)
+                values = total[picks].tolist() if k < count else total.tolist()
+                for i, v in zip(picks, values):
+                    if v != float("inf") and v == v:  # finite (transfer rows may hold inf for no link)
+                        grown.append((v, rng.random(), peers + (arr.ids[i],)))
             grown.sort()
-            beams = [(g[0], g[2]) for g in grown[:sched.config.beam_width]]
+            beams = [(g[0], g[2]) for g in grown[:width]]
         for cost, peers in beams:
             if sched.rules.first_stage_is_also_last:
                 cost += links.transfer_s(peers[-1], origin)
