@@ -159,3 +159,22 @@ def test_moving_a_node_to_a_thin_stage_is_proposed_with_its_gain():
     live, reason = rebalance_moves(thin)
     assert [(m.source, m.target) for m in live] == [(1, 2)], reason
     assert rebalance_moves(GEO)[0] == []  # a balanced swarm: the policy moves nobody
+
+
+def test_the_time_aware_search_removes_a_collision_it_is_given():
+    """Two origins send a microbatch each through the same stage-1 node at the same moment: the later one
+    waits there. Repair forbids that node to one of them for that window and routes it elsewhere."""
+    a = Route(2, (Hop(0, 2), Hop(1, 9), Hop(2, 13), Hop(0, 2)), 0)  # Ireland -> Amsterdam -> Ireland
+    b = Route(4, (Hop(0, 4), Hop(1, 9), Hop(3, 15), Hop(0, 4)), 1)  # Frankfurt -> Amsterdam -> Frankfurt
+    evaluate = plan_evaluator(GEO)
+    before = evaluate([a, b])
+    waits = [w for i in (0, 1) for w in evaluate.trace.waits.get(i, ())]
+    assert {w.node for w in waits} == {9} and max(w.seconds for w in waits) > 1.0  # the collision it is given
+    left = iter(range(10))
+    fixed = repair([a, b], before, evaluate.trace, peer_table(GEO), GEO.rules, evaluate, lambda: evaluate.trace,
+                   lambda: next(left, None) is not None)
+    assert fixed.improved >= 1 and fixed.score < before - 1.0
+    assert evaluate(fixed.routes) == pytest.approx(fixed.score)
+    assert not any(evaluate.trace.waits.get(i) for i in (0, 1))  # no wait left anywhere
+    assert len({r.path[1] for r in fixed.routes}) == 2  # they no longer share the stage-1 node
+    assert [r.origin for r in fixed.routes] == [2, 4]
