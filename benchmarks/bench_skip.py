@@ -101,12 +101,14 @@ def bound_section(scenario, iterations, restarts):
     best_full = best_full_pipelines(scenario).makespan_s
     print(f"\n### One origin alone in the replay (every other origin idle; simulated annealing, {restarts} x "
           f"{iterations} steps, seed 0)\n")
-    print("| origin | best replay s, alone | vs `full` policy | vs best full pipeline | CPU s |")
-    print("|---|---|---|---|---|")
+    print("| origin | best replay s, alone | vs `full` policy | vs best full pipeline | any middle nodes, any order: "
+          "best s | CPU s |")
+    print("|---|---|---|---|---|---|")
     for o in scenario.origins:
         cpu = time.process_time()
         best, _ = origin_alone_best(scenario, o, random.Random(0), iterations, restarts)
-        print(f"| {o} | {best:.2f} | {best / full_s - 1:+.1%} | {best / best_full - 1:+.1%} | "
+        free, _ = origin_alone_best(scenario, o, random.Random(0), iterations, restarts, any_middle=True)
+        print(f"| {o} | {best:.2f} | {best / full_s - 1:+.1%} | {best / best_full - 1:+.1%} | {free:.2f} | "
               f"{time.process_time() - cpu:.1f} |")
 
 

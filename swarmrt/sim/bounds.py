@@ -118,11 +118,21 @@ def best_full_pipelines(scenario: Scenario, max_combinations: int = MAX_COMBINAT
     return FullBaseline(tuple(pipelines), tuple(routes), replay(scenario, routes).makespan_s, len(cost))
 
 
-def _shapes(scenario: Scenario) -> list[tuple[tuple[int, int], ...]]:
-    """Every legal (stage, node) sequence after the origin: the middle stages in order, then the last stage."""
+def _shapes(scenario: Scenario, any_middle: bool = False) -> list[tuple[tuple[int, int], ...]]:
+    """Every legal (stage, node) sequence after the origin: the middle stages in order, then the last stage.
+
+    ``any_middle``: instead, any distinct middle nodes in any order, whatever stage they serve (what
+    every stage assignment of the middle nodes and every reordering of stages would allow at once).
+    """
     rules = scenario.rules
     tail = () if rules.first_stage_is_also_last else (rules.last_stage,)
     shapes = []
+    if any_middle:
+        middle_nodes = [p for s in rules.middle_stages for p in scenario.nodes_of(s)]
+        for nodes in itertools.permutations(middle_nodes, rules.middle_visits):
+            for last in itertools.product(*(scenario.nodes_of(s) for s in tail)):
+                shapes.append(tuple((scenario.nodes[p].stage, p) for p in nodes) + tuple(zip(tail, last)))
+        return shapes
     for middle in itertools.combinations(rules.middle_stages, rules.middle_visits):
         stages = middle + tail
         for nodes in itertools.product(*(scenario.nodes_of(s) for s in stages)):
@@ -137,7 +147,7 @@ def _routes(scenario: Scenario, origin: int, shapes: Sequence[tuple[tuple[int, i
 
 
 def origin_alone_best(scenario: Scenario, origin: int, rng: random.Random, iterations: int = 15_000,
-                      restarts: int = 4) -> tuple[float, tuple[Route, ...]]:
+                      restarts: int = 4, any_middle: bool = False) -> tuple[float, tuple[Route, ...]]:
     """The fastest set of ``origin``'s routes found with every other origin idle: (replay seconds, routes).
 
     Simulated annealing: from a random route set, change one
@@ -145,11 +155,14 @@ def origin_alone_best(scenario: Scenario, origin: int, rng: random.Random, itera
     ``exp(-delta / T)`` (T from 2 s down to 0.02 s); ``restarts``
     independent runs of ``iterations`` steps. The balance rule is not
     imposed (one origin alone could not meet it), which can only make
-    the floor lower.
+    the floor lower. ``any_middle``: routes through any distinct middle
+    nodes in any order (the floor over every stage assignment of the
+    middle nodes and every swap of stages; the routes need not be legal
+    under the scenario's own assignment).
     """
     if origin not in scenario.origins:
         raise ValueError(f"origin_alone_best: node {origin} is not a stage-0 node of the scenario")
-    shapes = _shapes(scenario)
+    shapes = _shapes(scenario, any_middle)
     n = scenario.microbatches_per_origin
     best: tuple[float, list] | None = None
     for _ in range(restarts):

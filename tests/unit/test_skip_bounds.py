@@ -87,3 +87,12 @@ def test_stage_swaps_keep_every_stage_size_and_only_keep_faster_assignments():
     seconds = [before] + [s for _, _, s in kept]
     assert all(b < a for a, b in zip(seconds, seconds[1:]))
     assert plan_seconds(reached, 0, 300) == pytest.approx(seconds[-1])
+
+
+def test_any_middle_shapes_cover_every_order_and_stage():
+    from swarmrt.sim.bounds import _shapes
+
+    legal, free = _shapes(GEO), _shapes(GEO, any_middle=True)
+    assert len(legal) == 3 * 16 and len(free) == 12 * 11  # stage pairs x peers; ordered pairs of middle nodes
+    assert set(legal) < set(free)
+    assert ((2, 10), (1, 6)) in free and ((2, 10), (2, 11)) in free  # swapped stages; two nodes of one stage
