@@ -37,7 +37,10 @@ Prints markdown tables (paste them into the benchmarks doc):
 7. planning cost: wall and CPU seconds, work and plans scored, on the
    scenario and on ``--plan-peers`` generated swarms (default 1000, 2000,
    3000);
-8. assign: stage assignment as a lever (swaps of two nodes' stages the
+8. anneal: a whole plan annealed directly in the replay from swarmrt's
+   plan (``--anneal-iterations``): how far the replay lets an iteration
+   go with every origin sharing the middle nodes;
+9. assign: stage assignment as a lever (swaps of two nodes' stages the
    planner predicts faster), each policy then replayed on the same
    assignment.
 
@@ -63,12 +66,12 @@ from swarmrt.sim.scenario import generate_scenario, load_scenario, peer_table  #
 from swarmrt.routing.paths import Hop, Route  # noqa: E402
 from swarmrt.routing.policies import SkipScheduler  # noqa: E402
 from swarmrt.sim.planner import PLAN_WORK  # noqa: E402
-from swarmrt.sim.bounds import best_full_pipelines, origin_alone_best  # noqa: E402
+from swarmrt.sim.bounds import anneal_plan, best_full_pipelines, origin_alone_best  # noqa: E402
 from swarmrt.sim.replay import replay  # noqa: E402
-from swarmrt.sim.simulator import SimConfig, simulate  # noqa: E402
+from swarmrt.sim.simulator import SimConfig, plan_evaluator, simulate  # noqa: E402
 from swarmrt.sim.cli import POLICY_ORDER, plan_routes  # noqa: E402
 
-SECTIONS = ("sim", "noise", "plan", "failures", "scale", "replay", "cost", "bound", "assign")
+SECTIONS = ("sim", "noise", "plan", "failures", "scale", "replay", "cost", "bound", "assign", "anneal")
 
 
 def as_routes(scenario, result):
@@ -110,6 +113,24 @@ def bound_section(scenario, iterations, restarts):
         free, _ = origin_alone_best(scenario, o, random.Random(0), iterations, restarts, any_middle=True)
         print(f"| {o} | {best:.2f} | {best / full_s - 1:+.1%} | {best / best_full - 1:+.1%} | {free:.2f} | "
               f"{time.process_time() - cpu:.1f} |")
+
+
+def anneal_section(scenario, budget_s, work, iterations):
+    """A whole plan searched directly in the replay, from swarmrt's plan (seed 0): how far the replay goes."""
+    p = plan_routes(scenario, "swarmrt", 0, budget_s, work)
+    full_s = replay(scenario, as_routes(scenario, plan_routes(scenario, "full", 0, None))).makespan_s
+    best_full = best_full_pipelines(scenario).makespan_s
+    cpu = time.process_time()
+    seconds, routes = anneal_plan(scenario, as_routes(scenario, p), random.Random(0), iterations)
+    cpu = time.process_time() - cpu
+    simulated = plan_evaluator(scenario)(routes)
+    print(f"\n### A whole plan annealed in the replay ({iterations} steps from swarmrt's seed-0 plan, seed 0)\n")
+    print("| plan | replay s | vs `full` policy | vs best full pipeline | simulator s |")
+    print("|---|---|---|---|---|")
+    print(f"| swarmrt's plan | {p['replay_iteration_s']:.2f} | {p['replay_iteration_s'] / full_s - 1:+.1%} | "
+          f"{p['replay_iteration_s'] / best_full - 1:+.1%} | {p['predicted_iteration_s']:.2f} |")
+    print(f"| annealed in the replay ({cpu:.0f} CPU s) | {seconds:.2f} | {seconds / full_s - 1:+.1%} | "
+          f"{seconds / best_full - 1:+.1%} | {simulated:.2f} |")
 
 
 def assign_section(scenario, seeds, budget_s, work):
@@ -187,6 +208,8 @@ def main(argv=None) -> int:
                         help="annealing steps per restart of the one-origin bound (default 15000)")
     parser.add_argument("--bound-restarts", type=int, default=4,
                         help="annealing restarts per origin of the one-origin bound (default 4)")
+    parser.add_argument("--anneal-iterations", type=int, default=40000,
+                        help="annealing steps of the whole-plan search in the replay (default 40000)")
     parser.add_argument("--plan-peers", default="1000,2000,3000",
                         help="generated swarm sizes of the planning-cost table (default 1000,2000,3000)")
     parser.add_argument("--jitter", type=float, default=0.02, help="compute noise sigma of the noisy run (default 0.02)")
@@ -211,6 +234,8 @@ def main(argv=None) -> int:
         replay_section(scenario, args.seeds, args.budget_s, args.work)
     if "bound" in sections:
         bound_section(scenario, args.bound_iterations, args.bound_restarts)
+    if "anneal" in sections:
+        anneal_section(scenario, args.budget_s, args.work, args.anneal_iterations)
     if "assign" in sections:
         assign_section(scenario, args.seeds, args.budget_s, args.work)
     if "cost" in sections:

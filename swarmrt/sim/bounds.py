@@ -182,3 +182,53 @@ def origin_alone_best(scenario: Scenario, origin: int, rng: random.Random, itera
             best = (value, list(current))
     assert best is not None
     return best[0], tuple(_routes(scenario, origin, best[1]))
+
+
+def anneal_plan(scenario: Scenario, routes: Sequence[Route], rng: random.Random, iterations: int = 40_000
+                ) -> tuple[float, tuple[Route, ...]]:
+    """Search a whole plan directly in the replay: (its replay seconds, routes), from ``routes``.
+
+    Simulated annealing over legal plans: a step gives one microbatch
+    another legal shape, or swaps the shapes of two microbatches (of any
+    origins); a step that breaks the balance rule is skipped; a slower plan
+    is accepted with probability ``exp(-delta / T)``, T from 1 s down to
+    0.01 s. Not a planner (it tunes to the replay's own model, so its
+    plans are no longer checked independently): it shows how far the
+    replay lets a whole iteration go, with every origin sharing the middle
+    nodes.
+    """
+    from swarmrt.routing.paths import balance_violations, stage_counts
+
+    rules = scenario.rules
+    shapes = _shapes(scenario)
+    back = (Hop(0, 0),) if scenario.first_stage_is_also_last else ()
+
+    def with_shape(r: Route, hops: Sequence[Hop]) -> Route:
+        ret = tuple(Hop(0, r.origin) for _ in back)
+        return Route(r.origin, (Hop(0, r.origin),) + tuple(hops) + ret, r.microbatch)
+
+    def tail(r: Route) -> tuple[Hop, ...]:
+        return r.hops[1:-1] if back else r.hops[1:]
+
+    current = list(routes)
+    value = replay(scenario, current).makespan_s
+    best = (value, list(current))
+    temperature = 1.0
+    for _ in range(iterations):
+        candidate = list(current)
+        i = rng.randrange(len(candidate))
+        if rng.random() < 0.5:
+            candidate[i] = with_shape(candidate[i], [Hop(s, p) for s, p in rng.choice(shapes)])
+        else:
+            j = rng.randrange(len(candidate))
+            candidate[i], candidate[j] = (with_shape(current[i], tail(current[j])),
+                                          with_shape(current[j], tail(current[i])))
+        if balance_violations(stage_counts(candidate, rules), rules):
+            continue
+        v = replay(scenario, candidate).makespan_s
+        if v <= value or rng.random() < math.exp(-(v - value) / temperature):
+            current, value = candidate, v
+            if value < best[0]:
+                best = (value, list(current))
+        temperature = max(0.01, temperature * 0.9998)
+    return best[0], tuple(best[1])
