@@ -66,7 +66,7 @@ from swarmrt.sim.scenario import generate_scenario, load_scenario, peer_table  #
 from swarmrt.routing.paths import Hop, Route  # noqa: E402
 from swarmrt.routing.policies import SkipScheduler  # noqa: E402
 from swarmrt.sim.planner import PLAN_WORK  # noqa: E402
-from swarmrt.sim.bounds import anneal_plan, best_full_pipelines, origin_alone_best  # noqa: E402
+from swarmrt.sim.bounds import anneal_plan, best_disjoint_paths, best_full_pipelines, origin_alone_best  # noqa: E402
 from swarmrt.sim.replay import replay  # noqa: E402
 from swarmrt.sim.simulator import SimConfig, plan_evaluator, simulate  # noqa: E402
 from swarmrt.sim.cli import POLICY_ORDER, plan_routes  # noqa: E402
@@ -131,6 +131,14 @@ def anneal_section(scenario, budget_s, work, iterations):
           f"{p['replay_iteration_s'] / best_full - 1:+.1%} | {p['predicted_iteration_s']:.2f} |")
     print(f"| annealed in the replay ({cpu:.0f} CPU s) | {seconds:.2f} | {seconds / full_s - 1:+.1%} | "
           f"{seconds / best_full - 1:+.1%} | {simulated:.2f} |")
+    disjoint_s, paths = best_disjoint_paths(scenario)
+    routes = [Route(o, (Hop(0, o),) + tuple(Hop(scenario.nodes[p].stage, p) for p in paths[o]) +
+                    ((Hop(0, o),) if scenario.first_stage_is_also_last else ()), 0)
+              for _ in range(scenario.microbatches_per_origin) for o in paths]
+    routes = [Route(r.origin, r.hops, i) for i, r in enumerate(routes)]
+    print(f"| SkipPipe's shape: one path per origin, no middle node shared (exhaustive) | {disjoint_s:.2f} | "
+          f"{disjoint_s / full_s - 1:+.1%} | {disjoint_s / best_full - 1:+.1%} | {plan_evaluator(scenario)(routes):.2f} |")
+    print("\nThose paths: " + ", ".join(f"{o}: {'-'.join(map(str, p))}" for o, p in paths.items()))
 
 
 def assign_section(scenario, seeds, budget_s, work):

@@ -232,3 +232,54 @@ def anneal_plan(scenario: Scenario, routes: Sequence[Route], rng: random.Random,
                 best = (value, list(current))
         temperature = max(0.01, temperature * 0.9998)
     return best[0], tuple(best[1])
+
+
+def best_disjoint_paths(scenario: Scenario) -> tuple[float, dict[int, tuple[int, ...]]]:
+    """SkipPipe's collision-aware shape, solved exactly in the replay: (seconds, origin -> middle nodes).
+
+    Every origin sends all its microbatches along one path, and no two
+    origins share a middle node (SkipPipe's plan with a path per origin
+    and one path per middle node). Disjoint origins do not meet in the
+    replay, so the iteration is its slowest origin alone, and the best set
+    is a bottleneck assignment over each origin's legal shapes, each timed
+    alone. Needs enough middle nodes for every origin (ValueError if not).
+    """
+    shapes = _shapes(scenario)
+    origins = scenario.origins
+    n = scenario.microbatches_per_origin
+    middle_nodes = {p for s in scenario.rules.middle_stages for p in scenario.nodes_of(s)}
+    if len(origins) * scenario.rules.middle_visits > len(middle_nodes):
+        raise ValueError(f"best_disjoint_paths: {len(origins)} origins need {scenario.rules.middle_visits} middle "
+                         f"nodes each, the scenario has {len(middle_nodes)}")
+    cost = {(o, shape): replay(scenario, _routes(scenario, o, [shape] * n)).makespan_s
+            for o in origins for shape in shapes}
+
+    def assign(threshold: float) -> dict[int, tuple[int, ...]] | None:
+        options = {o: [sh for sh in shapes if cost[(o, sh)] <= threshold] for o in origins}
+        order = sorted(origins, key=lambda o: (len(options[o]), o))
+
+        def extend(k: int, used: frozenset) -> dict | None:
+            if k == len(order):
+                return {}
+            for shape in options[order[k]]:
+                nodes = {p for s, p in shape if s in scenario.rules.middle_stages}
+                if used.isdisjoint(nodes):
+                    rest = extend(k + 1, used | nodes)
+                    if rest is not None:
+                        rest[order[k]] = tuple(p for _, p in shape)
+                        return rest
+            return None
+        return extend(0, frozenset())
+
+    values = sorted(set(cost.values()))
+    lo, hi = 0, len(values) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if assign(values[mid]) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    found = assign(values[lo])
+    if found is None:
+        raise ValueError("best_disjoint_paths: no set of disjoint paths exists")
+    return values[lo], dict(sorted(found.items()))

@@ -96,3 +96,18 @@ def test_any_middle_shapes_cover_every_order_and_stage():
     assert len(legal) == 3 * 16 and len(free) == 12 * 11  # stage pairs x peers; ordered pairs of middle nodes
     assert set(legal) < set(free)
     assert ((2, 10), (1, 6)) in free and ((2, 10), (2, 11)) in free  # swapped stages; two nodes of one stage
+
+
+def test_disjoint_paths_share_no_middle_node_and_take_their_slowest_origin():
+    from swarmrt.routing.paths import Hop, Route
+    from swarmrt.sim.bounds import best_disjoint_paths
+
+    seconds, paths = best_disjoint_paths(GEO)
+    assert sorted(paths) == list(GEO.origins)
+    used = [p for nodes in paths.values() for p in nodes]
+    assert len(used) == len(set(used)) == 12  # every middle node once
+    assert all(GEO.nodes[a].stage < GEO.nodes[b].stage for a, b in paths.values())
+    routes = [Route(o, (Hop(0, o),) + tuple(Hop(GEO.nodes[p].stage, p) for p in paths[o]) + (Hop(0, o),), i)
+              for i, o in enumerate(o for _ in range(6) for o in paths)]
+    assert replay(GEO, routes).makespan_s == pytest.approx(seconds)  # they never meet
+    assert seconds == pytest.approx(57.76, abs=0.01)  # docs/benchmarks-skip.md
