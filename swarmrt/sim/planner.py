@@ -54,12 +54,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import itertools
+import math
 import random
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from swarmrt.routing.paths import PathRules, Route
+from swarmrt.routing.paths import PathRules, Route, balance_violations, stage_counts
 from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policy import Balance, Policy
 from swarmrt.routing.skip_scheduler import SkipScheduler
@@ -206,6 +208,11 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
       one per memory lane (*lane chains*), chosen greedily by link and
       compute cost with the balance rule and each peer's share of its
       stage as limits, so origins do not collide;
+    - *disjoint paths* (SkipPipe's collision-aware shape, where the
+      swarm is small enough): one path per origin for all its
+      microbatches, no middle peer shared by two origins, the set whose
+      costliest path (links both ways plus compute) is cheapest
+      (:func:`_disjoint_plan`);
     - *eft*: per-microbatch earliest-finish-time list scheduling (the
       origin that can start soonest routes next, as ``route`` would).
 
@@ -253,6 +260,11 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
             chains = _chain_plan(sched, microbatches, rng, lanes)
             if chains is not None:
                 consider("lane chains" if lanes else "origin chains", chains)
+    if not best or budget.allows(n + eval_cost):
+        budget.spend(n)
+        disjoint = _disjoint_plan(sched, microbatches)
+        if disjoint is not None:
+            consider("disjoint paths", disjoint)
     if not best or budget.allows(EFT_COST * n + eval_cost):
         sched.restore_bookings(base)
         budget.spend(EFT_COST * n)
@@ -300,6 +312,102 @@ def _previous_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int]) -> 
     if any(p not in sched.table for r in last for p in r.path):
         return None
     return list(last)
+
+
+DISJOINT_MAX_SHAPES = 20_000
+"""Most (origin, path) pairs :func:`_disjoint_plan` costs; larger swarms skip that construction."""
+DISJOINT_MAX_STEPS = 50_000
+"""Most search steps of one :func:`_disjoint_plan` assignment before it gives up (no plan)."""
+
+
+def _disjoint_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int]) -> list[Route] | None:
+    """One path per origin, no middle peer on two origins' paths, the costliest path as cheap as can be.
+
+    This is the shape of SkipPipe's collision-aware plan: origins never
+    meet on a middle peer, so they never wait for each other there. A
+    path's cost is what one microbatch spends on it apart from queueing:
+    each link twice (activation out, gradient back) plus the forward and
+    backward of each peer. The set is a bottleneck assignment: the
+    smallest threshold for which every origin has a path at or below it
+    and the paths can be chosen disjoint (backtracking, origins with the
+    fewest options first, each origin's cheapest paths first). None when
+    the swarm has too few middle peers, too many (origin, path) pairs
+    (:data:`DISJOINT_MAX_SHAPES`), the search runs past
+    :data:`DISJOINT_MAX_STEPS`, or the plan would break the balance rule.
+    Deterministic: no randomness.
+    """
+    rules = sched.rules
+    table = sched.table
+    links = table.links
+    origins = [o for o in microbatches if microbatches[o] > 0]
+    middle = rules.middle_stages
+    if not origins or not rules.middle_visits:
+        return None
+    if len(origins) * rules.middle_visits > sum(len(table.peers_of(s)) for s in middle):
+        return None
+    tail = sched.tail()
+    shapes = []
+    for stages in itertools.combinations(middle, rules.middle_visits):
+        count = math.prod(len(table.peers_of(s)) for s in stages + tail)
+        if count * len(origins) + len(shapes) * len(origins) > DISJOINT_MAX_SHAPES:
+            return None
+        for peers in itertools.product(*(table.peers_of(s) for s in stages + tail)):
+            shapes.append((stages + tail, peers))
+    work = {p: table.get(p).forward_s + table.get(p).backward_s for _, peers in shapes for p in peers}
+    cost = {}
+    for o in origins:
+        for i, (stages, peers) in enumerate(shapes):
+            hops = (o,) + peers + ((o,) if rules.first_stage_is_also_last else ())
+            cost[(o, i)] = (sum(2 * links.transfer_s(a, b) for a, b in zip(hops, hops[1:]))
+                            + sum(work[p] for p in peers))
+    tail_set = set(tail)
+    steps = [0]
+
+    def assign(threshold: float) -> dict | None:
+        options = {o: sorted((i for i in range(len(shapes)) if cost[(o, i)] <= threshold),
+                             key=lambda i: (cost[(o, i)], i)) for o in origins}
+        order = sorted(range(len(origins)), key=lambda k: (len(options[origins[k]]), k))
+
+        def extend(k: int, used: frozenset) -> dict | None:
+            if k == len(order):
+                return {}
+            o = origins[order[k]]
+            for i in options[o]:
+                steps[0] += 1
+                if steps[0] > DISJOINT_MAX_STEPS:
+                    return None
+                stages, peers = shapes[i]
+                mine = {p for s, p in zip(stages, peers) if s not in tail_set}
+                if used.isdisjoint(mine):
+                    rest = extend(k + 1, used | mine)
+                    if rest is not None:
+                        rest[o] = i
+                        return rest
+            return None
+        return extend(0, frozenset())
+
+    values = sorted(set(cost.values()))
+    lo, hi = 0, len(values) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if assign(values[mid]) is not None:
+            hi = mid
+        else:
+            if steps[0] > DISJOINT_MAX_STEPS:
+                return None
+            lo = mid + 1
+    chosen = assign(values[lo])
+    if chosen is None:
+        return None
+    routes = []
+    for j in range(max(microbatches.values(), default=0)):
+        for o in origins:
+            if j < microbatches[o]:
+                stages, peers = shapes[chosen[o]]
+                routes.append(sched.make_route(o, peers, stages, len(routes)))
+    if balance_violations(stage_counts(routes, rules), rules):
+        return None
+    return routes
 
 
 def _eft_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: float,
