@@ -23,8 +23,8 @@ microbatches ("chains": origins then rarely collide, and an origin's own
 microbatches pipeline behind each other at a steady pace), chosen greedily
 by link and compute cost with balance and each peer's share as limits. So
 the planner builds the previous plan (while it fits), several randomised
-chain plans and an EFT plan, scores each as soon as it exists with a
-caller-given evaluator (the simulator replaying the plan, averaged with a
+chain plans, SkipPipe's disjoint paths (small swarms) and an EFT plan,
+scores each as soon as it exists with a caller-given evaluator (the simulator replaying the plan, averaged with a
 few seeded noisy runs: :mod:`swarmrt.sim.scoring`; without one, the
 timeline forecast), and repairs the best one's collisions
 (:mod:`swarmrt.sim.repair`: where the latest microbatch waited longest,
@@ -41,9 +41,11 @@ while its peers live (a planned route whose peer died keeps its stages and
 gets other peers by EFT), and fall back to EFT otherwise.
 
 Figures (docs/benchmarks-skip.md): on geo-aws18 about -42% time per
-iteration against the DT-FM-style full pipeline in the simulator and -43%
-in an independent replay (:mod:`swarmrt.sim.replay`), planned with the
-default budget in about 0.4 s of CPU.
+iteration against the DT-FM-style full pipeline in the simulator; in an
+independent replay (:mod:`swarmrt.sim.replay`) -43% against the ``full``
+policy's pipelines and -40% against the best full pipeline
+(:func:`swarmrt.sim.bounds.best_full_pipelines`), planned with the default
+budget in about 0.35 s of CPU.
 
 Pure: the clock (``now``, ``clock``) and the random generator (``rng``) are
 arguments.
