@@ -62,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from swarmrt.sim import scenarios
-from swarmrt.sim.scenario import generate_scenario, load_scenario, peer_table  # noqa: E402
+from swarmrt.sim.scenario import generate_scenario, load_scenario, parse_scenario, peer_table  # noqa: E402
 from swarmrt.routing.paths import Hop, Route  # noqa: E402
 from swarmrt.routing.policies import SkipScheduler  # noqa: E402
 from swarmrt.sim.planner import PLAN_WORK  # noqa: E402
@@ -220,6 +220,8 @@ def main(argv=None) -> int:
                         help="annealing restarts per origin of the one-origin bound (default 4)")
     parser.add_argument("--anneal-iterations", type=int, default=40000,
                         help="annealing steps of the whole-plan search in the replay (default 40000)")
+    parser.add_argument("--per-hop-overhead", type=float, default=None, metavar="S",
+                        help="replace the scenario's per_hop_overhead_s (SkipPipe's schedule adds 0.35 s per transfer)")
     parser.add_argument("--plan-peers", default="1000,2000,3000",
                         help="generated swarm sizes of the planning-cost table (default 1000,2000,3000)")
     parser.add_argument("--jitter", type=float, default=0.02, help="compute noise sigma of the noisy run (default 0.02)")
@@ -232,6 +234,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     scenario = load_scenario(args.scenario)
+    if args.per_hop_overhead is not None:  # e.g. SkipPipe's schedule's 0.35 s per transfer
+        import json
+
+        with open(args.scenario, encoding="utf-8") as f:
+            obj = json.load(f)
+        obj["per_hop_overhead_s"] = args.per_hop_overhead
+        scenario = parse_scenario(obj)
     print(f"## {scenario.name or args.scenario}: {len(scenario.nodes)} nodes, {scenario.stages} stages, "
           f"{scenario.stages_visited_per_microbatch} visited (skip {scenario.rules.skip_ratio:.0%}), "
           f"{scenario.microbatches_per_iteration} microbatches per iteration\n")
