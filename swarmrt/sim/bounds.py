@@ -34,6 +34,7 @@ import random
 from typing import Sequence
 
 from swarmrt.routing.paths import Hop, Route
+from swarmrt.sim.bottleneck import bottleneck_assign
 from swarmrt.sim.replay import replay
 from swarmrt.sim.scenario import Scenario
 
@@ -88,32 +89,11 @@ def best_full_pipelines(scenario: Scenario, max_combinations: int = MAX_COMBINAT
     for pipe in itertools.product(*stage_nodes):
         for n in set(counts):
             cost[(pipe, n)] = replay(scenario, pipeline_routes(scenario, [pipe], [n])).makespan_s
-
-    def assign(threshold: float) -> list[tuple[int, ...]] | None:
-        options = {n: [p for (p, m), v in sorted(cost.items(), key=lambda kv: (kv[1], kv[0])) if m == n
-                       and v <= threshold] for n in set(counts)}
-
-        def extend(slot: int, used: frozenset) -> list[tuple[int, ...]] | None:
-            if slot == width:
-                return []
-            for pipe in options[counts[slot]]:
-                if used.isdisjoint(pipe):
-                    rest = extend(slot + 1, used | set(pipe))
-                    if rest is not None:
-                        return [pipe] + rest
-            return None
-        return extend(0, frozenset())
-
-    values = sorted(set(cost.values()))
-    lo, hi = 0, len(values) - 1
-    while lo < hi:  # the smallest threshold that still admits a full set of disjoint pipelines
-        mid = (lo + hi) // 2
-        if assign(values[mid]) is not None:
-            hi = mid
-        else:
-            lo = mid + 1
-    pipelines = assign(values[lo])
-    assert pipelines is not None  # the largest value admits any disjoint set, and one exists (width)
+    pipes = list(itertools.product(*stage_nodes))
+    found = bottleneck_assign(list(range(width)), {slot: pipes for slot in range(width)},
+                              lambda slot, pipe: cost[(pipe, counts[slot])], frozenset)
+    assert found is not None  # one node per stage for each of ``width`` pipelines always exists
+    pipelines = [found[1][slot] for slot in range(width)]
     routes = pipeline_routes(scenario, pipelines, counts)
     return FullBaseline(tuple(pipelines), tuple(routes), replay(scenario, routes).makespan_s, len(cost))
 
@@ -253,33 +233,10 @@ def best_disjoint_paths(scenario: Scenario) -> tuple[float, dict[int, tuple[int,
                          f"nodes each, the scenario has {len(middle_nodes)}")
     cost = {(o, shape): replay(scenario, _routes(scenario, o, [shape] * n)).makespan_s
             for o in origins for shape in shapes}
-
-    def assign(threshold: float) -> dict[int, tuple[int, ...]] | None:
-        options = {o: [sh for sh in shapes if cost[(o, sh)] <= threshold] for o in origins}
-        order = sorted(origins, key=lambda o: (len(options[o]), o))
-
-        def extend(k: int, used: frozenset) -> dict | None:
-            if k == len(order):
-                return {}
-            for shape in options[order[k]]:
-                nodes = {p for s, p in shape if s in scenario.rules.middle_stages}
-                if used.isdisjoint(nodes):
-                    rest = extend(k + 1, used | nodes)
-                    if rest is not None:
-                        rest[order[k]] = tuple(p for _, p in shape)
-                        return rest
-            return None
-        return extend(0, frozenset())
-
-    values = sorted(set(cost.values()))
-    lo, hi = 0, len(values) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if assign(values[mid]) is not None:
-            hi = mid
-        else:
-            lo = mid + 1
-    found = assign(values[lo])
+    middle = set(scenario.rules.middle_stages)
+    found = bottleneck_assign(list(origins), {o: shapes for o in origins}, lambda o, shape: cost[(o, shape)],
+                              lambda shape: frozenset(p for s, p in shape if s in middle))
     if found is None:
         raise ValueError("best_disjoint_paths: no set of disjoint paths exists")
-    return values[lo], dict(sorted(found.items()))
+    seconds, chosen = found
+    return seconds, {o: tuple(p for _, p in chosen[o]) for o in sorted(chosen)}

@@ -68,6 +68,7 @@ from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policy import Balance, Policy
 from swarmrt.routing.skip_scheduler import SkipScheduler
 from swarmrt.routing.timeline import Timeline, forecast_route
+from swarmrt.sim.bottleneck import bottleneck_assign
 from swarmrt.sim.repair import repair
 
 PeerId = Hashable
@@ -363,44 +364,12 @@ def _disjoint_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int]) -> 
             cost[(o, i)] = (sum(2 * links.transfer_s(a, b) for a, b in zip(hops, hops[1:]))
                             + sum(work[p] for p in peers))
     tail_set = set(tail)
-    steps = [0]
-
-    def assign(threshold: float) -> dict | None:
-        options = {o: sorted((i for i in range(len(shapes)) if cost[(o, i)] <= threshold),
-                             key=lambda i: (cost[(o, i)], i)) for o in origins}
-        order = sorted(range(len(origins)), key=lambda k: (len(options[origins[k]]), k))
-
-        def extend(k: int, used: frozenset) -> dict | None:
-            if k == len(order):
-                return {}
-            o = origins[order[k]]
-            for i in options[o]:
-                steps[0] += 1
-                if steps[0] > DISJOINT_MAX_STEPS:
-                    return None
-                stages, peers = shapes[i]
-                mine = {p for s, p in zip(stages, peers) if s not in tail_set}
-                if used.isdisjoint(mine):
-                    rest = extend(k + 1, used | mine)
-                    if rest is not None:
-                        rest[o] = i
-                        return rest
-            return None
-        return extend(0, frozenset())
-
-    values = sorted(set(cost.values()))
-    lo, hi = 0, len(values) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if assign(values[mid]) is not None:
-            hi = mid
-        else:
-            if steps[0] > DISJOINT_MAX_STEPS:
-                return None
-            lo = mid + 1
-    chosen = assign(values[lo])
-    if chosen is None:
+    found = bottleneck_assign(origins, {o: range(len(shapes)) for o in origins}, lambda o, i: cost[(o, i)],
+                              lambda i: frozenset(p for s, p in zip(*shapes[i]) if s not in tail_set),
+                              DISJOINT_MAX_STEPS)
+    if found is None:
         return None
+    chosen = found[1]
     routes = []
     for j in range(max(microbatches.values(), default=0)):
         for o in origins:

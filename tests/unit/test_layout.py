@@ -48,6 +48,7 @@ PURE = {
     "swarmrt.sim.repair",
     "swarmrt.sim.replay",
     "swarmrt.sim.bounds",
+    "swarmrt.sim.bottleneck",
     "swarmrt.sim.scoring",
     "swarmrt.sim.fleet",
     "swarmrt.local_sgd.config",
