@@ -111,3 +111,15 @@ def test_disjoint_paths_share_no_middle_node_and_take_their_slowest_origin():
               for i, o in enumerate(o for _ in range(6) for o in paths)]
     assert replay(GEO, routes).makespan_s == pytest.approx(seconds)  # they never meet
     assert seconds == pytest.approx(57.76, abs=0.01)  # docs/benchmarks-skip.md
+
+
+def test_bottleneck_assign_minimises_the_worst_slot_not_the_first():
+    from swarmrt.sim.bottleneck import bottleneck_assign
+
+    cost = {("a", "x"): 1.0, ("a", "y"): 3.0, ("b", "x"): 2.0, ("b", "y"): 9.0}
+    options = {"a": ["x", "y"], "b": ["x", "y"]}
+    seconds, chosen = bottleneck_assign(["a", "b"], options, lambda s, o: cost[(s, o)], lambda o: frozenset([o]))
+    assert (seconds, chosen) == (3.0, {"a": "y", "b": "x"})  # greedy "a takes x" would leave b at 9
+    assert bottleneck_assign(["a", "b"], {"a": ["x"], "b": ["x"]}, lambda s, o: 1.0, lambda o: frozenset([o])) is None
+    assert bottleneck_assign(["a", "b"], options, lambda s, o: cost[(s, o)], lambda o: frozenset([o]),
+                             max_steps=1) is None  # gave up
