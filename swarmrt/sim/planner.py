@@ -24,9 +24,9 @@ microbatches pipeline behind each other at a steady pace), chosen greedily
 by link and compute cost with balance and each peer's share as limits. So
 the planner builds the previous plan (while it fits), several randomised
 chain plans, SkipPipe's disjoint paths (small swarms) and an EFT plan,
-scores each as soon as it exists with a caller-given evaluator (the simulator replaying the plan, averaged with a
-few seeded noisy runs: :mod:`swarmrt.sim.scoring`; without one, the
-timeline forecast), and repairs the best one's collisions
+scores each as soon as it exists with a caller-given evaluator (the
+simulator replaying the plan, averaged with a few seeded noisy runs:
+:mod:`swarmrt.sim.scoring`; without one, the timeline forecast), and repairs the best one's collisions
 (:mod:`swarmrt.sim.repair`: where the latest microbatch waited longest,
 one of the two colliding microbatches is re-routed around that node).
 
