@@ -79,7 +79,8 @@ Evaluator = Callable[[Sequence[Route]], float]
 An evaluator may also have ``runs_for(n)`` (simulations one call makes for
 ``n`` microbatches: the planner counts that work), ``exact_s`` (the exact
 run's seconds of the plan it scored last: the prediction) and ``trace`` (a
-:class:`~swarmrt.sim.scoring.PlanTrace` of it: the repair needs one), as
+:class:`~swarmrt.sim.scoring.PlanTrace` of it: the repair needs one), and
+``trace_of(routes)`` (a trace of any plan, made when asked), as
 :class:`~swarmrt.sim.scoring.PlanEvaluator` has."""
 
 
@@ -243,7 +244,9 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
         scored += 1
         if evaluate is not None:
             value = evaluate(routes)
-            exact, trace = getattr(evaluate, "exact_s", value), getattr(evaluate, "trace", None)
+            exact = getattr(evaluate, "exact_s", value)
+            # an evaluator with trace_of traces the winner later, once; others hand their trace now
+            trace = routes if hasattr(evaluate, "trace_of") else getattr(evaluate, "trace", None)
         else:
             value = exact = replay_forecast(routes, sched.table, sched.rules, base.timeline, now)
             trace = None
@@ -280,6 +283,8 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
     value, exact, trace, method, routes = best
     repaired = ""
     if trace is not None and budget.allows(eval_cost):
+        if trace is routes:
+            trace = evaluate.trace_of(routes)
         def evaluate_exact(candidate: Sequence[Route]) -> float:
             nonlocal exact, scored
             budget.spend(eval_cost)
