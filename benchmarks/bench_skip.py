@@ -27,13 +27,22 @@ Prints markdown tables (paste them into the benchmarks doc):
 
 5. replay: swarmrt's plans (``swarmrt plan``, seeds 0..``--seeds``-1)
    and the full pipeline's routes played in the independent replay
-   (swarmrt/sim/replay.py), with the cut;
+   (swarmrt/sim/replay.py), with the cut
+   against both the ``full`` policy's routes and the best full pipeline
+   (swarmrt/sim/bounds.py: exhaustive over disjoint pipelines);
 6. bound: for each origin alone (every other origin idle), the fastest
-   of ``--bound-tries`` random sets of its routes in the replay: how far
-   the replay lets one origin go at all;
+   set of its routes simulated annealing finds in the replay
+   (``--bound-iterations`` x ``--bound-restarts``): how far the replay lets
+   one origin go at all;
 7. planning cost: wall and CPU seconds, work and plans scored, on the
    scenario and on ``--plan-peers`` generated swarms (default 1000, 2000,
-   3000).
+   3000);
+8. anneal: a whole plan annealed directly in the replay from swarmrt's
+   plan (``--anneal-iterations``): how far the replay lets an iteration
+   go with every origin sharing the middle nodes;
+9. assign: stage assignment as a lever (swaps of two nodes' stages the
+   planner predicts faster), each policy then replayed on the same
+   assignment.
 
 ``--sections`` picks some of them (default: all). Simulated times are
 deterministic for a seed: swarmrt's planner counts its work
@@ -53,15 +62,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from swarmrt.sim import scenarios
-from swarmrt.sim.scenario import generate_scenario, load_scenario, peer_table  # noqa: E402
+from swarmrt.sim.scenario import generate_scenario, load_scenario, parse_scenario, peer_table  # noqa: E402
 from swarmrt.routing.paths import Hop, Route  # noqa: E402
 from swarmrt.routing.policies import SkipScheduler  # noqa: E402
 from swarmrt.sim.planner import PLAN_WORK  # noqa: E402
+from swarmrt.sim.bounds import anneal_plan, best_disjoint_paths, best_full_pipelines, origin_alone_best  # noqa: E402
 from swarmrt.sim.replay import replay  # noqa: E402
-from swarmrt.sim.simulator import SimConfig, simulate  # noqa: E402
+from swarmrt.sim.simulator import SimConfig, plan_evaluator, simulate  # noqa: E402
 from swarmrt.sim.cli import POLICY_ORDER, plan_routes  # noqa: E402
 
-SECTIONS = ("sim", "noise", "plan", "failures", "scale", "replay", "cost", "bound")
+SECTIONS = ("sim", "noise", "plan", "failures", "scale", "replay", "cost", "bound", "assign", "anneal")
 
 
 def as_routes(scenario, result):
@@ -73,39 +83,88 @@ def as_routes(scenario, result):
 def replay_section(scenario, seeds, budget_s, work):
     full = plan_routes(scenario, "full", 0, budget_s)
     full_s = replay(scenario, as_routes(scenario, full)).makespan_s
+    best = best_full_pipelines(scenario)
     print("\n### Independent replay (first come first served, no link contention; swarmrt/sim/replay.py)\n")
-    print(f"Full pipeline's routes in the replay: {full_s:.2f} s (the simulator: {full['predicted_iteration_s']:.2f} s)\n")
-    print("| seed | swarmrt simulator (exact) s | swarmrt replay s | replay vs full pipeline | method |")
-    print("|---|---|---|---|---|")
-    for seed in range(seeds):
-        p = plan_routes(scenario, "swarmrt", seed, budget_s, work)
-        print(f"| {seed} | {p['predicted_iteration_s']:.2f} | {p['replay_iteration_s']:.2f} | "
-              f"{p['replay_iteration_s'] / full_s - 1:+.1%} | {p['method']} |")
+    print(f"Full pipeline's routes (the `full` policy, greedy matching) in the replay: {full_s:.2f} s "
+          f"(the simulator: {full['predicted_iteration_s']:.2f} s)  ")
+    print(f"Best full pipeline (exhaustive, {best.combinations} combinations timed alone): {best.makespan_s:.2f} s, "
+          f"pipelines {', '.join('-'.join(map(str, p)) for p in best.pipelines)}\n")
+    print("| seed | swarmrt simulator (exact) s | swarmrt replay s | vs `full` policy | vs best full pipeline | method |")
+    print("|---|---|---|---|---|---|")
+    for jitter in (0.02, 0.0):
+        for seed in range(seeds):
+            p = plan_routes(scenario, "swarmrt", seed, budget_s, work, jitter)
+            print(f"| {seed}, scored {'exactly' if jitter == 0 else f'under {jitter:.0%} noise'} | "
+                  f"{p['predicted_iteration_s']:.2f} | {p['replay_iteration_s']:.2f} | "
+                  f"{p['replay_iteration_s'] / full_s - 1:+.1%} | {p['replay_iteration_s'] / best.makespan_s - 1:+.1%} | "
+                  f"{p['method']} |")
 
 
-def bound_section(scenario, tries):
-    """How fast one origin's microbatches could be with every other origin idle (random search in the replay)."""
-    import itertools
-
-    rules = scenario.rules
+def bound_section(scenario, iterations, restarts):
+    """How fast each origin's microbatches could be with every other origin idle (annealing in the replay)."""
     full_s = replay(scenario, as_routes(scenario, plan_routes(scenario, "full", 0, None))).makespan_s
-    shapes = [tuple(zip(middle, peers)) for middle in itertools.combinations(rules.middle_stages, rules.middle_visits)
-              for peers in itertools.product(*(scenario.nodes_of(s) for s in middle))]
-    tail = () if rules.first_stage_is_also_last else ((scenario.stages - 1, scenario.nodes_of(scenario.stages - 1)[0]),)
-    print(f"\n### One origin alone in the replay (every other origin idle; best of {tries} random route sets)\n")
-    print("| origin | best replay s | vs full pipeline (all origins) |")
-    print("|---|---|---|")
-    rng = random.Random(0)
+    best_full = best_full_pipelines(scenario).makespan_s
+    print(f"\n### One origin alone in the replay (every other origin idle; simulated annealing, {restarts} x "
+          f"{iterations} steps, seed 0)\n")
+    print("| origin | best replay s, alone | vs `full` policy | vs best full pipeline | any middle nodes, any order: "
+          "best s | CPU s |")
+    print("|---|---|---|---|---|---|")
     for o in scenario.origins:
-        best = None
-        for _ in range(tries):
-            routes = []
-            for i in range(scenario.microbatches_per_origin):
-                hops = ((0, o),) + rng.choice(shapes) + tail + (((0, o),) if rules.first_stage_is_also_last else ())
-                routes.append(Route(o, tuple(Hop(s_, p_) for s_, p_ in hops), i))
-            t = replay(scenario, routes).makespan_s
-            best = t if best is None else min(best, t)
-        print(f"| {o} | {best:.2f} | {best / full_s - 1:+.1%} |")
+        cpu = time.process_time()
+        best, _ = origin_alone_best(scenario, o, random.Random(0), iterations, restarts)
+        free, _ = origin_alone_best(scenario, o, random.Random(0), iterations, restarts, any_middle=True)
+        print(f"| {o} | {best:.2f} | {best / full_s - 1:+.1%} | {best / best_full - 1:+.1%} | {free:.2f} | "
+              f"{time.process_time() - cpu:.1f} |")
+
+
+def anneal_section(scenario, budget_s, work, iterations):
+    """A whole plan searched directly in the replay, from swarmrt's plan (seed 0): how far the replay goes."""
+    p = plan_routes(scenario, "swarmrt", 0, budget_s, work)
+    full_s = replay(scenario, as_routes(scenario, plan_routes(scenario, "full", 0, None))).makespan_s
+    best_full = best_full_pipelines(scenario).makespan_s
+    cpu = time.process_time()
+    seconds, routes = anneal_plan(scenario, as_routes(scenario, p), random.Random(0), iterations)
+    cpu = time.process_time() - cpu
+    simulated = plan_evaluator(scenario)(routes)
+    print(f"\n### A whole plan annealed in the replay ({iterations} steps from swarmrt's seed-0 plan, seed 0)\n")
+    print("| plan | replay s | vs `full` policy | vs best full pipeline | simulator s |")
+    print("|---|---|---|---|---|")
+    print(f"| swarmrt's plan | {p['replay_iteration_s']:.2f} | {p['replay_iteration_s'] / full_s - 1:+.1%} | "
+          f"{p['replay_iteration_s'] / best_full - 1:+.1%} | {p['predicted_iteration_s']:.2f} |")
+    print(f"| annealed in the replay ({cpu:.0f} CPU s) | {seconds:.2f} | {seconds / full_s - 1:+.1%} | "
+          f"{seconds / best_full - 1:+.1%} | {simulated:.2f} |")
+    disjoint_s, paths = best_disjoint_paths(scenario)
+    routes = [Route(o, (Hop(0, o),) + tuple(Hop(scenario.nodes[p].stage, p) for p in paths[o]) +
+                    ((Hop(0, o),) if scenario.first_stage_is_also_last else ()), 0)
+              for _ in range(scenario.microbatches_per_origin) for o in paths]
+    routes = [Route(r.origin, r.hops, i) for i, r in enumerate(routes)]
+    print(f"| SkipPipe's shape: one path per origin, no middle node shared (exhaustive) | {disjoint_s:.2f} | "
+          f"{disjoint_s / full_s - 1:+.1%} | {disjoint_s / best_full - 1:+.1%} | {plan_evaluator(scenario)(routes):.2f} |")
+    print("\nThose paths: " + ", ".join(f"{o}: {'-'.join(map(str, p))}" for o, p in paths.items()))
+
+
+def assign_section(scenario, seeds, budget_s, work):
+    """Stage assignment as a lever: swaps of two nodes' stages the planner predicts faster, then the cut
+    against the full pipeline on the same assignment."""
+    from swarmrt.sim.moves import improve_assignment
+
+    print("\n### Stage assignment: swaps kept by `improve_assignment` (planner work 2000, seed 0), then each "
+          "policy on the same assignment\n")
+    reached, kept = improve_assignment(scenario, 0, 2000)
+    print("Swaps kept (node a, node b, predicted s after): " + (", ".join(f"{a}<->{b} {s:.2f}" for a, b, s in kept)
+                                                               or "none"))
+    print("Stages after: " + ", ".join(f"{s}: {list(reached.nodes_of(s))}" for s in range(1, reached.stages)) + "\n")
+    print("| assignment | seed | swarmrt simulator s | swarmrt replay s | `full` policy replay s | best full replay s "
+          "| vs `full` | vs best full |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, sc in (("as shipped", scenario), ("after swaps", reached)):
+        full_s = replay(sc, as_routes(sc, plan_routes(sc, "full", 0, None))).makespan_s
+        best = best_full_pipelines(sc).makespan_s
+        for seed in range(seeds):
+            p = plan_routes(sc, "swarmrt", seed, budget_s, work)
+            r = p["replay_iteration_s"]
+            print(f"| {name} | {seed} | {p['predicted_iteration_s']:.2f} | {r:.2f} | {full_s:.2f} | {best:.2f} | "
+                  f"{r / full_s - 1:+.1%} | {r / best - 1:+.1%} |")
 
 
 def cost_section(scenario, peers, budget_s, work):
@@ -155,8 +214,14 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=int, default=PLAN_WORK, help=f"swarmrt's work budget (default {PLAN_WORK})")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"which tables to print, comma-separated (default all: {','.join(SECTIONS)})")
-    parser.add_argument("--bound-tries", type=int, default=20000,
-                        help="random route sets per origin of the one-origin bound (default 20000)")
+    parser.add_argument("--bound-iterations", type=int, default=15000,
+                        help="annealing steps per restart of the one-origin bound (default 15000)")
+    parser.add_argument("--bound-restarts", type=int, default=4,
+                        help="annealing restarts per origin of the one-origin bound (default 4)")
+    parser.add_argument("--anneal-iterations", type=int, default=40000,
+                        help="annealing steps of the whole-plan search in the replay (default 40000)")
+    parser.add_argument("--per-hop-overhead", type=float, default=None, metavar="S",
+                        help="replace the scenario's per_hop_overhead_s (SkipPipe's schedule adds 0.35 s per transfer)")
     parser.add_argument("--plan-peers", default="1000,2000,3000",
                         help="generated swarm sizes of the planning-cost table (default 1000,2000,3000)")
     parser.add_argument("--jitter", type=float, default=0.02, help="compute noise sigma of the noisy run (default 0.02)")
@@ -169,6 +234,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     scenario = load_scenario(args.scenario)
+    if args.per_hop_overhead is not None:  # e.g. SkipPipe's schedule's 0.35 s per transfer
+        import json
+
+        with open(args.scenario, encoding="utf-8") as f:
+            obj = json.load(f)
+        obj["per_hop_overhead_s"] = args.per_hop_overhead
+        scenario = parse_scenario(obj)
     print(f"## {scenario.name or args.scenario}: {len(scenario.nodes)} nodes, {scenario.stages} stages, "
           f"{scenario.stages_visited_per_microbatch} visited (skip {scenario.rules.skip_ratio:.0%}), "
           f"{scenario.microbatches_per_iteration} microbatches per iteration\n")
@@ -180,7 +252,11 @@ def main(argv=None) -> int:
     if "replay" in sections:
         replay_section(scenario, args.seeds, args.budget_s, args.work)
     if "bound" in sections:
-        bound_section(scenario, args.bound_tries)
+        bound_section(scenario, args.bound_iterations, args.bound_restarts)
+    if "anneal" in sections:
+        anneal_section(scenario, args.budget_s, args.work, args.anneal_iterations)
+    if "assign" in sections:
+        assign_section(scenario, args.seeds, args.budget_s, args.work)
     if "cost" in sections:
         cost_section(scenario, [int(x) for x in args.plan_peers.split(",") if x], args.budget_s, args.work)
     if sections & {"sim", "failures"}:

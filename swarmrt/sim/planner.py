@@ -23,10 +23,10 @@ microbatches ("chains": origins then rarely collide, and an origin's own
 microbatches pipeline behind each other at a steady pace), chosen greedily
 by link and compute cost with balance and each peer's share as limits. So
 the planner builds the previous plan (while it fits), several randomised
-chain plans and an EFT plan, scores each as soon as it exists with a
-caller-given evaluator (the simulator replaying the plan, averaged with a
-few seeded noisy runs: :mod:`swarmrt.sim.scoring`; without one, the
-timeline forecast), and repairs the best one's collisions
+chain plans, SkipPipe's disjoint paths (small swarms) and an EFT plan,
+scores each as soon as it exists with a caller-given evaluator (the
+simulator replaying the plan, averaged with a few seeded noisy runs:
+:mod:`swarmrt.sim.scoring`; without one, the timeline forecast), and repairs the best one's collisions
 (:mod:`swarmrt.sim.repair`: where the latest microbatch waited longest,
 one of the two colliding microbatches is re-routed around that node).
 
@@ -41,9 +41,11 @@ while its peers live (a planned route whose peer died keeps its stages and
 gets other peers by EFT), and fall back to EFT otherwise.
 
 Figures (docs/benchmarks-skip.md): on geo-aws18 about -42% time per
-iteration against the DT-FM-style full pipeline in the simulator and -43%
-in an independent replay (:mod:`swarmrt.sim.replay`), planned with the
-default budget in about 0.4 s of CPU.
+iteration against the DT-FM-style full pipeline in the simulator; in an
+independent replay (:mod:`swarmrt.sim.replay`) -43% against the ``full``
+policy's pipelines and -40% against the best full pipeline
+(:func:`swarmrt.sim.bounds.best_full_pipelines`), planned with the default
+budget in about 0.35 s (1,000 peers: 0.65 s).
 
 Pure: the clock (``now``, ``clock``) and the random generator (``rng``) are
 arguments.
@@ -54,16 +56,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import itertools
+import math
 import random
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from swarmrt.routing.paths import PathRules, Route
+from swarmrt.routing.paths import PathRules, Route, balance_violations, stage_counts
 from swarmrt.routing.peer_table import PeerTable
 from swarmrt.routing.policy import Balance, Policy
 from swarmrt.routing.skip_scheduler import SkipScheduler
 from swarmrt.routing.timeline import Timeline, forecast_route
+from swarmrt.sim.bottleneck import bottleneck_assign
 from swarmrt.sim.repair import repair
 
 PeerId = Hashable
@@ -74,7 +79,8 @@ Evaluator = Callable[[Sequence[Route]], float]
 An evaluator may also have ``runs_for(n)`` (simulations one call makes for
 ``n`` microbatches: the planner counts that work), ``exact_s`` (the exact
 run's seconds of the plan it scored last: the prediction) and ``trace`` (a
-:class:`~swarmrt.sim.scoring.PlanTrace` of it: the repair needs one), as
+:class:`~swarmrt.sim.scoring.PlanTrace` of it: the repair needs one), and
+``trace_of(routes)`` (a trace of any plan, made when asked), as
 :class:`~swarmrt.sim.scoring.PlanEvaluator` has."""
 
 
@@ -206,6 +212,11 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
       one per memory lane (*lane chains*), chosen greedily by link and
       compute cost with the balance rule and each peer's share of its
       stage as limits, so origins do not collide;
+    - *disjoint paths* (SkipPipe's collision-aware shape, where the
+      swarm is small enough): one path per origin for all its
+      microbatches, no middle peer shared by two origins, the set whose
+      costliest path (links both ways plus compute) is cheapest
+      (:func:`_disjoint_plan`);
     - *eft*: per-microbatch earliest-finish-time list scheduling (the
       origin that can start soonest routes next, as ``route`` would).
 
@@ -233,7 +244,9 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
         scored += 1
         if evaluate is not None:
             value = evaluate(routes)
-            exact, trace = getattr(evaluate, "exact_s", value), getattr(evaluate, "trace", None)
+            exact = getattr(evaluate, "exact_s", value)
+            # an evaluator with trace_of traces the winner later, once; others hand their trace now
+            trace = routes if hasattr(evaluate, "trace_of") else getattr(evaluate, "trace", None)
         else:
             value = exact = replay_forecast(routes, sched.table, sched.rules, base.timeline, now)
             trace = None
@@ -253,6 +266,11 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
             chains = _chain_plan(sched, microbatches, rng, lanes)
             if chains is not None:
                 consider("lane chains" if lanes else "origin chains", chains)
+    if not best or budget.allows(n + eval_cost):
+        budget.spend(n)
+        disjoint = _disjoint_plan(sched, microbatches)
+        if disjoint is not None:
+            consider("disjoint paths", disjoint)
     if not best or budget.allows(EFT_COST * n + eval_cost):
         sched.restore_bookings(base)
         budget.spend(EFT_COST * n)
@@ -265,6 +283,8 @@ def _plan_skip(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: fl
     value, exact, trace, method, routes = best
     repaired = ""
     if trace is not None and budget.allows(eval_cost):
+        if trace is routes:
+            trace = evaluate.trace_of(routes)
         def evaluate_exact(candidate: Sequence[Route]) -> float:
             nonlocal exact, scored
             budget.spend(eval_cost)
@@ -300,6 +320,70 @@ def _previous_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int]) -> 
     if any(p not in sched.table for r in last for p in r.path):
         return None
     return list(last)
+
+
+DISJOINT_MAX_SHAPES = 20_000
+"""Most (origin, path) pairs :func:`_disjoint_plan` costs; larger swarms skip that construction."""
+DISJOINT_MAX_STEPS = 50_000
+"""Most search steps of one :func:`_disjoint_plan` assignment before it gives up (no plan)."""
+
+
+def _disjoint_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int]) -> list[Route] | None:
+    """One path per origin, no middle peer on two origins' paths, the costliest path as cheap as can be.
+
+    This is the shape of SkipPipe's collision-aware plan: origins never
+    meet on a middle peer, so they never wait for each other there. A
+    path's cost is what one microbatch spends on it apart from queueing:
+    each link twice (activation out, gradient back) plus the forward and
+    backward of each peer. The set is a bottleneck assignment: the
+    smallest threshold for which every origin has a path at or below it
+    and the paths can be chosen disjoint (backtracking, origins with the
+    fewest options first, each origin's cheapest paths first). None when
+    the swarm has too few middle peers, too many (origin, path) pairs
+    (:data:`DISJOINT_MAX_SHAPES`), the search runs past
+    :data:`DISJOINT_MAX_STEPS`, or the plan would break the balance rule.
+    Deterministic: no randomness.
+    """
+    rules = sched.rules
+    table = sched.table
+    links = table.links
+    origins = [o for o in microbatches if microbatches[o] > 0]
+    middle = rules.middle_stages
+    if not origins or not rules.middle_visits:
+        return None
+    if len(origins) * rules.middle_visits > sum(len(table.peers_of(s)) for s in middle):
+        return None
+    tail = sched.tail()
+    shapes = []
+    for stages in itertools.combinations(middle, rules.middle_visits):
+        count = math.prod(len(table.peers_of(s)) for s in stages + tail)
+        if count * len(origins) + len(shapes) * len(origins) > DISJOINT_MAX_SHAPES:
+            return None
+        for peers in itertools.product(*(table.peers_of(s) for s in stages + tail)):
+            shapes.append((stages + tail, peers))
+    work = {p: table.get(p).forward_s + table.get(p).backward_s for _, peers in shapes for p in peers}
+    cost = {}
+    for o in origins:
+        for i, (stages, peers) in enumerate(shapes):
+            hops = (o,) + peers + ((o,) if rules.first_stage_is_also_last else ())
+            cost[(o, i)] = (sum(2 * links.transfer_s(a, b) for a, b in zip(hops, hops[1:]))
+                            + sum(work[p] for p in peers))
+    tail_set = set(tail)
+    found = bottleneck_assign(origins, {o: range(len(shapes)) for o in origins}, lambda o, i: cost[(o, i)],
+                              lambda i: frozenset(p for s, p in zip(*shapes[i]) if s not in tail_set),
+                              DISJOINT_MAX_STEPS)
+    if found is None:
+        return None
+    chosen = found[1]
+    routes = []
+    for j in range(max(microbatches.values(), default=0)):
+        for o in origins:
+            if j < microbatches[o]:
+                stages, peers = shapes[chosen[o]]
+                routes.append(sched.make_route(o, peers, stages, len(routes)))
+    if balance_violations(stage_counts(routes, rules), rules):
+        return None
+    return routes
 
 
 def _eft_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], now: float,
@@ -358,6 +442,7 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
                         [np.zeros(len(arr.ids), dtype=bool) for _ in range(n_lanes)],
                         np.asarray(arr.ids, dtype=np.int64) if integer_ids else arr.ids)
     shapes: dict[tuple[PeerId, int], list[_Chain]] = {}
+    rows: dict = {}
     for lane in range(n_lanes):
         for o in origins:
             if lane >= lanes[o]:
@@ -370,7 +455,7 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
             while todo:
                 if shape is None or not balance.allowed(shape.middle):
                     shape = _best_chain(sched, o, todo, balance, state, rng, mine if lanes_apart else (),
-                                        lane if lanes_apart else -1)
+                                        lane if lanes_apart else -1, rows)
                     if shape is None:
                         return None
                 balance.commit(shape.middle)
@@ -390,12 +475,16 @@ def _chain_plan(sched: SkipScheduler, microbatches: Mapping[PeerId, int], rng: r
 
 
 def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, state: Mapping[int, tuple],
-                rng: random.Random, mine: Sequence[tuple[int, PeerId]] = (), lane: int = -1) -> _Chain | None:
+                rng: random.Random, mine: Sequence[tuple[int, PeerId]] = (), lane: int = -1,
+                rows: dict | None = None) -> _Chain | None:
     """The cheapest allowed shape for ``n`` microbatches of ``origin`` (see :func:`_chain_plan`).
 
     ``state[stage]``: (arrays, peer -> index, visits so far, per-lane marks, the ids for ``transfer_row``).
+    ``rows`` caches ``transfer_row`` results by (source peer, stage) across calls of one construction
+    (links do not change while a plan is built).
     """
     links = sched.table.links
+    rows = {} if rows is None else rows
     sets = sched.stage_sets(rng)[0]
     sets = [c for c in sets if balance.allowed(c, n)] or [c for c in sets if balance.allowed(c)]
     if not sets:
@@ -403,6 +492,7 @@ def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, 
     best = None
     middle_quota = balance.window * sched.k / max(1, len(sched.rules.middle_stages))
     works: dict[int, np.ndarray] = {}
+    width = sched.config.beam_width
     for middle in sets:
         stages = middle + sched.tail()
         beams = [(0.0, (origin,))]
@@ -423,15 +513,22 @@ def _best_chain(sched: SkipScheduler, origin: PeerId, n: int, balance: Balance, 
                         work += np.where(marks[lane], arr.forward_s, 0.0)
                 works[stage] = work
             work = works[stage]
+            count = len(arr.ids)
+            k = min(width, count)
             grown = []
             for cost, peers in beams:
-                total = cost + links.transfer_row(peers[-1], ids) + work
-                k = min(sched.config.beam_width, len(arr.ids))
-                for i in np.argpartition(total, k - 1)[:k] if k < len(arr.ids) else range(len(arr.ids)):
-                    if np.isfinite(total[i]):
-                        grown.append((float(total[i]), rng.random(), peers + (arr.ids[i],)))
+                key = (peers[-1], stage)
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = links.transfer_row(peers[-1], ids)
+                total = cost + row + work
+                picks = np.argpartition(total, k - 1)[:k] if k < count else range(count)
+                values = total[picks].tolist() if k < count else total.tolist()
+                for i, v in zip(picks, values):
+                    if v != float("inf") and v == v:  # finite (transfer rows may hold inf for no link)
+                        grown.append((v, rng.random(), peers + (arr.ids[i],)))
             grown.sort()
-            beams = [(g[0], g[2]) for g in grown[:sched.config.beam_width]]
+            beams = [(g[0], g[2]) for g in grown[:width]]
         for cost, peers in beams:
             if sched.rules.first_stage_is_also_last:
                 cost += links.transfer_s(peers[-1], origin)

@@ -109,6 +109,9 @@ class PlanEvaluator:
     counts its work with it): the noisy draws are made for plans of up to
     :data:`NOISY_UP_TO` microbatches (a larger plan averages over many
     microbatches already, and each run costs in proportion to its size).
+    The trace is made only when asked for (:attr:`trace`, :meth:`trace_of`):
+    recording waits costs a fifth of a run, and a planner needs the trace of
+    few of the plans it scores.
     """
 
     def __init__(self, replay_once: ReplayOnce, jitter: float = 0.0, draws: int = 2, start_s: float = 0.0) -> None:
@@ -122,16 +125,36 @@ class PlanEvaluator:
         self.start_s = start_s
         self.exact_s = 0.0
         self.finish_by_origin: dict = {}
-        self.trace = PlanTrace({}, {})
+        self._trace = PlanTrace({}, {})
+        self._untraced: list[Route] | None = None
 
     def runs_for(self, microbatches: int) -> int:
         """Simulations one call makes for a plan of ``microbatches`` routes."""
         return 1 + (self.draws if microbatches <= NOISY_UP_TO else 0)
 
     def __call__(self, routes: Sequence[Route]) -> float:
-        seconds, by_origin, finished, index, busy = self._replay_once(routes, 0.0, 0, True)
+        seconds, by_origin, _, _, _ = self._replay_once(routes, 0.0, 0, False)
         self.exact_s = seconds
         self.finish_by_origin = by_origin
+        self._untraced = list(routes)
+        total = seconds
+        runs = self.runs_for(len(routes))
+        for seed in range(1, runs):
+            total += self._replay_once(routes, self.jitter, seed, False)[0]
+        return total / runs
+
+    @property
+    def trace(self) -> PlanTrace:
+        """The :class:`PlanTrace` of the exact run of the plan scored last (traced on first asking)."""
+        if self._untraced is not None:
+            self._trace = self.trace_of(self._untraced)
+            self._untraced = None
+        return self._trace
+
+    def trace_of(self, routes: Sequence[Route]) -> PlanTrace:
+        """A :class:`PlanTrace` of the exact run of ``routes`` (one more simulation, with waits recorded;
+        the same run as the exact one :meth:`__call__` makes, so the same figures)."""
+        _, _, finished, index, busy = self._replay_once(routes, 0.0, 0, True)
         finish, waits = {}, {}
         for mb, (t, mb_waits) in finished.items():
             i = index[mb]
@@ -139,9 +162,4 @@ class PlanEvaluator:
             waits[i] = tuple(sorted((Wait(w, node, a - self.start_s, s - self.start_s, index.get(b))
                                      for w, node, a, s, b in mb_waits), key=lambda w: (-w.seconds, w.start)))
         shift = self.start_s
-        self.trace = PlanTrace(finish, waits, {n: tuple((a - shift, b - shift) for a, b in iv) for n, iv in busy.items()})
-        total = seconds
-        runs = self.runs_for(len(routes))
-        for seed in range(1, runs):
-            total += self._replay_once(routes, self.jitter, seed, False)[0]
-        return total / runs
+        return PlanTrace(finish, waits, {n: tuple((a - shift, b - shift) for a, b in iv) for n, iv in busy.items()})

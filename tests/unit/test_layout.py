@@ -47,6 +47,8 @@ PURE = {
     "swarmrt.sim.moves",
     "swarmrt.sim.repair",
     "swarmrt.sim.replay",
+    "swarmrt.sim.bounds",
+    "swarmrt.sim.bottleneck",
     "swarmrt.sim.scoring",
     "swarmrt.sim.fleet",
     "swarmrt.local_sgd.config",

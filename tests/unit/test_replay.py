@@ -83,5 +83,5 @@ def test_geo_plans_cut_the_full_pipeline_in_the_replay_and_agree_with_the_simula
         p = plan("swarmrt", seed, work=3000)
         replayed = replay(GEO, p.routes).makespan_s
         assert replayed == pytest.approx(p.predicted_iteration_s, rel=0.05), seed
-        # docs/benchmarks-skip.md: -43% in the replay (the issue's -50% is not reached)
+        # docs/benchmarks-skip.md: -43% in the replay (-40% against the best full pipeline; -50% is not reached)
         assert replayed < 0.60 * full_s, (seed, replayed, full_s)

@@ -159,3 +159,45 @@ def test_moving_a_node_to_a_thin_stage_is_proposed_with_its_gain():
     live, reason = rebalance_moves(thin)
     assert [(m.source, m.target) for m in live] == [(1, 2)], reason
     assert rebalance_moves(GEO)[0] == []  # a balanced swarm: the policy moves nobody
+
+
+def test_the_time_aware_search_removes_a_collision_it_is_given():
+    """Two origins send a microbatch each through the same stage-1 node at the same moment: the later one
+    waits there. Repair forbids that node to one of them for that window and routes it elsewhere."""
+    a = Route(2, (Hop(0, 2), Hop(1, 9), Hop(2, 13), Hop(0, 2)), 0)  # Ireland -> Amsterdam -> Ireland
+    b = Route(4, (Hop(0, 4), Hop(1, 9), Hop(3, 15), Hop(0, 4)), 1)  # Frankfurt -> Amsterdam -> Frankfurt
+    evaluate = plan_evaluator(GEO)
+    before = evaluate([a, b])
+    waits = [w for i in (0, 1) for w in evaluate.trace.waits.get(i, ())]
+    assert {w.node for w in waits} == {9} and max(w.seconds for w in waits) > 1.0  # the collision it is given
+    left = iter(range(10))
+    fixed = repair([a, b], before, evaluate.trace, peer_table(GEO), GEO.rules, evaluate, lambda: evaluate.trace,
+                   lambda: next(left, None) is not None)
+    assert fixed.improved >= 1 and fixed.score < before - 1.0
+    assert evaluate(fixed.routes) == pytest.approx(fixed.score)
+    assert not any(evaluate.trace.waits.get(i) for i in (0, 1))  # no wait left anywhere
+    assert len({r.path[1] for r in fixed.routes}) == 2  # they no longer share the stage-1 node
+    assert [r.origin for r in fixed.routes] == [2, 4]
+
+
+def test_disjoint_paths_share_no_middle_peer_and_win_in_the_exact_model():
+    from swarmrt.sim.planner import _disjoint_plan
+
+    counts = {o: GEO.microbatches_per_origin for o in GEO.origins}
+    sched = SkipScheduler(GEO.rules, peer_table(GEO))
+    sched.begin_iteration(counts, 0.0, random.Random(0))
+    routes = _disjoint_plan(sched, counts)
+    assert_legal(routes, GEO)
+    paths = {r.origin: r.path[1:-1] for r in routes}
+    assert all(len({r.path for r in routes if r.origin == o}) == 1 for o in GEO.origins)  # one path per origin
+    used = [p for path in paths.values() for p in path]
+    assert len(used) == len(set(used)) == 12
+    exact = plan_geo(0, work=3000)  # chains win under the 2% noise the planner scores with by default
+    sched = SkipScheduler(GEO.rules, peer_table(GEO))
+    plain = plan_iteration(sched, counts, 0.0, random.Random(0), evaluate=plan_evaluator(GEO), work=3000)
+    assert plain.method.startswith("disjoint paths") and plain.predicted_iteration_s < exact.predicted_iteration_s
+    from swarmrt.sim.moves import moved
+
+    crowded = moved(moved(GEO, 6, 0), 10, 0)  # 8 origins need 16 middle peers; 10 are left
+    small = SkipScheduler(crowded.rules, peer_table(crowded))
+    assert _disjoint_plan(small, {o: 2 for o in crowded.origins}) is None
