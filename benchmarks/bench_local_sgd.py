@@ -149,18 +149,43 @@ def run(config, setup: Setup, args: argparse.Namespace) -> tuple[int, int, float
             averaged, size = all_reduce([d.start_round() for d in dilocos], setup.codec)
             sent, peak = sent + size, max(peak, size)
         if dilocos[0].apply_due:
+            before = [g.clone() for g in dilocos[0].global_params] if args.trace else None
             for d in dilocos:
                 d.apply([a.clone() for a in averaged])
+            if args.trace and dilocos[0].round % args.trace == 0:
+                trace_round(setup, dilocos[0], averaged, before)
     assert len({d.params_hash() for d in dilocos}) == 1, "replicas diverged"
+    final = [p.detach() for p in models[0].parameters()] if setup.ddp else dilocos[0].global_params
+    if args.trace:
+        fresh = torch.nn.Sequential(*build_layers(config))
+        growth = sorted(((float(g.norm() / p.detach().norm()), name, float(p.detach().norm()), float(g.norm()))
+                         for g, (name, p) in zip(final, fresh.named_parameters())), reverse=True)
+        print(f"[{setup.tag}] largest norm growth: " + "; ".join(f"{n} {i:.1f} -> {g:.1f}" for _, n, i, g in growth[:4]),
+              flush=True)
     consensus = copy.deepcopy(models[0])
     with torch.no_grad():
-        for param, global_param in zip(consensus.parameters(), dilocos[0].global_params):
+        for param, global_param in zip(consensus.parameters(), final):
             param.copy_(global_param)
         losses = []
         for index in range(args.eval_batches):
             x, y = data[0].eval_batch(64, index=index)
             losses.append(float(loss_sum(config.data, consensus(x), y) / x.shape[0]))
     return sent, peak, sum(losses) / len(losses), args.steps if setup.ddp else dilocos[0].round
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def trace_round(setup: Setup, diloco: DiLoCo, averaged: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    """One line per traced round: norms of the averaged pseudo-gradient, the outer momentum buffer,
+    the outer step actually taken and the global params."""
+    buffers = [diloco.outer_optimizer.state.get(g, {}).get("momentum_buffer") for g in diloco.global_params]
+    step = _norm(b - g for b, g in zip(before, diloco.global_params))
+    print(f"[{setup.tag}] round {diloco.round:4d}: |pseudo-grad| {_norm(averaged):.3f}  "
+          f"|momentum| {_norm(b for b in buffers if b is not None):.3f}  |outer step| {step:.3f} "
+          f"({step / max(_norm(averaged), 1e-12):.2f} x pseudo-grad)  |global params| {_norm(diloco.global_params):.2f}",
+          flush=True)
 
 
 def demo_config():
@@ -187,6 +212,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated tags (default: all); (a) always runs")
     parser.add_argument("--custom", action="append", default=[], metavar="H,CODEC,OUTER_LR,MOMENTUM",
                         help="one more configuration, tagged c1, c2, ... (repeatable)")
+    parser.add_argument("--trace", type=int, default=0, metavar="N",
+                        help="print norms every N outer rounds and the params whose norm grew most (one job)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at once, one process each")
     args = parser.parse_args()
