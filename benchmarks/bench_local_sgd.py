@@ -30,7 +30,11 @@ AdamW on the average (same bytes per step as (a)). --custom adds configurations
 This isolates the algorithm from the network: the processes, hivemind's all-reduce
 and its timeouts are exercised by tests/integration/test_local_sgd_swarm.py.
 
-    python benchmarks/bench_local_sgd.py [--steps 1500] [--replicas 2] [--only n50,s50,...] [--jobs 3]
+    python benchmarks/bench_local_sgd.py [--steps 1800] [--replicas 2] [--only n60,s60,...]
+        [--custom 60,int8,0.35,0.5] [--schedule cosine] [--trace 10] [--jobs 3]
+
+--trace N prints every N outer rounds the norms of the averaged pseudo-gradient, the outer
+momentum, the outer step and the global params (docs/benchmarks.md explains why they matter).
 
 (a) always runs (it is the reference); --jobs runs configurations in parallel processes
 (one torch thread each).
