@@ -28,6 +28,7 @@ import sys
 import pytest
 
 from swarmrt.config import config_from_dict
+from swarmrt.localswarm.swarm import _wait_for
 from swarmrt.testing import FaultPlan, LocalSwarm
 
 pytestmark = pytest.mark.integration
@@ -104,7 +105,10 @@ def test_peers_move_to_a_slowed_stage_and_throughput_recovers():
         assert slow.effects >= 1, slow.outcome()  # some peer computed slower on stage 1
 
         # the final assignment against the best static one, from the measured per-stage speeds
-        records = read_records(swarm)
+        # the assignment once every peer serves again (a move still settling when the run ended has no
+        # serving record for a moment)
+        records = _wait_for(lambda: (lambda r: r if len(r) == PEERS else None)(read_records(swarm)), 60.0,
+                            f"all {PEERS} peers to announce serving", peers, poll=0.5)
         by_stage = {s: [r["throughput"] for r in records if r["stage"] == s and r["throughput"] > 0]
                     for s in range(STAGES)}
         assert all(by_stage.values()), f"a stage has no measured peer: {records}"
