@@ -37,6 +37,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 import grpc
 
 from swarmrt.pipeline.worker import StageError
+from swarmrt.wire.client import StageCalls
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import BadTensor, Framed
 
@@ -55,17 +56,11 @@ class Directory(Protocol):
         """``peer_id``'s address if it serves ``stage`` in this run now; else None."""
 
 
-class Caller(Protocol):
-    async def forward(self, address: str, request: Framed, timeout: float) -> Framed: ...
-
-    async def backward(self, address: str, request: Framed, timeout: float) -> Framed: ...
-
-
 class Relay:
     """What a peer needs to pass work on: the :class:`Directory` and a client (with this peer's own
     credential and node name) to call the next peer."""
 
-    def __init__(self, directory: Directory, client: Caller, num_stages: int):
+    def __init__(self, directory: Directory, client: StageCalls, num_stages: int):
         self.directory, self.client, self.num_stages = directory, client, num_stages
 
     def check_route(self, hops: Sequence[pb.ChainHop], what: str) -> None:

@@ -28,6 +28,7 @@ output is blamed on the peer the chain's reply says produced it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import grpc
@@ -38,6 +39,8 @@ from swarmrt.pipeline.chain import HEAD
 from swarmrt.routing.verify import BadReply
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import Framed
+
+logger = logging.getLogger("swarmrt.trainer")
 
 
 @dataclasses.dataclass
@@ -161,7 +164,7 @@ class Chaining:
         except (grpc.aio.AioRpcError, BadReply) as e:  # nothing known: every hop is redone or asked again
             what = e.code() if isinstance(e, grpc.aio.AioRpcError) else e
             t.accounting.hop_retries += 1
-            t.logger.info("microbatch %s: chained backward from stage %d on %s failed (%s); relaying it",
+            logger.info("microbatch %s: chained backward from stage %d on %s failed (%s); relaying it",
                           mb_id, top.stage, top.peer.peer_id, what)
         for i in applied:
             if not chain[i].head:
@@ -209,7 +212,7 @@ class Chaining:
             return applied, None  # go on from the top with the trainer's own gradient
         hop = chain[index]
         shape, dtype = t.checks.output_spec(hop.stage, x, hop.head)
-        t.logger.info("chained backward broke at stage %d on %s (%s: %s); relaying from there", hop.stage,
+        logger.info("chained backward broke at stage %d on %s (%s: %s); relaying from there", hop.stage,
                       broken.peer_id, broken.code, broken.details)
         return applied, (index, t.checks.decode(response, "grad_input", f"gradient for stage {hop.stage}", shape,
                                                 dtype))

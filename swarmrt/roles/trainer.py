@@ -218,7 +218,6 @@ class Trainer:
         """Reply checks, checked work and the throughput this trainer measured (:mod:`swarmrt.roles.checks`)."""
         self.chaining = Chaining(self)
         """Peer-to-peer hops (``network.chain_hops``; :mod:`swarmrt.roles.chaining`)."""
-        self.logger = logger
         self.peers_changed = asyncio.Event()
         self.status = ""
         self.waiting = asyncio.Event()
