@@ -15,7 +15,10 @@ peer keeps serving the others:
 - more than ``network.max_concurrent_rpcs`` calls at once: RESOURCE_EXHAUSTED (gRPC's own check)
 - a message over the size limit: RESOURCE_EXHAUSTED (gRPC's own check)
 - backward with no kept context and no input: FAILED_PRECONDITION (resend with input)
-- deadline passed before the gradients could be applied: DEADLINE_EXCEEDED (nothing applied)
+- deadline passed before the gradients could be applied: DEADLINE_EXCEEDED, its details ending in
+  ``; not applied`` (:data:`swarmrt.wire.context.NOT_APPLIED`), which tells it from the caller's own
+  timeout. A backward asked again after its answer was lost is answered (its input gradient), never
+  applied twice, whatever its deadline.
 - the peer is draining, or its weights are not finite (it serves nothing more): UNAVAILABLE
 - a chained request (peer-to-peer hops, :mod:`swarmrt.pipeline.chain`) whose route cannot be one of
   this run, or to a peer that passes nothing on: INVALID_ARGUMENT, before any compute. A chained call
@@ -38,6 +41,7 @@ from swarmrt.pipeline.chain import HEAD, Relay
 from swarmrt.pipeline.worker import ContextMissing, DeadlineExpired, StageError, StageWorker, Unhealthy
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
+from swarmrt.wire.context import NOT_APPLIED
 from swarmrt.wire.tensors import BadTensor, Framed, read_frames, to_frames
 
 logger = logging.getLogger(__name__)
@@ -107,8 +111,8 @@ class StageServicer(pb_grpc.StageServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
         if isinstance(e, ContextMissing):
             return grpc.StatusCode.FAILED_PRECONDITION, str(e)
-        if isinstance(e, DeadlineExpired):
-            return grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+        if isinstance(e, DeadlineExpired):  # marked, so the caller knows this is no lost answer
+            return grpc.StatusCode.DEADLINE_EXCEEDED, f"{e}{NOT_APPLIED}"
         if isinstance(e, Unhealthy):  # non-finite weights: serve nothing, callers go elsewhere
             return grpc.StatusCode.UNAVAILABLE, str(e)
         if isinstance(e, (IndexError, RuntimeError)):  # e.g. token id out of the vocabulary

@@ -355,11 +355,12 @@ class StageWorker:
         ``deadline`` has passed (:class:`DeadlineExpired`, nothing applied) or this microbatch was applied
         here before (nothing applied again); step when enough samples are in. True when it stepped."""
         microbatch_id = pending.microbatch_id
-        if deadline is not None and self.clock() > deadline:
-            raise DeadlineExpired(f"microbatch {microbatch_id}: deadline passed before applying; not applied")
+        again = microbatch_id in self.applied  # asked again (its first answer was lost): nothing to apply
+        if deadline is not None and self.clock() > deadline and not again:
+            raise DeadlineExpired(f"microbatch {microbatch_id}: deadline passed before applying")
         stepped = False
         counted = pending.counted
-        if microbatch_id not in self.applied:
+        if not again:
             for p, g in zip(self.params, pending.param_grads):
                 if g is None:
                     continue

@@ -47,7 +47,7 @@ from swarmrt.roles.proc import install_stop_handlers, write_atomically
 from swarmrt.roles.reach import PeerNetwork
 from swarmrt.routing.rebalance import Move
 from swarmrt.wire.client import StageClient
-from swarmrt.wire.emulation import client_interceptors, rules_path, server_interceptors
+from swarmrt.wire.emulation import client_interceptors, rules_path, server_interceptors, watch_rules
 from swarmrt.wire.p2p import P2PStageClient, RoutedClient
 from swarmrt.wire.server import start_server
 
@@ -278,6 +278,8 @@ class Peer:
         self.organizer = Organizer(dht, config, self.peer_id, pinned=options.stage is not None,
                                    rng=random.Random(self.peer_id))
         self._relay: Relay | None = None
+        self._rules_watch: asyncio.Task | None = None
+        """Re-reads the emulation rules file while serving (only under emulation)."""
 
     def relay(self) -> Relay:
         """How this peer passes chained work on (peer-to-peer hops): the run's DHT says who serves what, and
@@ -344,10 +346,11 @@ class Peer:
         self.start_outer_sync()
         if config.checkpoint.enabled:
             self.checkpoints = Checkpointer(config, self.worker, self.peer_id, partition, self.on_compute_thread)
+        emulated = server_interceptors(options.net_rules, self.worker)
         self.server, port = await start_server(self.servicer, net.host, options.port, net.max_tensor_mb,
-                                               interceptors=(*auth.server_interceptors(options.join_token),
-                                                             *server_interceptors(options.net_rules, self.worker)),
+                                               interceptors=(*auth.server_interceptors(options.join_token), *emulated),
                                                max_concurrent_rpcs=net.max_concurrent_rpcs)
+        self._rules_watch = asyncio.create_task(watch_rules(emulated)) if emulated else None
         address = f"{net.public_host}:{port}"
         if self.network is not None:
             address = await self.network.checked_address(address, self.servicer)
@@ -416,6 +419,9 @@ class Peer:
         self.organizer.arrived()
         server, servicer = self.server, self.servicer
         self.server = self.servicer = None
+        if self._rules_watch is not None:
+            self._rules_watch.cancel()
+            self._rules_watch = None
         if server is not None:
             await server.stop(grace=1.0)
         if servicer is not None:

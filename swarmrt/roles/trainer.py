@@ -53,6 +53,7 @@ from swarmrt.routing.wiring import BanList, PeerView, choose_peer
 from swarmrt.data import Batches, loss_sum
 from swarmrt.discovery import dht as dht_records
 from swarmrt.wire.client import StageCalls
+from swarmrt.wire.context import unanswered
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import Framed
 from swarmrt.checkpoint.store import save_data_position
@@ -506,7 +507,7 @@ class Trainer:
         """Backward of one hop, retried (with its input) on other peers of the stage until one applies it;
         its grad_input. ``again``: the hop's peer applied it already (a chained backward said so): ask that
         peer alone, for its grad_input (it never applies a microbatch twice); nothing is counted."""
-        net, tried = self.config.network, set()
+        net, tried, asked_again = self.config.network, set(), set()
         need_grad_input = hop.stage > 0 or hop.head
         peer, attach_input = hop.peer, False
         deadline = self.clock() + net.no_peers_timeout_s
@@ -542,6 +543,15 @@ class Trainer:
                 tried.add(peer.peer_id)
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION and not attach_input:
                     attach_input = True  # context evicted: same peer recomputes from the input
+                    continue
+                if unanswered(e) and peer.peer_id not in asked_again:
+                    # no answer in time: the peer may have applied it and frozen before replying. Ask it
+                    # again first (with the input, should its context be gone): a peer never applies a
+                    # microbatch twice, and one that has not applied it refuses the late first call.
+                    asked_again.add(peer.peer_id)
+                    attach_input = True
+                    logger.info("backward %s stage %d on %s: no answer in time; asking it again", mb_id,
+                                hop.stage, peer.peer_id)
                     continue
                 if again:  # another peer would apply it a second time
                     raise HopFailed(f"backward of stage {hop.stage} for {mb_id} on {peer.peer_id}, which applied "

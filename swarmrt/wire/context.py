@@ -11,6 +11,17 @@ from typing import Callable
 import grpc
 
 
+NOT_APPLIED = "; not applied"
+"""How a peer's own DEADLINE_EXCEEDED ends: the work reached it too late and it applied nothing. A
+DEADLINE_EXCEEDED without it is the caller's own timeout, which says nothing of what the peer did."""
+
+
+def unanswered(e: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call leaves unknown what the peer did with it: no answer came in time (the
+    peer may have applied the work and frozen before replying), as opposed to the peer's refusal."""
+    return e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (e.details() or "").endswith(NOT_APPLIED)
+
+
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """The error a ``grpc.aio`` client raises for a call that ended with ``code``."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)

@@ -608,6 +608,24 @@ def server_interceptors(path: str | os.PathLike | None, worker=None) -> Sequence
     return (interceptor,)
 
 
+RULES_POLL_S = 0.2
+"""How often a serving peer re-reads its rules file between calls (a slowdown or a lie needs no call to
+take effect)."""
+
+
+async def watch_rules(interceptors: Sequence, every_s: float = RULES_POLL_S) -> None:
+    """Re-read the rules file behind each emulation interceptor in ``interceptors`` every ``every_s``
+    seconds until cancelled. Calls re-read it too; this is for the rules that act without one: a
+    slowdown is in force (and reported) at once, not at the peer's next call."""
+    files = [i.rules for i in interceptors if isinstance(i, EmulationInterceptor)]
+    if not files:
+        return
+    while True:
+        for rules_file in files:
+            rules_file.current()
+        await asyncio.sleep(every_s)
+
+
 def _apply_lies(rules: NetRules, worker, interceptor: EmulationInterceptor) -> None:
     """Throughput and stale-state lies take effect on the worker and the interceptor when they appear."""
     claim = next((lie for lie in reversed(rules.lies) if lie.kind == "throughput"), None)

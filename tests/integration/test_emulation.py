@@ -14,7 +14,8 @@ from swarmrt.data import sample_input
 from swarmrt.models.build import build_layers, stage_ranges
 from swarmrt.wire.client import StageClient
 from swarmrt.wire.emulation import (LinkSpec, RulesError, client_interceptors, events_path, load_rules, parse_rules,
-                                   read_effects, scenario_links, server_interceptors, transfer_time, write_rules)
+                                   read_effects, scenario_links, server_interceptors, transfer_time, watch_rules,
+                                   write_rules)
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.proto import swarmrt_pb2_grpc as pb_grpc
 from swarmrt.pipeline.service import StageServicer
@@ -213,6 +214,24 @@ async def test_slowdown_rule_changes_a_running_worker_and_is_confirmed(tmp_path)
         await server.stop(None)
         servicer.close()
     assert read_effects(events_path(rules)) == {"f9": 1}
+
+
+async def test_a_slowdown_takes_effect_without_a_call_while_the_rules_are_watched(tmp_path):
+    """A peer nobody calls still slows down (and reports it) within a poll of its rules file."""
+    rules = tmp_path / "peer.rules.json"
+    write_rules(rules, {})
+    servicer, spec = mlp_stage()
+    watch = asyncio.create_task(watch_rules(server_interceptors(rules, servicer.worker), every_s=0.02))
+    try:
+        write_rules(rules, {"slowdown": {"factor": 3, "id": "f4"}})
+        deadline = time.monotonic() + 10.0
+        while servicer.worker.slowdown != 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert servicer.worker.slowdown == 3
+        assert read_effects(events_path(rules)) == {"f4": 1}
+    finally:
+        watch.cancel()
+        servicer.close()
 
 
 def test_bad_rules_name_the_key(tmp_path):

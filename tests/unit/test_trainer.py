@@ -21,9 +21,11 @@ import torch
 from swarmrt.config import config_from_dict
 from swarmrt.data import Batches, loss_sum
 from swarmrt.models.build import build_layers
+from swarmrt.pipeline.worker import DeadlineExpired
 from swarmrt.roles.trainer import NoPeers, Trainer
 from swarmrt.routing.live import LiveRouting
 from swarmrt.testing.inprocess import FakeContext, InProcessSwarm, rpc_error
+from swarmrt.wire.context import NOT_APPLIED
 from swarmrt.wire.proto import swarmrt_pb2 as pb
 from swarmrt.wire.tensors import to_proto
 
@@ -233,6 +235,68 @@ def test_a_peer_killed_mid_forward_is_replaced_by_its_stage_sibling_exactly_once
     train(trainer, 3, start=10)
     assert_exactly_once(trainer, acc.started, 3)
     assert swarm.workers["s1p1"].microbatches_applied + applied_before == acc.per_stage(3)[1]
+
+
+def test_a_backward_applied_whose_answer_never_came_is_asked_again_on_the_same_peer(swarms):
+    """A peer that applies a backward and then freezes before replying: the trainer times out knowing
+    nothing. Retrying on the sibling would apply the microbatch twice; asking the same peer again
+    gets its answer (it never applies twice). A peer's own refusal (too late, not applied) still
+    goes to the sibling at once."""
+    config, swarm, trainer = make(swarms, MLP, peers_per_stage=2)
+    backward = swarm.client.backward
+    lost, refused = [], []
+
+    async def freeze_after_applying(address, request, timeout):
+        response = await backward(address, request, timeout)
+        if address == "s1p0" and not lost:  # applied there; the answer comes after the caller gave up
+            lost.append(request.microbatch_id)
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return response
+
+    swarm.client.backward = freeze_after_applying
+    for step in range(5):
+        train(trainer, 1, start=step)
+        if lost:
+            break
+    assert lost, "no backward went to s1p0 in 5 steps"
+    acc = trainer.accounting
+    assert_exactly_once(trainer, acc.started, 3)
+    applied = [sum(w.microbatches_applied for name, w in swarm.workers.items() if w.stage == s) for s in range(3)]
+    assert applied == [acc.started] * 3  # the workers' own counts: nothing applied twice
+    assert swarm.client.calls[lost[0]].backward.count("s1p0") == 2  # asked again, on the same peer
+    assert "s1p1" not in swarm.client.calls[lost[0]].backward
+
+    swarm.client.backward = backward
+
+    async def too_late_on_s1p0(address, request, timeout):
+        if address == "s1p0" and not refused:
+            refused.append(request.microbatch_id)
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed before applying{NOT_APPLIED}")
+        return await backward(address, request, timeout)
+
+    swarm.client.backward = too_late_on_s1p0
+    for step in range(5, 10):
+        train(trainer, 1, start=step)
+        if refused:
+            break
+    assert refused, "no backward went to s1p0 in 5 steps"
+    assert_exactly_once(trainer, acc.started, 3)
+    assert swarm.client.calls[refused[0]].backward[1] == "s1p1"  # refused: straight to the sibling
+
+
+def test_a_microbatch_asked_again_after_its_deadline_is_answered_not_applied_twice(swarms):
+    config, swarm, _ = make(swarms, MLP)
+    worker = swarm.workers["s1p0"]
+    x, grad = torch.randn(4, 16), torch.ones(4, 16)
+    worker.forward("m", x, keep_context=True)
+    worker.apply(worker.gradients("m", grad, None, True), deadline=None)
+    applied = worker.microbatches_applied
+    again = worker.gradients("m", grad, x, True)  # recomputed from its input, as a second ask sends it
+    assert worker.apply(again, deadline=worker.clock() - 1.0) is False  # no DeadlineExpired: nothing to apply
+    assert worker.microbatches_applied == applied
+    with pytest.raises(DeadlineExpired):
+        worker.apply(worker.gradients("n", grad, x, True), deadline=worker.clock() - 1.0)
+    assert worker.microbatches_applied == applied
 
 
 def test_a_failed_first_hop_moves_to_another_stage0_peer(swarms):
