@@ -13,7 +13,8 @@ catches and swallows SIGTERM (hivemind's own ``terminate()`` included), and mult
 atexit hook then joins it forever. So: fork with both signals blocked
 (:func:`stop_signals_blocked`; the role drains and stops its children itself), and stop a
 child with :func:`stop_child`: ask, wait a bounded time, then SIGKILL it and what it started
-(its p2pd), and reap it.
+(its p2pd), and reap it. A role killed by SIGKILL stops nothing, so each child also runs
+:func:`die_with_parent`: it takes its p2pd down and exits when the role is gone.
 """
 
 from __future__ import annotations
@@ -121,6 +122,31 @@ def stop_signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def die_with_parent() -> None:
+    """Call first thing in a forked child (hivemind's DHT node, the averager): when the process that
+    forked it exits, by SIGKILL too (which runs no cleanup), this child SIGKILLs what it started (its
+    p2pd) and exits at once. Without it, ``kill -9`` of a role's pid alone leaves its DHT node and
+    p2pd running (they block SIGTERM, see :func:`stop_signals_blocked`), holding the node's port and
+    identity. A daemon thread waits on the parent's pidfd: nothing is polled."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent)
+        except ProcessLookupError:
+            fd = None  # gone already (between the fork and here)
+        if fd is not None:
+            try:
+                select.select([fd], [], [])
+            finally:
+                os.close(fd)
+        _kill(descendants(live_only=True))
+        os._exit(1)
+
+    if parent > 1:
+        threading.Thread(target=watch, name="die with parent", daemon=True).start()
 
 
 def _kill(pids) -> None:

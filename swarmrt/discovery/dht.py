@@ -17,7 +17,7 @@ from hivemind.utils import get_dht_time
 from swarmrt.discovery.reachability import NetworkError
 from swarmrt.discovery.records import (RUNS_KEY, JoinIntent, StageRecord, check_run_value, joining_key,
                                        owner_subkey, stage_key, subkey_owner)
-from swarmrt.procs import descendants, stop_child, stop_signals_blocked
+from swarmrt.procs import descendants, die_with_parent, stop_child, stop_signals_blocked
 
 __all__ = ["RUNS_KEY", "StageRecord", "JoinIntent", "stage_key", "announce", "announce_run", "announce_joining",
            "read_stage", "read_swarm", "read_runs", "start_dht", "stop_dht", "node_usable",
@@ -157,7 +157,7 @@ def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: in
                          initial_peers, public)
     if authorizer is not None:
         kwargs["authorizer"] = authorizer
-    dht = DHT(initial_peers=initial_peers or None, start=False, record_validators=list(record_validators), **kwargs)
+    dht = _ChildDHT(initial_peers=initial_peers or None, start=False, record_validators=list(record_validators), **kwargs)
     dht.owner_marker = next((v.local_public_key for v in record_validators if isinstance(v, RSASignatureValidator)),
                             None)
     with stop_signals_blocked():
@@ -175,6 +175,14 @@ def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: in
             raise DHTStartError(_start_failure(e, initial_peers)) from e
         raise
     return dht
+
+
+class _ChildDHT(DHT):
+    """hivemind's DHT, whose forked process (and its p2pd) dies with the process that started it."""
+
+    def run(self) -> None:
+        die_with_parent()
+        super().run()
 
 
 class DHTStartError(NetworkError):

@@ -92,7 +92,7 @@ from swarmrt.local_sgd.config import LocalSGDSection, check_allreduce_codec
 from swarmrt.local_sgd.robust import SenderBans, aggregate, clip_by_norm
 from swarmrt.local_sgd.rounds import AveragingResult, StateProvider
 from swarmrt.discovery.dht import node_usable
-from swarmrt.procs import stop_child, stop_signals_blocked
+from swarmrt.procs import die_with_parent, stop_child, stop_signals_blocked
 
 __all__ = ["AveragingResult", "StageAverager", "hivemind_compression"]
 
@@ -306,6 +306,10 @@ class _StageDecentralizedAverager(DecentralizedAverager):
     """Senders this peer's reducers left out for cause, ignored for ``rule.sender_ban_s``."""
     _reports: dict[bytes, dict[str, str]]
     """Group id -> who this peer's reducers left out in that round (until the round returns)."""
+
+    def run(self) -> None:
+        die_with_parent()  # a SIGKILLed peer takes its averager process with it
+        super().run()
 
     async def _aggregate_with_group(self, group_info: Any, min_vector_size: int, **kwargs: Any) -> Any:
         try:

@@ -380,9 +380,11 @@ class FaultPlan:
             raise FaultError(f"byzantine: factor must be a finite number, got {factor!r}")
         return self._add("byzantine", [target], at_step, at_time, mode=mode, method=method, factor=float(factor))
 
-    def lie_throughput(self, target: Target, value: float = 1e13, at_step: Trigger = None,
+    def lie_throughput(self, target: Target, value: float = 1e11, at_step: Trigger = None,
                        at_time: Trigger = None) -> Fault:
-        """From then on the target announces ``value`` samples/s, whatever it measured."""
+        """From then on the target announces ``value`` samples/s, whatever it measured. Above 1e12
+        (the stage record's cap) every member refuses its records, so it drops out of the run
+        instead of luring traffic: the default is an absurd value the cap lets through."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise FaultError(f"lie_throughput: value must be a number >= 0, got {value!r}")
         return self._add("lie_throughput", [target], at_step, at_time, value=float(value))

@@ -1,7 +1,8 @@
 """Byzantine peers in a real swarm: members that answer, but lie. Stage 0 has an honest peer and one
-that returns NaN; stage 1 has two honest peers and one that returns zeros and announces 1e13
-samples/s. Every hop is checked (verify_fraction 1), so both liars are banned within a few
-microbatches, no reply of theirs reaches the next stage, and the loss still falls."""
+that returns NaN; stage 1 has two honest peers and one that returns zeros and announces 1e11
+samples/s (absurd, but under the records' 1e12 cap, so it stays visible). Every hop is checked
+(verify_fraction 1), so both liars are banned within a few microbatches, no reply of theirs reaches
+the next stage, and the loss still falls."""
 
 import re
 
@@ -37,7 +38,7 @@ def test_byzantine_peers_are_banned_and_the_loss_still_falls(local_swarm, fault_
     plan = fault_plan(seed=0)
     nan = plan.byzantine(Peer(0, 1), mode="nan", at_step=0)
     zeros = plan.byzantine(Peer(1, 2), mode="zeros", at_step=0)
-    plan.lie_throughput(Peer(1, 2), value=1e13, at_step=0)
+    plan.lie_throughput(Peer(1, 2), value=1e11, at_step=0)
     run = swarm.run_with_faults(plan, steps=STEPS, timeout=150)
 
     summary, metrics = run.summary, run.metrics

@@ -17,7 +17,7 @@ import pytest
 
 from swarmrt.config import config_from_dict
 from swarmrt.localswarm.swarm import _wait_for
-from swarmrt.roles.proc import process_table, wait_for_exit
+from swarmrt.roles.proc import descendants, process_table, wait_for_exit
 from swarmrt.testing import LocalSwarm, assert_exactly_once
 
 from .conftest import FAST
@@ -118,3 +118,28 @@ def test_group_signal_stops_a_bootstrap_at_once(tmp_path, sig):
     assert code == 0, f"exit {code} after {took:.1f} s:\n{out[-3000:]}"
     assert took < 5, f"took {took:.1f} s"
     assert left == [], f"left in its process group: {left}"
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_of_the_main_process_alone_takes_its_dht_node_and_p2pd_with_it(tmp_path):
+    """``kill -9 PID`` (not the group): the main process runs no cleanup, yet the DHT node it forked
+    (which blocks SIGTERM) and that node's p2pd must not outlive it."""
+    addr = tmp_path / "addr"
+    proc = subprocess.Popen([sys.executable, "-m", "swarmrt", "bootstrap", "--addr-file", str(addr),
+                             "--join-token", str(tmp_path / "join-token")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(addr.exists, 60, "the bootstrap's address file")
+        below = descendants(proc.pid, live_only=True)
+        programs = sorted(process_table()[pid].program for pid in below if pid in process_table())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        left = wait_for_exit(below, 15.0)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate(timeout=10)
+    assert len(below) >= 2 and "p2pd" in programs, f"expected the DHT node and its p2pd below it: {programs}"
+    assert left == [], f"still running after the main process was SIGKILLed: {left}"
