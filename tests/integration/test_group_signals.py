@@ -7,6 +7,7 @@ is left behind.
 (test_preemption.py signals the main process only, as a container runtime does.)
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -98,23 +99,33 @@ def test_group_signal_stops_a_trainer_after_its_step(swarm, sig):
     assert summary["duplicates"] == 0 and summary["partially_applied"] == 0
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("sig", SIGNALS)
-def test_group_signal_stops_a_bootstrap_at_once(tmp_path, sig):
+@contextlib.contextmanager
+def bootstrap(tmp_path, output: list[str]):
+    """A ``swarmrt bootstrap`` in its own session, once its address file is written; its whole group
+    is SIGKILLed and reaped on leaving, and what it printed is appended to ``output``."""
     addr = tmp_path / "addr"
     proc = subprocess.Popen([sys.executable, "-m", "swarmrt", "bootstrap", "--addr-file", str(addr),
                              "--join-token", str(tmp_path / "join-token")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(addr.exists, 60, "the bootstrap's address file")
-        code, took = exit_of_group(proc, proc.pid, sig, 10)
-        left = live_members(proc.pid)
+        yield proc
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        out = proc.communicate(timeout=10)[0].decode(errors="replace")
+        output.append(proc.communicate(timeout=10)[0].decode(errors="replace"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_group_signal_stops_a_bootstrap_at_once(tmp_path, sig):
+    output: list[str] = []
+    with bootstrap(tmp_path, output) as proc:
+        code, took = exit_of_group(proc, proc.pid, sig, 10)
+        left = live_members(proc.pid)
+    out = output[0]
     assert code == 0, f"exit {code} after {took:.1f} s:\n{out[-3000:]}"
     assert took < 5, f"took {took:.1f} s"
     assert left == [], f"left in its process group: {left}"
@@ -124,22 +135,12 @@ def test_group_signal_stops_a_bootstrap_at_once(tmp_path, sig):
 def test_sigkill_of_the_main_process_alone_takes_its_dht_node_and_p2pd_with_it(tmp_path):
     """``kill -9 PID`` (not the group): the main process runs no cleanup, yet the DHT node it forked
     (which blocks SIGTERM) and that node's p2pd must not outlive it."""
-    addr = tmp_path / "addr"
-    proc = subprocess.Popen([sys.executable, "-m", "swarmrt", "bootstrap", "--addr-file", str(addr),
-                             "--join-token", str(tmp_path / "join-token")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for(addr.exists, 60, "the bootstrap's address file")
+    with bootstrap(tmp_path, []) as proc:
         below = descendants(proc.pid, live_only=True)
-        programs = sorted(process_table()[pid].program for pid in below if pid in process_table())
+        table = process_table()
+        programs = sorted(table[pid].program for pid in below if pid in table)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         left = wait_for_exit(below, 15.0)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate(timeout=10)
     assert len(below) >= 2 and "p2pd" in programs, f"expected the DHT node and its p2pd below it: {programs}"
     assert left == [], f"still running after the main process was SIGKILLed: {left}"

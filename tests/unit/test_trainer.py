@@ -69,6 +69,15 @@ def train(trainer, steps, start=0):
     return asyncio.run(go())
 
 
+def train_until(trainer, seen: list, steps: range, what: str) -> None:
+    """Train ``steps`` one at a time until a fault hook has appended to ``seen``; fail if none did."""
+    for step in steps:
+        train(trainer, 1, start=step)
+        if seen:
+            return
+    raise AssertionError(f"no {what} in {len(steps)} steps")
+
+
 def assert_exactly_once(trainer, microbatches, stages):
     acc = trainer.accounting
     assert acc.started == acc.applied == microbatches
@@ -217,11 +226,7 @@ def test_a_peer_killed_mid_forward_is_replaced_by_its_stage_sibling_exactly_once
         return await forward(address, request, timeout)
 
     swarm.client.forward = kill_on_first_stage1_forward
-    for step in range(1, 6):
-        train(trainer, 1, start=step)
-        if killed:
-            break
-    assert killed, "no microbatch went to s1p0 in 5 steps"
+    train_until(trainer, killed, range(1, 6), "microbatch went to s1p0")
     acc = trainer.accounting
     n = acc.started
     assert_exactly_once(trainer, n, 3)
@@ -254,19 +259,13 @@ def test_a_backward_applied_whose_answer_never_came_is_asked_again_on_the_same_p
         return response
 
     swarm.client.backward = freeze_after_applying
-    for step in range(5):
-        train(trainer, 1, start=step)
-        if lost:
-            break
-    assert lost, "no backward went to s1p0 in 5 steps"
+    train_until(trainer, lost, range(5), "backward went to s1p0")
     acc = trainer.accounting
     assert_exactly_once(trainer, acc.started, 3)
     applied = [sum(w.microbatches_applied for name, w in swarm.workers.items() if w.stage == s) for s in range(3)]
     assert applied == [acc.started] * 3  # the workers' own counts: nothing applied twice
     assert swarm.client.calls[lost[0]].backward.count("s1p0") == 2  # asked again, on the same peer
     assert "s1p1" not in swarm.client.calls[lost[0]].backward
-
-    swarm.client.backward = backward
 
     async def too_late_on_s1p0(address, request, timeout):
         if address == "s1p0" and not refused:
@@ -275,11 +274,7 @@ def test_a_backward_applied_whose_answer_never_came_is_asked_again_on_the_same_p
         return await backward(address, request, timeout)
 
     swarm.client.backward = too_late_on_s1p0
-    for step in range(5, 10):
-        train(trainer, 1, start=step)
-        if refused:
-            break
-    assert refused, "no backward went to s1p0 in 5 steps"
+    train_until(trainer, refused, range(5, 10), "backward went to s1p0")
     assert_exactly_once(trainer, acc.started, 3)
     assert swarm.client.calls[refused[0]].backward[1] == "s1p1"  # refused: straight to the sibling
 
