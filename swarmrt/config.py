@@ -160,6 +160,14 @@ class OptimizerSection:
     max_grad_norm: float | None = 10.0
     """Clip the accumulated gradient to this norm before a step (on by default: one hostile or
     exploding gradient cannot blow up a stage's weights; ``inf`` or None: no clipping)."""
+    warmup_steps: int = 0
+    """The learning rate rises linearly over a stage's first ``warmup_steps`` optimizer steps (step n,
+    counted from 0 by the stage's model version, uses ``lr * (n + 1) / warmup_steps``). 0: none."""
+    decay_steps: int = 0
+    """After the warmup, the learning rate follows a cosine from ``lr`` down to ``lr * min_lr_ratio``
+    over this many steps and stays there. 0: constant after the warmup."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine decay ends, as a fraction of ``lr``."""
     staleness: int = 0
     """Steps a trainer may start beyond its oldest unfinished one: with k, step s starts once step
     s - k - 1 has finished, so up to k + 1 steps are in flight and a microbatch's gradient may be
@@ -179,6 +187,26 @@ class OptimizerSection:
                f"must be > 0, got {self.max_grad_norm!r}")
         _check(isinstance(self.staleness, int) and not isinstance(self.staleness, bool) and 0 <= self.staleness <= 8,
                "optimizer.staleness", f"must be an integer in 0..8, got {self.staleness!r}")
+        for key in ("warmup_steps", "decay_steps"):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"optimizer.{key}",
+                   f"must be an integer >= 0, got {value!r}")
+        _check(isinstance(self.min_lr_ratio, (int, float)) and not isinstance(self.min_lr_ratio, bool)
+               and 0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes from step to step (a warmup or a decay)."""
+        return self.warmup_steps > 0 or self.decay_steps > 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of a stage's optimizer step ``step`` (its model version before the step)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay_steps == 0:
+            return self.lr
+        done = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -404,6 +404,10 @@ class StageWorker:
         that still leaves a parameter non-finite marks the worker :attr:`broken`: it then refuses
         to compute or hand out its state, so NaN weights are never served."""
         if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
+            schedule = self.config.optimizer
+            if schedule.scheduled:  # warmup / decay by the stage's step count, which joiners take over
+                for group in self.optimizer.param_groups:
+                    group["lr"] = schedule.lr_at(self.version)
             self.optimizer.step()
             if not self.params_finite():
                 self.broken = f"stage {self.stage}: an optimizer step left parameters non-finite"

@@ -24,6 +24,9 @@ def test_defaults_are_valid_and_digest_is_stable():
     ({"local_sgd": {"inner_steps": 4, "lr": 0.7}}, "local_sgd.lr"),
     ({"compression": {"pseudo_gradients": "topk"}}, "compression.pseudo_gradients"),
     ({"compression": {"state": "bf16"}}, "compression.state"),
+    ({"optimizer": {"warmup_steps": -1}}, "optimizer.warmup_steps"),
+    ({"optimizer": {"decay_steps": 2.5}}, "optimizer.decay_steps"),
+    ({"optimizer": {"min_lr_ratio": 1.5}}, "optimizer.min_lr_ratio"),
 ])
 def test_bad_values_name_the_field(raw, names):
     with pytest.raises(ConfigError) as e:
@@ -63,3 +66,13 @@ def test_local_sgd_section_is_composed_from_its_package():
         "inner_steps", "matchmaking_time_s", "matchmaking_timeout_s", "min_group_size", "nesterov", "next_chunk_timeout_s",
         "outer_lr", "outer_momentum", "outlier_factor", "sender_ban_s", "sync_delay", "trim_fraction"]
     assert with_overrides(config, local_sgd={"outer_lr": 0.5}).local_sgd == LocalSGDSection(inner_steps=5, outer_lr=0.5)
+
+
+def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine_to_its_floor():
+    opt = config_from_dict({"optimizer": {"lr": 1.0, "warmup_steps": 4, "decay_steps": 10, "min_lr_ratio": 0.1}}).optimizer
+    assert [opt.lr_at(n) for n in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert opt.lr_at(9) == pytest.approx(0.55)  # half way down: 0.1 + 0.9 * (1 + cos(pi / 2)) / 2
+    assert opt.lr_at(14) == pytest.approx(0.1) and opt.lr_at(1000) == pytest.approx(0.1)
+    assert opt.scheduled
+    plain = config_from_dict({"optimizer": {"lr": 0.3}}).optimizer
+    assert not plain.scheduled and plain.lr_at(0) == plain.lr_at(10**6) == 0.3

@@ -85,13 +85,16 @@ def assert_exactly_once(trainer, microbatches, stages):
     assert acc.per_stage(stages) == [microbatches] * stages
 
 
-def reference_run(config, steps):
-    """The unsplit model trained on the same batches with the same optimizer: its losses and parameters."""
+def reference_run(config, steps, lrs=None):
+    """The unsplit model trained on the same batches with the same optimizer (at learning rate
+    ``lrs[step]`` when given): its losses and parameters."""
     model = torch.nn.Sequential(*build_layers(config))
     opt = torch.optim.SGD(model.parameters(), lr=config.optimizer.lr)
     batches, losses = Batches(config.data, config.run.seed, 0), []
     for step in range(steps):
         x, y = batches.batch(step)
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = lrs[step]
         opt.zero_grad()
         loss = loss_sum(config.data, model(x), y) / x.shape[0]
         loss.backward()
@@ -100,8 +103,8 @@ def reference_run(config, steps):
     return losses, list(model.parameters())
 
 
-def assert_matches_reference(config, swarm, losses, steps):
-    ref_losses, ref_params = reference_run(config, steps)
+def assert_matches_reference(config, swarm, losses, steps, lrs=None):
+    ref_losses, ref_params = reference_run(config, steps, lrs)
     assert losses == pytest.approx(ref_losses, abs=1e-5)
     params = [p for stage in range(config.num_stages) for p in swarm.workers[f"s{stage}p0"].module.parameters()]
     assert len(params) == len(ref_params) > 0
@@ -189,6 +192,14 @@ def test_full_pipeline_trains_exactly_like_the_unsplit_model(swarms, raw):
     assert_matches_reference(config, swarm, losses, 3)
     assert_exactly_once(trainer, 3 * config.data.microbatches_per_step, config.num_stages)
     assert all(w.version == 3 for w in swarm.workers.values())
+
+
+def test_a_warmup_and_decay_schedule_trains_exactly_like_the_unsplit_model_at_those_rates(swarms):
+    raw = {**MLP, "optimizer": {**MLP["optimizer"], "warmup_steps": 2, "decay_steps": 2, "min_lr_ratio": 0.5}}
+    config, swarm, trainer = make(swarms, raw)
+    losses = train(trainer, 5)
+    # lr 0.1: warmup 0.05, 0.1; then the cosine from 0.1 down to 0.05 over 2 steps; then its floor
+    assert_matches_reference(config, swarm, losses, 5, lrs=[0.05, 0.1, 0.1, 0.075, 0.05])
 
 
 def test_a_backward_whose_context_was_evicted_is_recomputed_from_the_input(swarms):
