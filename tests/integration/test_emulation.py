@@ -216,22 +216,39 @@ async def test_slowdown_rule_changes_a_running_worker_and_is_confirmed(tmp_path)
     assert read_effects(events_path(rules)) == {"f9": 1}
 
 
+class SlowdownProbe:
+    """The part of a stage worker the rules set, with an event set whenever its slowdown changes."""
+
+    stage = 0
+    announce_throughput = None
+
+    def __init__(self):
+        self._slowdown = 1.0
+        self.changed = asyncio.Event()
+
+    @property
+    def slowdown(self) -> float:
+        return self._slowdown
+
+    @slowdown.setter
+    def slowdown(self, factor: float) -> None:
+        self._slowdown = factor
+        self.changed.set()
+
+
 async def test_a_slowdown_takes_effect_without_a_call_while_the_rules_are_watched(tmp_path):
     """A peer nobody calls still slows down (and reports it) within a poll of its rules file."""
     rules = tmp_path / "peer.rules.json"
     write_rules(rules, {})
-    servicer, spec = mlp_stage()
-    watch = asyncio.create_task(watch_rules(server_interceptors(rules, servicer.worker), every_s=0.02))
+    worker = SlowdownProbe()
+    watch = asyncio.create_task(watch_rules(server_interceptors(rules, worker), every_s=0.02))
     try:
         write_rules(rules, {"slowdown": {"factor": 3, "id": "f4"}})
-        deadline = time.monotonic() + 10.0
-        while servicer.worker.slowdown != 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert servicer.worker.slowdown == 3
+        await asyncio.wait_for(worker.changed.wait(), timeout=10.0)
+        assert worker.slowdown == 3
         assert read_effects(events_path(rules)) == {"f4": 1}
     finally:
         watch.cancel()
-        servicer.close()
 
 
 def test_bad_rules_name_the_key(tmp_path):
