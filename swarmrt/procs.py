@@ -88,11 +88,12 @@ def descendants(pid: int | None = None, live_only: bool = False, ignore_programs
     return out
 
 
-def wait_for_exit(pids, timeout: float) -> list[int]:
+def wait_for_exit(pids, timeout: float | None) -> list[int]:
     """Block until every process in ``pids`` has exited (a zombie counts as exited) or ``timeout``
-    seconds pass; returns the pids still running. Works for any process, not only children: the
-    kernel signals each exit on a pidfd (Linux 5.3+), so nothing is polled."""
-    deadline = time.monotonic() + timeout
+    seconds pass (None: however long it takes); returns the pids still running. Works for any
+    process, not only children: the kernel signals each exit on a pidfd (Linux 5.3+), so nothing
+    is polled."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     fds: dict[int, int] = {}
     try:
         for pid in pids:
@@ -100,8 +101,8 @@ def wait_for_exit(pids, timeout: float) -> list[int]:
                 fds[os.pidfd_open(pid)] = pid
             except ProcessLookupError:
                 pass  # already gone
-        while fds and (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select(list(fds), [], [], left)
+        while fds and (deadline is None or (left := deadline - time.monotonic()) > 0):
+            ready, _, _ = select.select(list(fds), [], [], None if deadline is None else left)
             for fd in ready:
                 os.close(fd)
                 del fds[fd]
@@ -133,15 +134,7 @@ def die_with_parent() -> None:
     parent = os.getppid()
 
     def watch() -> None:
-        try:
-            fd = os.pidfd_open(parent)
-        except ProcessLookupError:
-            fd = None  # gone already (between the fork and here)
-        if fd is not None:
-            try:
-                select.select([fd], [], [])
-            finally:
-                os.close(fd)
+        wait_for_exit([parent], None)
         _kill(descendants(live_only=True))
         os._exit(1)
 

@@ -137,6 +137,14 @@ def ip_proto(host: str) -> str:
     return "ip4" if all(part.isdigit() for part in host.split(".")) and host.count(".") == 3 else "dns"
 
 
+class _ChildDHT(DHT):
+    """hivemind's DHT, whose forked process (and its p2pd) dies with the process that started it."""
+
+    def run(self) -> None:
+        die_with_parent()
+        super().run()
+
+
 def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: int = 0,
               client_mode: bool = False, *, announce_host: str | None = None, identity_path: str | None = None,
               use_auto_relay: bool = False, use_relay: bool = True, wait_timeout: float | None = None,
@@ -175,14 +183,6 @@ def start_dht(initial_peers: list[str] | None, host: str = "127.0.0.1", port: in
             raise DHTStartError(_start_failure(e, initial_peers)) from e
         raise
     return dht
-
-
-class _ChildDHT(DHT):
-    """hivemind's DHT, whose forked process (and its p2pd) dies with the process that started it."""
-
-    def run(self) -> None:
-        die_with_parent()
-        super().run()
 
 
 class DHTStartError(NetworkError):
