@@ -34,6 +34,7 @@ import time
 import grpc
 import torch
 
+from swarmrt.data import loss_sum
 from swarmrt.discovery.records import StageRecord
 from swarmrt.pipeline.chain import HEAD
 from swarmrt.routing.verify import BadReply
@@ -54,6 +55,11 @@ class Hop:
     head: bool = False
     """Stage 0's head pass of a model with tied ends (its own microbatch key, its input's gradient wanted)."""
 
+    @property
+    def need_grad_input(self) -> bool:
+        """Whether its backward must return its input's gradient (every hop's but stage 0's token ids)."""
+        return self.stage > 0 or self.head
+
 
 @dataclasses.dataclass(frozen=True)
 class PeerLoss:
@@ -64,10 +70,6 @@ class PeerLoss:
 
 class PeerGone(RuntimeError):
     """A peer a route names is no longer in the trainer's view of the swarm."""
-
-
-def _need_grad_input(hop: Hop) -> bool:
-    return hop.stage > 0 or hop.head
 
 
 def _key(mb_id: str, head: bool) -> str:
@@ -150,9 +152,9 @@ class Chaining:
         timeout = net.backward_timeout_s * len(chain)
         request = Framed(pb.BackwardRequest(
             run_id=self.config.run.id, stage=top.stage, microbatch_id=_key(mb_id, top.head), samples=samples,
-            grad_codec=self.config.compression.gradients, need_grad_input=_need_grad_input(top),
+            grad_codec=self.config.compression.gradients, need_grad_input=top.need_grad_input,
             deadline_unix=time.time() + timeout, from_loss=grad is None,
-            next=[pb.ChainHop(stage=h.stage, peer_id=h.peer.peer_id, head=h.head, need_grad_input=_need_grad_input(h))
+            next=[pb.ChainHop(stage=h.stage, peer_id=h.peer.peer_id, head=h.head, need_grad_input=h.need_grad_input)
                   for h in chain[1:]]))
         if grad is not None:
             request.attach("grad_output", grad, self.config.compression.gradients)
@@ -165,7 +167,7 @@ class Chaining:
             what = e.code() if isinstance(e, grpc.aio.AioRpcError) else e
             t.accounting.hop_retries += 1
             logger.info("microbatch %s: chained backward from stage %d on %s failed (%s); relaying it",
-                          mb_id, top.stage, top.peer.peer_id, what)
+                        mb_id, top.stage, top.peer.peer_id, what)
         for i in applied:
             if not chain[i].head:
                 t.accounting.record_backward(mb_id, chain[i].stage)
@@ -213,14 +215,12 @@ class Chaining:
         hop = chain[index]
         shape, dtype = t.checks.output_spec(hop.stage, x, hop.head)
         logger.info("chained backward broke at stage %d on %s (%s: %s); relaying from there", hop.stage,
-                      broken.peer_id, broken.code, broken.details)
+                    broken.peer_id, broken.code, broken.details)
         return applied, (index, t.checks.decode(response, "grad_input", f"gradient for stage {hop.stage}", shape,
                                                 dtype))
 
     async def _loss_gradient(self, last: Hop, mb_id: str, target: torch.Tensor) -> torch.Tensor:
         """The loss's gradient at ``last``'s output: its forward again (no context kept), the loss here."""
-        from swarmrt.data import loss_sum
-
         output = (await self._forward_again(last, mb_id)).requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(loss_sum(self.config.data, output, target), output)

@@ -508,7 +508,7 @@ class Trainer:
         its grad_input. ``again``: the hop's peer applied it already (a chained backward said so): ask that
         peer alone, for its grad_input (it never applies a microbatch twice); nothing is counted."""
         net, tried, asked_again = self.config.network, set(), set()
-        need_grad_input = hop.stage > 0 or hop.head
+        need_grad_input = hop.need_grad_input
         peer, attach_input = hop.peer, False
         deadline = self.clock() + net.no_peers_timeout_s
         while True:
