@@ -13,10 +13,8 @@ and why, and time is an argument (``now``), never read from a clock.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 from typing import Any, Iterable, Mapping
 
 from swarmrt.config import CheckpointSection, ConfigError

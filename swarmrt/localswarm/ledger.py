@@ -1,11 +1,17 @@
 """Exactly-once accounting of a run: the trainer's summary against the peers' ledgers.
 
 Every peer started with ``--ledger`` appends the id of each microbatch whose
-gradients it adds (``TRAINER:step:index:attempt``). :func:`check_exactly_once`
-reads those ledgers through the swarm and returns an :class:`ExactlyOnceReport`
-listing every violation; it never raises for a violation, so the demo can
-print it and ``swarmrt.testing.assert_exactly_once`` can turn it into a test
-failure.
+gradients it adds (``TRAINER:step:index:attempt``; the file format is
+:mod:`swarmrt.pipeline.ledger`). :func:`check_exactly_once` reads those ledgers
+through the swarm and returns an :class:`ExactlyOnceReport` listing every
+violation; it never raises for a violation, so the demo can print it and
+``swarmrt.testing.assert_exactly_once`` can turn it into a test failure.
+
+"Exactly once" is about the model that survives. A peer killed after applying
+a microbatch but before answering takes that update with it (its state had
+not left the process since), and the trainer, told nothing, rightly has a
+sibling apply it again. Such a pair is not a double apply; the report lists
+it as recovered. A pair where both copies survive is a violation.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ class LedgerSource(Protocol):
 
     def ledger(self, stage: int) -> list[str]: ...
 
+    def died_with_peers(self, stage: int) -> list[str]:
+        """The ids of :meth:`ledger` whose update died with a failed peer before its state left it."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class ExactlyOnceReport:
@@ -31,15 +41,18 @@ class ExactlyOnceReport:
     """``{stage: set of microbatch ids in the ledgers of every peer that ever served it}``."""
     problems: tuple[str, ...]
     """One line per violation; empty when every microbatch was applied exactly once."""
+    recovered: tuple[str, ...] = ()
+    """One line per stage where a microbatch whose update died with a killed peer was applied again."""
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def describe(self) -> str:
+        recovered = "".join(f"\n  {line}" for line in self.recovered)
         if self.ok:
-            return "every microbatch applied exactly once on every stage (trainer and peer ledgers agree)"
-        return "exactly-once violated:\n  " + "\n  ".join(self.problems)
+            return "every microbatch applied exactly once on every stage (trainer and peer ledgers agree)" + recovered
+        return "exactly-once violated:\n  " + "\n  ".join(self.problems) + recovered
 
 
 def check_exactly_once(swarm: LedgerSource, summary: dict, trainer=None) -> ExactlyOnceReport:
@@ -53,8 +66,11 @@ def check_exactly_once(swarm: LedgerSource, summary: dict, trainer=None) -> Exac
     stage over all its attempts, for every step it ran: nothing lost, nothing
     applied by two attempts. (With stage skipping on, middle stages may
     legitimately miss a microbatch; then only "not twice" is checked for them.)
+    An apply whose update died with its peer (``swarm.died_with_peers``) does
+    not count towards "twice"; a stage where one was applied again gets a line
+    in ``recovered``.
     """
-    problems = []
+    problems, recovered = [], []
     if summary.get("duplicates"):
         problems.append(f"the trainer counted {summary['duplicates']} stage backward(s) applied twice")
     if summary.get("partially_applied"):
@@ -68,15 +84,24 @@ def check_exactly_once(swarm: LedgerSource, summary: dict, trainer=None) -> Exac
     for stage in range(config.num_stages):
         ids = swarm.ledger(stage)
         ledgers[stage] = set(ids)
-        repeated = [mb for mb, n in collections.Counter(ids).items() if n > 1]
+        died = collections.Counter(swarm.died_with_peers(stage))
+        surviving = list((collections.Counter(ids) - died).elements())
+        repeated = [mb for mb, n in collections.Counter(surviving).items() if n > 1]
         if repeated:
             problems.append(f"stage {stage} applied {len(repeated)} microbatch id(s) more than once: {repeated[:5]}")
+        again = sorted(mb for mb in died if mb in surviving or died[mb] > 1)
+        if again:
+            recovered.append(f"stage {stage}: {len(again)} microbatch id(s) applied by a peer that died before its "
+                             f"state left it were applied again elsewhere (recovered, not doubled): {again[:5]}")
         if trainer is None or trainer.trainer_id is None:
             continue
         prefix = trainer.trainer_id + ":"
-        per_slot = collections.Counter(tuple(int(x) for x in mb[len(prefix):].split(":")[:2])
-                                       for mb in ids if mb.startswith(prefix))
-        twice = sorted(slot for slot, n in per_slot.items() if n > 1)
+
+        def slots(mbs):
+            return collections.Counter(tuple(int(x) for x in mb[len(prefix):].split(":")[:2])
+                                       for mb in mbs if mb.startswith(prefix))
+        per_slot = slots(ids)
+        twice = sorted(slot for slot, n in slots(surviving).items() if n > 1)
         if twice:
             problems.append(f"stage {stage}: microbatch(es) (step, index) {twice[:5]} of {trainer.name} were applied "
                             f"by more than one attempt")
@@ -89,4 +114,4 @@ def check_exactly_once(swarm: LedgerSource, summary: dict, trainer=None) -> Exac
         if lost:
             problems.append(f"stage {stage}: {len(lost)} microbatch(es) (step, index) of {trainer.name} were never "
                             f"applied: {lost[:5]}")
-    return ExactlyOnceReport(ledgers, tuple(problems))
+    return ExactlyOnceReport(ledgers, tuple(problems), tuple(recovered))

@@ -303,14 +303,21 @@ class LocalSwarm:
     def ledger(self, stage: int) -> list[str]:
         """Microbatch ids applied on ``stage`` by every peer (dead ones included). A peer's ledger has one
         ``STAGE MICROBATCH_ID`` line per applied microbatch, so a peer that moved counts on each stage it served."""
-        ids: list[str] = []
-        for role in self.peers(alive=False):
-            if role.ledger is not None and role.ledger.exists():
-                for line in role.ledger.read_text().splitlines():
-                    served, _, mb = line.partition(" ")
-                    if mb and served == str(stage):
-                        ids.append(mb)
-        return ids
+        return [entry.microbatch_id for _, entry in self._ledger_entries(stage)]
+
+    def died_with_peers(self, stage: int) -> list[str]:
+        """The ids in :meth:`ledger` whose update died with its peer: applied on ``stage`` by a peer that
+        then failed (killed, or exited non-zero) without letting its state out after applying them
+        (:mod:`swarmrt.pipeline.ledger`). Nothing of such an apply survives, so a sibling applying
+        the same microbatch again is the run recovering it, not a double apply."""
+        return [entry.microbatch_id for role, entry in self._ledger_entries(stage)
+                if not entry.shared and not role.alive() and role.proc.returncode != 0]
+
+    def _ledger_entries(self, stage: int) -> list:
+        from swarmrt.pipeline.ledger import read_ledger
+        return [(role, entry) for role in self.peers(alive=False)
+                if role.ledger is not None and role.ledger.exists()
+                for entry in read_ledger(role.ledger) if entry.stage == stage]
 
     # -- stopping ----------------------------------------------------------------------------
     def stop_role(self, role: Role, sig: int = signal.SIGTERM, timeout: float = 30.0, group: bool = False) -> int:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from swarmrt.config import RunConfig
+from swarmrt.pipeline.ledger import LedgerWriter
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class StageWorker:
         self.throughput = 0.0  # samples/s of forward+backward, EMA
         self.extensions: dict[str, StageExtension] = {}  # by name, the key of their state (see attach)
         self.epoch = 0  # bumped whenever parameters change in place; kept contexts of older epochs are stale
-        self._ledger = open(ledger_path, "a", buffering=1) if ledger_path else None
+        self._ledger = LedgerWriter(ledger_path) if ledger_path else None
         self._lock = threading.Lock()  # guards counters read by other threads (Info, heartbeats)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -376,7 +377,7 @@ class StageWorker:
                 self.samples_applied += counted
                 self.microbatches_applied += 1 if counted else 0
             if self._ledger is not None:
-                self._ledger.write(f"{self.stage} {microbatch_id}\n")
+                self._ledger.applied(self.stage, microbatch_id)
             if counted and self.samples_pending >= self.config.optimizer.samples_per_step:
                 self._step()
                 stepped = True
@@ -398,6 +399,8 @@ class StageWorker:
             self.version += 1
         for extension in self.extensions.values():
             extension.after_step()
+        if self.extensions:  # an extension (the outer loop) may have sent the new parameters out
+            self._ledger_shared()
 
     def _guarded_step(self) -> None:
         """The optimizer step, skipped (and counted) when the clipped gradient is not finite. A step
@@ -442,7 +445,14 @@ class StageWorker:
         torch.save({"stage": self.stage, "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                     "version": self.version, "samples_applied": self.samples_applied,
                     **{name: extension.state_dict() for name, extension in self.extensions.items()}}, buffer)
+        self._ledger_shared()
         return buffer.getvalue()
+
+    def _ledger_shared(self) -> None:
+        """Mark in the ledger that this stage's state may now live on outside this process (served
+        to a joiner, checkpointed, averaged); see :mod:`swarmrt.pipeline.ledger`."""
+        if self._ledger is not None:
+            self._ledger.shared(self.stage)
 
     def load_state_bytes(self, data: bytes) -> None:
         state = torch.load(io.BytesIO(data), weights_only=True)

@@ -26,7 +26,6 @@ def bottleneck_assign(slots: Sequence[Slot], options: Mapping[Slot, Sequence[Opt
     steps = 0
 
     def assign(threshold: float) -> dict | None:
-        nonlocal steps
         allowed = {s: [o for c, _, o in table[s] if c <= threshold] for s in slots}
         order = sorted(range(len(slots)), key=lambda k: (len(allowed[slots[k]]), k))
 

@@ -62,7 +62,7 @@ def assert_loss_close(faulty: Sequence, reference: Sequence, atol: float = 0.1, 
     steps = sorted(set(a) & set(b))
     if len(steps) < window:
         raise AssertionError(f"only {len(steps)} step(s) in common between the curves; need at least {window}")
-    worst, worst_step = 0.0, None
+    worst = 0.0
     for k in range(window - 1, len(steps)):
         span = steps[k - window + 1:k + 1]
         fa = sum(a[s] for s in span) / window
@@ -73,7 +73,7 @@ def assert_loss_close(faulty: Sequence, reference: Sequence, atol: float = 0.1, 
             raise AssertionError(f"loss at step {steps[k]} (mean of the last {window} steps) is {fa:.4f} in the faulty "
                                  f"run vs {fb:.4f} without faults: off by {fa - fb:+.4f}, tolerance {tolerance:.4f}")
         if diff > worst:
-            worst, worst_step = diff, steps[k]
+            worst = diff
     return worst
 
 

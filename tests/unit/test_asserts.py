@@ -12,12 +12,16 @@ CONFIG = config_from_dict({"model": {"stages": 3}, "data": {"batch_size": 8, "mi
 
 
 class FakeSwarm:
-    def __init__(self, ledgers):
+    def __init__(self, ledgers, died=None):
         self.config = CONFIG
         self.ledgers = ledgers
+        self.died = died or {}
 
     def ledger(self, stage):
         return list(self.ledgers[stage])
+
+    def died_with_peers(self, stage):
+        return list(self.died.get(stage, ()))
 
 
 def good_ledgers(trainer="t.1", steps=3):
@@ -94,3 +98,46 @@ def test_loss_curves_within_tolerance_pass_and_a_deviation_names_its_step():
         assert_loss_close(better, [r["loss"] for r in reference], atol=0.1, rtol=0.0, window=1)
     with pytest.raises(AssertionError, match="only 2 step"):
         assert_loss_close([1.0, 1.0], [1.0, 1.0, 1.0], window=5)
+
+
+def test_a_reapply_of_what_died_with_a_killed_peer_is_recovery_not_a_double():
+    """A peer killed after applying, before answering: its update is gone with it, and the
+    sibling's apply is the only one the surviving model holds."""
+    ledgers = good_ledgers()
+    ledgers[1].append("t.1:2:1:0")  # the killed peer's copy (the sibling's is already in)
+    report = check_exactly_once(FakeSwarm(ledgers, died={1: ["t.1:2:1:0"]}), SUMMARY, TRAINER)
+    assert report.ok, report.describe()
+    assert report.recovered == ("stage 1: 1 microbatch id(s) applied by a peer that died before its state left it "
+                                "were applied again elsewhere (recovered, not doubled): ['t.1:2:1:0']",)
+    assert "recovered, not doubled" in report.describe()
+    # the same pair with both copies surviving (the dead peer had let its state out) is a double
+    with pytest.raises(AssertionError, match=r"stage 1 applied 1 microbatch id\(s\) more than once"):
+        assert_exactly_once(FakeSwarm(ledgers), SUMMARY, TRAINER)
+    # and a third, surviving copy is still a double
+    ledgers[1].append("t.1:2:1:0")
+    assert not check_exactly_once(FakeSwarm(ledgers, died={1: ["t.1:2:1:0"]}), SUMMARY, TRAINER).ok
+
+
+def test_what_died_with_a_peer_is_read_from_failed_peers_ledgers_only(tmp_path):
+    """``LocalSwarm.died_with_peers``: applies after a peer's last state mark, by a peer that was
+    killed or failed; a peer still running or one that exited cleanly loses nothing it counted."""
+    import subprocess
+    import sys
+
+    from swarmrt.localswarm.swarm import LocalSwarm, Role
+
+    def role(name, code, lines):
+        proc = subprocess.Popen([sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), {code})"
+                                 if code < 0 else f"raise SystemExit({code})"])
+        proc.wait(timeout=30)
+        ledger = tmp_path / f"{name}.ledger"
+        ledger.write_text("".join(line + "\n" for line in lines))
+        return Role(name, proc, tmp_path / f"{name}.log", stage=1, ledger=ledger)
+
+    swarm = LocalSwarm.__new__(LocalSwarm)  # only its roles are read
+    swarm.roles = [role("peer1-s1", -9, ["1 a", "1 -", "1 b", "0 c"]),   # SIGKILLed: b (stage 1) died with it
+                   role("peer2-s1", 0, ["1 d"]),                       # drained and left cleanly
+                   role("peer3-s1", 1, ["1 e", "1 -"])]                # failed, but after letting e out
+    assert swarm.ledger(1) == ["a", "b", "d", "e"]
+    assert swarm.died_with_peers(1) == ["b"]
+    assert swarm.died_with_peers(0) == ["c"]

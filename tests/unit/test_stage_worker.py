@@ -167,3 +167,40 @@ def test_the_slowdown_multiplies_real_and_emulated_compute_time(monkeypatch, del
     clock.now = computed
     worker._delay(0.0)
     assert sum(slept) == pytest.approx(expected)
+
+
+def test_the_ledger_lists_each_apply_and_marks_when_the_state_leaves_the_peer(tmp_path):
+    """What the exactly-once check reads: one line per applied microbatch, and a mark after which
+    nothing applied lives outside the process (so it dies with a killed peer)."""
+    from swarmrt.pipeline.ledger import read_ledger
+
+    config, workers = make_workers(MLP)
+    path = tmp_path / "peer.ledger"
+    last = workers[-1]
+    worker = StageWorker(last.module, config, last.stage, last.spec, clock=Clock(), ledger_path=str(path))
+    x, y = Batches(config.data, seed=0).batch(0)
+    h = x[:4]
+    for w in workers[:-1]:
+        h = w.forward("a", h, keep_context=False)
+
+    def apply(mb):
+        out = worker.forward(mb, h, keep_context=True).requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_sum(config.data, out, y[:4]), out)
+        worker.backward(mb, grad, None, 4, need_grad_input=False, deadline=None)
+
+    apply("t:0:0:0")
+    worker.state_bytes()  # served to a joiner or checkpointed: "t:0:0:0" now lives on elsewhere
+    apply("t:0:1:0")
+    worker.close()
+    assert path.read_text().splitlines() == [f"{last.stage} t:0:0:0", f"{last.stage} -", f"{last.stage} t:0:1:0"]
+    assert [(e.microbatch_id, e.shared) for e in read_ledger(path)] == [("t:0:0:0", True), ("t:0:1:0", False)]
+
+
+def test_a_ledger_is_read_per_stage_and_a_torn_line_is_skipped(tmp_path):
+    from swarmrt.pipeline.ledger import read_ledger
+
+    path = tmp_path / "moved.ledger"
+    path.write_text("0 t:0:0:0\n0 t:0:1:0\n1 -\n0 -\n1 t:1:0:0\n1 t:1:1:0\n0 t:2:0:0\n1 -\n1")
+    assert [(e.stage, e.microbatch_id, e.shared) for e in read_ledger(path)] == [
+        (0, "t:0:0:0", True), (0, "t:0:1:0", True), (1, "t:1:0:0", True), (1, "t:1:1:0", True),
+        (0, "t:2:0:0", False)]
