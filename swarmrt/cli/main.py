@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--grace", type=float, default=20.0, help="seconds to drain in-flight work on SIGTERM")
     p.add_argument("--ready-file", help="write 'STAGE ADDRESS PEER_ID' here once serving")
-    p.add_argument("--ledger", help="append STAGE MICROBATCH_ID for every applied microbatch to this file")
+    p.add_argument("--ledger", help="append STAGE MICROBATCH_ID for every applied microbatch to this file, and STAGE - "
+                        "whenever the stage's state leaves the peer (for checking exactly-once)")
     p.add_argument("--compute-delay", type=float, default=0.0, help="emulated extra seconds per forward/backward")
     p.add_argument("--slowdown", type=float, default=1.0, help="multiply compute time by this factor")
     p.add_argument("--resume", action="store_true",
