@@ -85,8 +85,8 @@ def check_exactly_once(swarm: LedgerSource, summary: dict, trainer=None) -> Exac
         ids = swarm.ledger(stage)
         ledgers[stage] = set(ids)
         died = collections.Counter(swarm.died_with_peers(stage))
-        surviving = list((collections.Counter(ids) - died).elements())
-        repeated = [mb for mb, n in collections.Counter(surviving).items() if n > 1]
+        surviving = collections.Counter(ids) - died
+        repeated = [mb for mb, n in surviving.items() if n > 1]
         if repeated:
             problems.append(f"stage {stage} applied {len(repeated)} microbatch id(s) more than once: {repeated[:5]}")
         again = sorted(mb for mb in died if mb in surviving or died[mb] > 1)
@@ -95,13 +95,8 @@ def check_exactly_once(swarm: LedgerSource, summary: dict, trainer=None) -> Exac
                              f"state left it were applied again elsewhere (recovered, not doubled): {again[:5]}")
         if trainer is None or trainer.trainer_id is None:
             continue
-        prefix = trainer.trainer_id + ":"
-
-        def slots(mbs):
-            return collections.Counter(tuple(int(x) for x in mb[len(prefix):].split(":")[:2])
-                                       for mb in mbs if mb.startswith(prefix))
-        per_slot = slots(ids)
-        twice = sorted(slot for slot, n in slots(surviving).items() if n > 1)
+        per_slot = _slots(ids, trainer.trainer_id)
+        twice = sorted(slot for slot, n in _slots(surviving.elements(), trainer.trainer_id).items() if n > 1)
         if twice:
             problems.append(f"stage {stage}: microbatch(es) (step, index) {twice[:5]} of {trainer.name} were applied "
                             f"by more than one attempt")
@@ -115,3 +110,10 @@ def check_exactly_once(swarm: LedgerSource, summary: dict, trainer=None) -> Exac
             problems.append(f"stage {stage}: {len(lost)} microbatch(es) (step, index) of {trainer.name} were never "
                             f"applied: {lost[:5]}")
     return ExactlyOnceReport(ledgers, tuple(problems), tuple(recovered))
+
+
+def _slots(ids, trainer_id: str) -> collections.Counter:
+    """``{(step, index): number of ids}`` over ``trainer_id``'s microbatch ids (``TRAINER:step:index:attempt``)."""
+    prefix = trainer_id + ":"
+    return collections.Counter(tuple(int(x) for x in mb[len(prefix):].split(":")[:2])
+                               for mb in ids if mb.startswith(prefix))

@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from swarmrt.auth.credential import ENV_VAR as TOKEN_VAR
 from swarmrt.config import RunConfig, load_config
+from swarmrt.pipeline.ledger import LedgerEntry, read_ledger
 from swarmrt.roles.proc import TAG_VAR, tagged_processes
 
 
@@ -313,8 +314,7 @@ class LocalSwarm:
         return [entry.microbatch_id for role, entry in self._ledger_entries(stage)
                 if not entry.shared and not role.alive() and role.proc.returncode != 0]
 
-    def _ledger_entries(self, stage: int) -> list:
-        from swarmrt.pipeline.ledger import read_ledger
+    def _ledger_entries(self, stage: int) -> list[tuple[Role, LedgerEntry]]:
         return [(role, entry) for role in self.peers(alive=False)
                 if role.ledger is not None and role.ledger.exists()
                 for entry in read_ledger(role.ledger) if entry.stage == stage]
