@@ -6,6 +6,7 @@ declared as fault plans (``swarmrt.testing``) and every planned fault must fire.
 """
 
 import asyncio
+import math
 
 import grpc
 import pytest
@@ -22,6 +23,17 @@ from swarmrt.auth import client_interceptors
 from .conftest import FAST
 
 pytestmark = pytest.mark.integration
+
+
+def assert_not_set_back(run, window: int = 10, tolerance: float = 0.05) -> None:
+    """The fault did not set training back: the loss averaged over the run's last ``window`` steps
+    is finite and no higher than over its first ``window`` (plus ``tolerance``). The module's swarm
+    is shared, so by the later tests its model sits near its plateau, where one step's loss against
+    another's is noise (a CI run once saw 2.9589 after 2.9542)."""
+    losses = [r["loss"] for r in sorted(run.metrics, key=lambda r: r["step"])]
+    assert len(losses) >= 2 * window, run.report()
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    assert math.isfinite(last) and last <= first + tolerance, (first, last)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +116,7 @@ def test_rpc_faults_partition_and_preemption_lose_no_microbatch(swarm):
     assert preempted.proc.returncode == 0 and "left after applying" in preempted.log.read_text()
     revived = swarm.role(back.resolved[0])
     assert revived.alive() and revived.stage == 1 and "loaded state (version" in revived.log.read_text()
-    assert run.summary["final_loss"] < run.summary["first_loss"]
+    assert_not_set_back(run)
 
 
 @pytest.mark.timeout(300)
@@ -130,7 +142,7 @@ def test_sigkilled_peer_mid_run_loses_no_microbatch(swarm):
     assert not swarm.role(plan.faults[0].resolved[0]).alive()
     assert run.summary["steps"] == 40
     swarm.assert_exactly_once(run.summary, run.trainer)
-    assert run.summary["final_loss"] < run.summary["first_loss"]
+    assert_not_set_back(run)
 
 
 @pytest.mark.timeout(300)
